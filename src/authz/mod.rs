@@ -1,0 +1,200 @@
+//! Header-level authorisation: which route a request is for, and whether the
+//! authenticated tenant may use it from this gateway's region.
+//!
+//! Order matters and is part of the contract: suspension first (a suspended
+//! tenant learns nothing else), then 404/405 for the path, then region, then
+//! the plan feature the route needs.
+
+use http::Method;
+
+use crate::config::tenants::{Feature, Tenant};
+use crate::reject::Reject;
+
+/// The routes the gateway serves, following the OpenAI API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    /// Answered by the gateway itself from the tenant's allowlist.
+    Models,
+}
+
+impl Route {
+    pub const ALL: [Route; 4] = [
+        Route::ChatCompletions,
+        Route::Completions,
+        Route::Embeddings,
+        Route::Models,
+    ];
+
+    /// Looks a path (without its query) up exactly.
+    pub fn lookup(path: &str) -> Option<Route> {
+        Route::ALL.into_iter().find(|r| r.path() == path)
+    }
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::ChatCompletions => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+            Route::Embeddings => "/v1/embeddings",
+            Route::Models => "/v1/models",
+        }
+    }
+
+    pub fn method(self) -> Method {
+        match self {
+            Route::Models => Method::GET,
+            _ => Method::POST,
+        }
+    }
+
+    /// The plan feature that enables the route; `/v1/models` needs none.
+    pub fn feature(self) -> Option<Feature> {
+        match self {
+            Route::ChatCompletions => Some(Feature::Chat),
+            Route::Completions => Some(Feature::Completions),
+            Route::Embeddings => Some(Feature::Embeddings),
+            Route::Models => None,
+        }
+    }
+
+    /// A bounded label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Route::ChatCompletions => "chat_completions",
+            Route::Completions => "completions",
+            Route::Embeddings => "embeddings",
+            Route::Models => "models",
+        }
+    }
+}
+
+/// Decides whether `tenant` may call `method path` through a gateway in `region`.
+pub fn admit(tenant: &Tenant, method: &Method, path: &str, region: &str) -> Result<Route, Reject> {
+    if tenant.suspended {
+        return Err(Reject::forbidden(
+            "tenant_suspended",
+            "this tenant is suspended",
+        ));
+    }
+    let route =
+        Route::lookup(path).ok_or_else(|| Reject::new(404, "route_not_found", "no such route"))?;
+    if *method != route.method() {
+        return Err(Reject::new(
+            405,
+            "method_not_allowed",
+            format!("{} requires {}", route.path(), route.method()),
+        )
+        .with_header("allow", route.method().as_str()));
+    }
+    if !tenant.allows_region(region) {
+        return Err(Reject::forbidden(
+            "region_not_allowed",
+            "this tenant may not use this region",
+        ));
+    }
+    if let Some(f) = route.feature() {
+        if !tenant.features.contains(f) {
+            return Err(Reject::forbidden(
+                "route_not_allowed",
+                format!("the plan does not include {}", f.name()),
+            ));
+        }
+    }
+    Ok(route)
+}
+
+/// The OpenAI list body for `GET /v1/models`: the tenant's literal model
+/// names (wildcard patterns are policy, not models, and are not listed).
+pub fn models_body(tenant: &Tenant) -> Vec<u8> {
+    let data: Vec<_> = tenant
+        .models
+        .iter()
+        .filter(|m| !m.contains('*'))
+        .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "portcullis"}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tenants::{FeatureSet, Limits};
+
+    fn tenant(features: &[Feature], regions: Option<Vec<String>>, suspended: bool) -> Tenant {
+        let mut set = FeatureSet::default();
+        features.iter().for_each(|f| set.insert(*f));
+        let limits = Limits {
+            requests_per_second: 1.0,
+            burst: 1,
+            tokens_per_minute: 1,
+            tokens_per_day: 1,
+            max_concurrency: 1,
+            max_body_bytes: 1,
+            max_prompt_tokens: 1,
+            max_output_tokens: 1,
+        };
+        Tenant {
+            id: "t".into(),
+            org: "o".into(),
+            plan: "p".into(),
+            suspended,
+            limits_header: limits.header_value(),
+            limits,
+            models: vec!["m-1".into(), "m-*".into()],
+            features: set,
+            regions,
+            jwt_subjects: vec![],
+            mtls_identities: vec![],
+        }
+    }
+
+    fn code(r: Result<Route, Reject>) -> (u16, &'static str) {
+        let r = r.unwrap_err();
+        (r.status, r.code)
+    }
+
+    #[test]
+    fn checks_run_in_contract_order() {
+        let t = tenant(&[Feature::Chat], Some(vec!["eu".into()]), false);
+        assert_eq!(
+            admit(&t, &Method::POST, "/v1/chat/completions", "eu").unwrap(),
+            Route::ChatCompletions
+        );
+        assert_eq!(
+            code(admit(&t, &Method::POST, "/v2/x", "eu")),
+            (404, "route_not_found")
+        );
+        assert_eq!(
+            code(admit(&t, &Method::GET, "/v1/chat/completions", "eu")),
+            (405, "method_not_allowed")
+        );
+        assert_eq!(
+            code(admit(&t, &Method::POST, "/v1/chat/completions", "us")),
+            (403, "region_not_allowed")
+        );
+        assert_eq!(
+            code(admit(&t, &Method::POST, "/v1/embeddings", "eu")),
+            (403, "route_not_allowed")
+        );
+        assert_eq!(
+            admit(&t, &Method::GET, "/v1/models", "eu").unwrap(),
+            Route::Models
+        );
+        let s = tenant(&[Feature::Chat], None, true);
+        assert_eq!(
+            code(admit(&s, &Method::POST, "/nope", "eu")),
+            (403, "tenant_suspended")
+        );
+    }
+
+    #[test]
+    fn model_list_skips_wildcards() {
+        let t = tenant(&[], None, false);
+        let v: serde_json::Value = serde_json::from_slice(&models_body(&t)).unwrap();
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["data"].as_array().unwrap().len(), 1);
+        assert_eq!(v["data"][0]["id"], "m-1");
+    }
+}

@@ -1,0 +1,554 @@
+//! `gateway.toml`: the process-level settings (listeners, router, JWT, limits
+//! backend, policy paths, context key), parsed strictly and resolved once.
+//!
+//! Every table denies unknown keys: a misspelt limit must fail the load,
+//! never silently switch a check off.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::diag::{Diagnostic, SourceFile};
+
+/// The largest clock-skew allowance accepted for JWT `exp`/`nbf`.
+pub const MAX_JWT_LEEWAY_SECONDS: u64 = 30;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    server: RawServer,
+    admin: Option<RawAdmin>,
+    upstream: RawUpstream,
+    auth: Option<RawAuth>,
+    limits: Option<RawLimits>,
+    policy: RawPolicy,
+    context: RawContext,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    #[serde(default)]
+    listen: Vec<Spanned<String>>,
+    #[serde(default = "default_threads")]
+    threads: usize,
+    region: String,
+    #[serde(default = "default_grace")]
+    grace_period_seconds: u64,
+    #[serde(default = "default_shutdown_timeout")]
+    graceful_shutdown_timeout_seconds: u64,
+    #[serde(default = "default_pid_file")]
+    pid_file: String,
+    #[serde(default = "default_upgrade_sock")]
+    upgrade_sock: String,
+    tls: Option<RawTls>,
+}
+
+fn default_threads() -> usize {
+    1
+}
+fn default_grace() -> u64 {
+    30
+}
+fn default_shutdown_timeout() -> u64 {
+    2
+}
+fn default_pid_file() -> String {
+    "/run/portcullis/portcullis.pid".into()
+}
+fn default_upgrade_sock() -> String {
+    "/run/portcullis/upgrade.sock".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: Vec<Spanned<String>>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    client_ca: Option<Spanned<String>>,
+    #[serde(default)]
+    client_cert: ClientCertMode,
+}
+
+/// Whether TLS listeners ask for, or demand, a client certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertMode {
+    #[default]
+    None,
+    Optional,
+    Required,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    address: Spanned<OneOrMany>,
+    #[serde(default)]
+    tls: bool,
+    sni: Option<String>,
+    ca: Option<Spanned<String>>,
+    client_cert: Option<Spanned<String>>,
+    client_key: Option<Spanned<String>>,
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout_ms: u64,
+    #[serde(default = "default_read_timeout")]
+    read_timeout_ms: u64,
+    #[serde(default = "default_health_check_ms")]
+    health_check_interval_ms: u64,
+}
+
+fn default_connect_timeout() -> u64 {
+    1000
+}
+fn default_read_timeout() -> u64 {
+    300_000
+}
+fn default_health_check_ms() -> u64 {
+    1000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    jwt: Option<RawJwt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    issuer: String,
+    audiences: Vec<String>,
+    jwks_file: Option<Spanned<String>>,
+    jwks_url: Option<Spanned<String>>,
+    #[serde(default = "default_tenant_claim")]
+    tenant_claim: String,
+    #[serde(default = "default_leeway")]
+    leeway_seconds: Spanned<u64>,
+    #[serde(default = "default_algorithms")]
+    algorithms: Vec<Spanned<String>>,
+    #[serde(default = "default_jwks_refresh")]
+    jwks_refresh_seconds: u64,
+    #[serde(default = "default_token_cache")]
+    token_cache_entries: usize,
+}
+
+fn default_leeway() -> Spanned<u64> {
+    Spanned::new(0..0, 0)
+}
+fn default_tenant_claim() -> String {
+    "tenant".into()
+}
+fn default_algorithms() -> Vec<Spanned<String>> {
+    ["RS256", "ES256", "EdDSA", "HS256"]
+        .iter()
+        .map(|a| Spanned::new(0..0, a.to_string()))
+        .collect()
+}
+fn default_jwks_refresh() -> u64 {
+    300
+}
+fn default_token_cache() -> usize {
+    100_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    backend: LimitsBackend,
+    redis_url: Option<String>,
+    #[serde(default)]
+    on_backend_error: OnBackendError,
+    #[serde(default = "default_auth_failures")]
+    auth_failures_per_ip_per_minute: u32,
+}
+
+fn default_auth_failures() -> u32 {
+    60
+}
+
+/// Where quota state lives: in this process, or shared through Redis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsBackend {
+    #[default]
+    Local,
+    Redis,
+}
+
+/// What the limiter does when its backend cannot answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBackendError {
+    #[default]
+    Local,
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    tenants: Spanned<String>,
+    schemas: Option<Spanned<String>>,
+    rego: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawContext {
+    signing_key_file: Spanned<String>,
+}
+
+/// The validated `gateway.toml`, with every path resolved.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub admin: Option<SocketAddr>,
+    pub upstream: UpstreamConfig,
+    pub jwt: Option<JwtConfig>,
+    pub limits: LimitsConfig,
+    pub policy: PolicyPaths,
+    pub context_key_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub threads: usize,
+    pub region: String,
+    pub grace_period_seconds: u64,
+    pub graceful_shutdown_timeout_seconds: u64,
+    pub pid_file: String,
+    pub upgrade_sock: String,
+    pub tls: Option<TlsListenerConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsListenerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    pub client_cert: ClientCertMode,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub addresses: Vec<SocketAddr>,
+    pub tls: bool,
+    pub sni: String,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub health_check_interval: Duration,
+}
+
+/// Where the JWT verification keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    Url(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks: JwksSource,
+    pub tenant_claim: String,
+    pub leeway_seconds: u64,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub jwks_refresh: Duration,
+    pub token_cache_entries: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub backend: LimitsBackend,
+    pub redis_url: Option<String>,
+    pub on_backend_error: OnBackendError,
+    pub auth_failures_per_ip_per_minute: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyPaths {
+    pub tenants: PathBuf,
+    pub schemas: Option<PathBuf>,
+    pub rego: Option<PathBuf>,
+}
+
+/// Parses and validates `gateway.toml`, collecting every problem found.
+pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
+    let src = SourceFile::read(path).map_err(|d| vec![d])?;
+    let raw: RawGateway = src.parse_toml().map_err(|d| vec![d])?;
+    let mut errs = Vec::new();
+
+    let listen = socket_addrs(&src, &raw.server.listen, &mut errs);
+    if raw.server.threads == 0 {
+        errs.push(src.at(None, "[server] threads must be at least 1"));
+    }
+    if raw.server.region.trim().is_empty() {
+        errs.push(src.at(None, "[server] region must not be empty"));
+    }
+    let tls = raw.server.tls.map(|t| {
+        let client_ca = t
+            .client_ca
+            .as_ref()
+            .map(|p| existing_file(&src, p, &mut errs));
+        if t.client_cert != ClientCertMode::None && client_ca.is_none() {
+            errs.push(src.at(
+                None,
+                "[server.tls] client_cert = \"optional\" or \"required\" needs client_ca",
+            ));
+        }
+        TlsListenerConfig {
+            listen: socket_addrs(&src, &t.listen, &mut errs),
+            cert: existing_file(&src, &t.cert, &mut errs),
+            key: existing_file(&src, &t.key, &mut errs),
+            client_ca,
+            client_cert: t.client_cert,
+        }
+    });
+    if listen.is_empty() && tls.as_ref().is_none_or(|t| t.listen.is_empty()) {
+        errs.push(src.at(
+            None,
+            "[server] needs at least one listener (listen or tls.listen)",
+        ));
+    }
+
+    let admin = raw
+        .admin
+        .as_ref()
+        .and_then(|a| socket_addr(&src, &a.listen, &mut errs));
+
+    let up = raw.upstream;
+    let span = up.address.span();
+    let named: Vec<Spanned<String>> = match up.address.get_ref() {
+        OneOrMany::One(a) => vec![Spanned::new(span.clone(), a.clone())],
+        OneOrMany::Many(list) => list
+            .iter()
+            .map(|a| Spanned::new(span.clone(), a.clone()))
+            .collect(),
+    };
+    let addresses = socket_addrs(&src, &named, &mut errs);
+    if addresses.is_empty() {
+        errs.push(src.at(None, "[upstream] address must name at least one router"));
+    }
+    let opt_file = |p: &Option<Spanned<String>>, errs: &mut Vec<Diagnostic>| {
+        p.as_ref().map(|p| existing_file(&src, p, errs))
+    };
+    let upstream = UpstreamConfig {
+        addresses,
+        tls: up.tls,
+        sni: up.sni.unwrap_or_default(),
+        ca: if up.tls {
+            opt_file(&up.ca, &mut errs)
+        } else {
+            None
+        },
+        client_cert: if up.tls {
+            opt_file(&up.client_cert, &mut errs)
+        } else {
+            None
+        },
+        client_key: if up.tls {
+            opt_file(&up.client_key, &mut errs)
+        } else {
+            None
+        },
+        connect_timeout: Duration::from_millis(up.connect_timeout_ms.max(1)),
+        read_timeout: Duration::from_millis(up.read_timeout_ms.max(1)),
+        health_check_interval: Duration::from_millis(up.health_check_interval_ms.max(100)),
+    };
+    if upstream.tls && upstream.sni.is_empty() {
+        errs.push(src.at(
+            None,
+            "[upstream] tls = true needs sni: an empty SNI disables certificate verification",
+        ));
+    }
+
+    let jwt = raw
+        .auth
+        .and_then(|a| a.jwt)
+        .map(|j| jwt_config(&src, j, &mut errs));
+
+    let limits = raw.limits.map_or(
+        LimitsConfig {
+            backend: LimitsBackend::Local,
+            redis_url: None,
+            on_backend_error: OnBackendError::Local,
+            auth_failures_per_ip_per_minute: default_auth_failures(),
+        },
+        |l| LimitsConfig {
+            backend: l.backend,
+            redis_url: l.redis_url,
+            on_backend_error: l.on_backend_error,
+            auth_failures_per_ip_per_minute: l.auth_failures_per_ip_per_minute,
+        },
+    );
+    if limits.backend == LimitsBackend::Redis && limits.redis_url.is_none() {
+        errs.push(src.at(None, "[limits] backend = \"redis\" needs redis_url"));
+    }
+
+    let policy = PolicyPaths {
+        tenants: existing_file(&src, &raw.policy.tenants, &mut errs),
+        schemas: raw.policy.schemas.as_ref().map(|p| {
+            let path = src.resolve(p.get_ref());
+            if !path.is_dir() {
+                errs.push(src.at(
+                    Some(p.span()),
+                    format!("schemas directory {} does not exist", path.display()),
+                ));
+            }
+            path
+        }),
+        rego: opt_file(&raw.policy.rego, &mut errs),
+    };
+    let context_key_file = existing_file(&src, &raw.context.signing_key_file, &mut errs);
+
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(GatewayConfig {
+        path: path.to_path_buf(),
+        server: ServerConfig {
+            listen,
+            threads: raw.server.threads,
+            region: raw.server.region,
+            grace_period_seconds: raw.server.grace_period_seconds,
+            graceful_shutdown_timeout_seconds: raw.server.graceful_shutdown_timeout_seconds,
+            pid_file: raw.server.pid_file,
+            upgrade_sock: raw.server.upgrade_sock,
+            tls,
+        },
+        admin,
+        upstream,
+        jwt,
+        limits,
+        policy,
+        context_key_file,
+    })
+}
+
+fn jwt_config(src: &SourceFile, j: RawJwt, errs: &mut Vec<Diagnostic>) -> JwtConfig {
+    let jwks = match (&j.jwks_file, &j.jwks_url) {
+        (Some(f), None) => JwksSource::File(existing_file(src, f, errs)),
+        (None, Some(u)) => {
+            if !u.get_ref().starts_with("https://") && !u.get_ref().starts_with("http://") {
+                errs.push(src.at(Some(u.span()), "jwks_url must be an http(s) URL"));
+            }
+            JwksSource::Url(u.get_ref().clone())
+        }
+        _ => {
+            errs.push(src.at(
+                None,
+                "[auth.jwt] needs exactly one of jwks_file or jwks_url",
+            ));
+            JwksSource::File(PathBuf::new())
+        }
+    };
+    if *j.leeway_seconds.get_ref() > MAX_JWT_LEEWAY_SECONDS {
+        errs.push(src.at(
+            Some(j.leeway_seconds.span()),
+            format!("leeway_seconds must be at most {MAX_JWT_LEEWAY_SECONDS}"),
+        ));
+    }
+    if j.audiences.is_empty() {
+        errs.push(src.at(None, "[auth.jwt] audiences must not be empty"));
+    }
+    let mut algorithms = Vec::new();
+    for a in &j.algorithms {
+        match parse_algorithm(a.get_ref()) {
+            Some(alg) => algorithms.push(alg),
+            None => errs.push(src.at(
+                Some(a.span()),
+                format!(
+                    "unsupported JWT algorithm {:?} (use RS256, ES256, EdDSA or HS256)",
+                    a.get_ref()
+                ),
+            )),
+        }
+    }
+    JwtConfig {
+        issuer: j.issuer,
+        audiences: j.audiences,
+        jwks,
+        tenant_claim: j.tenant_claim,
+        leeway_seconds: *j.leeway_seconds.get_ref(),
+        algorithms,
+        jwks_refresh: Duration::from_secs(j.jwks_refresh_seconds.max(10)),
+        token_cache_entries: j.token_cache_entries,
+    }
+}
+
+/// The algorithms Portcullis accepts; anything else (notably `none`) is refused.
+pub fn parse_algorithm(name: &str) -> Option<jsonwebtoken::Algorithm> {
+    use jsonwebtoken::Algorithm::*;
+    match name {
+        "RS256" => Some(RS256),
+        "ES256" => Some(ES256),
+        "EdDSA" => Some(EdDSA),
+        "HS256" => Some(HS256),
+        _ => None,
+    }
+}
+
+fn socket_addr(
+    src: &SourceFile,
+    s: &Spanned<String>,
+    errs: &mut Vec<Diagnostic>,
+) -> Option<SocketAddr> {
+    match s.get_ref().parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errs.push(src.at(
+                Some(s.span()),
+                format!("{:?} is not an IP:port address", s.get_ref()),
+            ));
+            None
+        }
+    }
+}
+
+fn socket_addrs(
+    src: &SourceFile,
+    list: &[Spanned<String>],
+    errs: &mut Vec<Diagnostic>,
+) -> Vec<SocketAddr> {
+    list.iter()
+        .filter_map(|s| socket_addr(src, s, errs))
+        .collect()
+}
+
+fn existing_file(src: &SourceFile, p: &Spanned<String>, errs: &mut Vec<Diagnostic>) -> PathBuf {
+    let path = src.resolve(p.get_ref());
+    if !path.is_file() {
+        errs.push(src.at(
+            Some(p.span()),
+            format!("file {} does not exist", path.display()),
+        ));
+    }
+    path
+}

@@ -1,0 +1,117 @@
+//! Configuration: files in, one validated, immutable [`Snapshot`] out.
+//!
+//! The request path only ever sees a snapshot. It is loaded whole and
+//! checked whole, so a broken file can never be half-applied; the proxy
+//! holds it in an `ArcSwap` and each request keeps the one it started with.
+
+pub mod diag;
+pub mod gateway;
+pub mod tenants;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::forward::context::ContextSigner;
+use crate::identity::jwks::KeySet;
+use crate::identity::jwks_fetch::JwksRefresh;
+use crate::identity::jwt::JwtVerifier;
+use crate::identity::Authenticator;
+use diag::{ConfigErrors, Diagnostic};
+use gateway::{GatewayConfig, JwksSource};
+use tenants::Tenants;
+
+/// Everything a request needs, fixed for the request's lifetime.
+pub struct Snapshot {
+    pub gateway: Arc<GatewayConfig>,
+    pub tenants: Tenants,
+    pub auth: Authenticator,
+    pub signer: ContextSigner,
+}
+
+/// The live snapshot, swapped atomically on reload.
+pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
+
+impl Snapshot {
+    /// Loads `gateway.toml` and every file it names, reporting all problems.
+    pub fn load(gateway_path: &Path) -> Result<Snapshot, ConfigErrors> {
+        let gateway = gateway::load(gateway_path).map_err(ConfigErrors)?;
+        let mut errs = Vec::new();
+
+        let tenants = tenants::load(&gateway.policy.tenants).unwrap_or_else(|e| {
+            errs.extend(e);
+            Tenants::default()
+        });
+
+        let signer = ContextSigner::load(&gateway.context_key_file).map_err(|m| Diagnostic {
+            file: gateway.context_key_file.clone(),
+            line: None,
+            message: m,
+        });
+
+        let auth = match &gateway.jwt {
+            None => Authenticator {
+                jwt: None,
+                jwks_refresh: None,
+            },
+            Some(jwt) => {
+                let (keys, refresh) = match &jwt.jwks {
+                    JwksSource::File(path) => {
+                        let keys = std::fs::read(path)
+                            .map_err(|e| format!("cannot read file: {e}"))
+                            .and_then(|b| KeySet::from_json(&b, &jwt.algorithms))
+                            .unwrap_or_else(|m| {
+                                errs.push(Diagnostic {
+                                    file: path.clone(),
+                                    line: None,
+                                    message: m,
+                                });
+                                KeySet::default()
+                            });
+                        (Arc::new(ArcSwap::from_pointee(keys)), None)
+                    }
+                    JwksSource::Url(url) => {
+                        let keys = Arc::new(ArcSwap::from_pointee(KeySet::default()));
+                        let refresh = JwksRefresh::new(
+                            url,
+                            keys.clone(),
+                            jwt.algorithms.clone(),
+                            jwt.jwks_refresh,
+                        )
+                        .map_err(|m| errs.push(gateway_diag(&gateway, m)))
+                        .ok()
+                        .map(Arc::new);
+                        (keys, refresh)
+                    }
+                };
+                Authenticator {
+                    jwt: Some(JwtVerifier::new(jwt, keys)),
+                    jwks_refresh: refresh,
+                }
+            }
+        };
+
+        match signer {
+            Ok(signer) if errs.is_empty() => Ok(Snapshot {
+                gateway: Arc::new(gateway),
+                tenants,
+                auth,
+                signer,
+            }),
+            Ok(_) => Err(ConfigErrors(errs)),
+            Err(d) => {
+                errs.push(d);
+                Err(ConfigErrors(errs))
+            }
+        }
+    }
+}
+
+fn gateway_diag(g: &GatewayConfig, message: String) -> Diagnostic {
+    Diagnostic {
+        file: g.path.clone(),
+        line: None,
+        message,
+    }
+}

@@ -1,0 +1,227 @@
+//! Identity: turn the credential a request presents into a configured tenant.
+//!
+//! Only `Authorization: Bearer` and `x-api-key` are read; a Bearer value with
+//! exactly two dots is a JWT, anything else an API key. The tenant's plan, org
+//! and limits always come from `tenants.toml`, never from the credential.
+
+pub mod api_key;
+pub mod jwks;
+pub mod jwks_fetch;
+pub mod jwt;
+
+use std::sync::Arc;
+
+use http::header::AUTHORIZATION;
+use http::HeaderMap;
+
+use crate::config::tenants::{Tenant, Tenants};
+use crate::reject::Reject;
+use jwks_fetch::JwksRefresh;
+use jwt::{JwtVerifier, TokenError, VerifiedToken};
+
+/// How the caller proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    Jwt,
+    ApiKey,
+}
+
+impl IdentityKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityKind::Jwt => "jwt",
+            IdentityKind::ApiKey => "api_key",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub kind: IdentityKind,
+    /// JWT `sub`, or a short fingerprint of the API key; safe to log.
+    pub subject: Option<String>,
+    pub tenant: Arc<Tenant>,
+    pub token: Option<Arc<VerifiedToken>>,
+}
+
+/// A credential as presented, borrowed from the request headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    Jwt(&'a str),
+    ApiKey(&'a str),
+}
+
+/// Finds the one credential in the headers. Two credentials, or a repeated
+/// credential header, are refused: which one wins would be a guess.
+pub fn credential(headers: &HeaderMap) -> Result<Credential<'_>, Reject> {
+    let mut auth = headers.get_all(AUTHORIZATION).iter();
+    let mut api = headers.get_all("x-api-key").iter();
+    let (auth, auth_dup) = (auth.next(), auth.next().is_some());
+    let (api, api_dup) = (api.next(), api.next().is_some());
+    if auth_dup || api_dup {
+        return Err(Reject::bad_request(
+            "invalid_request",
+            "credential headers must not be repeated",
+        ));
+    }
+    match (auth, api) {
+        (Some(_), Some(_)) => Err(Reject::bad_request(
+            "invalid_request",
+            "send one credential: Authorization or x-api-key, not both",
+        )),
+        (None, None) => Err(missing(
+            "no credentials: send Authorization: Bearer <token or key>",
+        )),
+        (None, Some(v)) => {
+            let key = v
+                .to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .ok_or_else(|| Reject::unauthorized("invalid_api_key", "API key is malformed"))?;
+            Ok(Credential::ApiKey(key))
+        }
+        (Some(v), None) => {
+            let v = v
+                .to_str()
+                .map_err(|_| missing("Authorization header is malformed"))?;
+            let value = match v.split_once(' ') {
+                Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+                _ => return Err(missing("Authorization must use the Bearer scheme")),
+            };
+            if value.is_empty() {
+                return Err(missing("empty Bearer credential"));
+            }
+            if value.bytes().filter(|&b| b == b'.').count() == 2 {
+                Ok(Credential::Jwt(value))
+            } else {
+                Ok(Credential::ApiKey(value))
+            }
+        }
+    }
+}
+
+fn missing(msg: &'static str) -> Reject {
+    Reject::unauthorized("missing_credentials", msg)
+}
+
+/// The verifiers built for one configuration snapshot.
+pub struct Authenticator {
+    pub jwt: Option<JwtVerifier>,
+    /// Present when keys come from a URL: an unknown `kid` asks it to refresh.
+    pub jwks_refresh: Option<Arc<JwksRefresh>>,
+}
+
+impl Authenticator {
+    /// Resolves a credential to a tenant at unix time `now`.
+    pub fn authenticate(
+        &self,
+        tenants: &Tenants,
+        cred: Credential<'_>,
+        now: u64,
+    ) -> Result<Identity, Reject> {
+        match cred {
+            Credential::Jwt(token) => {
+                let verifier = self.jwt.as_ref().ok_or_else(|| {
+                    Reject::unauthorized("invalid_token", "JWT authentication is not enabled")
+                })?;
+                let verified = verifier.verify(token, now).inspect_err(|e| {
+                    if *e == TokenError::UnknownKid {
+                        if let Some(r) = &self.jwks_refresh {
+                            r.request();
+                        }
+                    }
+                });
+                let verified = verified.map_err(TokenError::reject)?;
+                let tenant = tenants.by_id(&verified.tenant).ok_or_else(|| {
+                    Reject::unauthorized("unknown_tenant", "token names no configured tenant")
+                })?;
+                if !tenant.jwt_subjects.is_empty()
+                    && !verified
+                        .subject
+                        .as_ref()
+                        .is_some_and(|s| tenant.jwt_subjects.contains(s))
+                {
+                    return Err(Reject::unauthorized(
+                        "invalid_token",
+                        "token subject is not bound to its tenant",
+                    ));
+                }
+                Ok(Identity {
+                    kind: IdentityKind::Jwt,
+                    subject: verified.subject.clone(),
+                    tenant: tenant.clone(),
+                    token: Some(verified),
+                })
+            }
+            Credential::ApiKey(key) => {
+                if key.len() > api_key::MAX_KEY_BYTES {
+                    return Err(Reject::unauthorized(
+                        "invalid_api_key",
+                        "API key is malformed",
+                    ));
+                }
+                let digest = api_key::digest(key);
+                let tenant = tenants.by_api_key_hash(&digest).ok_or_else(|| {
+                    Reject::unauthorized("invalid_api_key", "API key is not valid")
+                })?;
+                Ok(Identity {
+                    kind: IdentityKind::ApiKey,
+                    subject: Some(format!("key:{}", hex::encode(&digest[..4]))),
+                    tenant: tenant.clone(),
+                    token: None,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn two_dots_make_a_jwt() {
+        let h = headers(&[("authorization", "Bearer a.b.c")]);
+        assert_eq!(credential(&h).unwrap(), Credential::Jwt("a.b.c"));
+        let h = headers(&[("authorization", "bearer pcl_abc")]);
+        assert_eq!(credential(&h).unwrap(), Credential::ApiKey("pcl_abc"));
+        let h = headers(&[("authorization", "Bearer a.b.c.d")]);
+        assert_eq!(credential(&h).unwrap(), Credential::ApiKey("a.b.c.d"));
+        let h = headers(&[("x-api-key", "a.b.c")]);
+        assert_eq!(credential(&h).unwrap(), Credential::ApiKey("a.b.c"));
+    }
+
+    #[test]
+    fn ambiguous_or_missing_credentials_are_refused() {
+        let r = credential(&headers(&[])).unwrap_err();
+        assert_eq!((r.status, r.code), (401, "missing_credentials"));
+        let r = credential(&headers(&[("authorization", "Basic dXNlcjpwYXNz")])).unwrap_err();
+        assert_eq!((r.status, r.code), (401, "missing_credentials"));
+        let r = credential(&headers(&[
+            ("authorization", "Bearer a"),
+            ("authorization", "Bearer b"),
+        ]))
+        .unwrap_err();
+        assert_eq!((r.status, r.code), (400, "invalid_request"));
+        let r = credential(&headers(&[
+            ("authorization", "Bearer a"),
+            ("x-api-key", "b"),
+        ]))
+        .unwrap_err();
+        assert_eq!((r.status, r.code), (400, "invalid_request"));
+    }
+}

@@ -1,0 +1,20 @@
+//! Portcullis: the edge gateway for multi-tenant LLM inference.
+//!
+//! Modules follow a request's path: [`inbound`] sanity checks, [`identity`],
+//! [`authz`], then [`forward`] to the router; [`config`] builds the snapshot
+//! they all read, [`observe`] records what happened, and [`proxy`] wires the
+//! stages into Pingora's hooks.
+
+pub mod admin;
+pub mod authz;
+pub mod config;
+pub mod demo;
+pub mod dev;
+pub mod forward;
+pub mod identity;
+pub mod inbound;
+pub mod mock_router;
+pub mod observe;
+pub mod proxy;
+pub mod reject;
+pub mod server;

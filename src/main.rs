@@ -1,0 +1,246 @@
+//! The `portcullis` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use portcullis::config::Snapshot;
+use portcullis::demo::{self, DemoArgs};
+use portcullis::dev::{self, MintRequest, DEV_AUDIENCE, DEV_ISSUER, DEV_KID};
+use portcullis::identity::api_key;
+use portcullis::mock_router::{MockOptions, MockRouter};
+use portcullis::server::{self, ProcessFlags};
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Edge gateway for multi-tenant LLM inference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(short = 'c', long = "conf")]
+        config: PathBuf,
+        /// Run in the background (Pingora's -d).
+        #[arg(short, long)]
+        daemon: bool,
+        /// Take the sockets over from a running instance (Pingora's -u).
+        #[arg(short, long)]
+        upgrade: bool,
+        /// Check the configuration and exit (Pingora's -t).
+        #[arg(short, long)]
+        test: bool,
+    },
+    /// Validate gateway.toml and every file it names; prints `file:line: message`.
+    Check {
+        #[arg(short = 'c', long = "conf")]
+        config: PathBuf,
+    },
+    /// Run the gateway in front of a built-in mock router, with dev credentials.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        router: SocketAddr,
+    },
+    /// API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Dev JWTs.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Dev certificates and keys.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Run only the mock router (for benchmarks and experiments).
+    MockRouter {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: String,
+        /// Delay each answer by this many milliseconds.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Issue a new API key; prints it once, with its tenants.toml entry.
+    New,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a dev JWT (by default with the key `portcullis demo` generated).
+    Mint {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, default_value = "dev-user")]
+        subject: String,
+        /// Ed25519 PKCS#8 PEM signing key.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long, default_value = DEV_KID)]
+        kid: String,
+        #[arg(long, default_value = DEV_ISSUER)]
+        issuer: String,
+        #[arg(long, default_value = DEV_AUDIENCE)]
+        audience: String,
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Generate dev credentials: a JWT signing key and its JWKS, and the context key.
+    Dev {
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Where to write the JWKS (gateway.toml's jwks_file).
+        #[arg(long, default_value = "policies/jwks.json")]
+        jwks: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .init();
+}
+
+fn run(cmd: Command) -> Result<(), String> {
+    match cmd {
+        Command::Serve {
+            config,
+            daemon,
+            upgrade,
+            test,
+        } => {
+            if test {
+                return check(&config);
+            }
+            server::serve(&config, ProcessFlags { daemon, upgrade })
+        }
+        Command::Check { config } => check(&config),
+        Command::Demo {
+            listen,
+            admin,
+            router,
+        } => demo::run(&DemoArgs {
+            listen,
+            admin,
+            router,
+        }),
+        Command::Keys {
+            command: KeysCommand::New,
+        } => {
+            let key = api_key::generate();
+            println!("API key (shown once, store it now): {key}");
+            println!(
+                "Add to the tenant in tenants.toml:  api_keys = [\"{}\"]",
+                api_key::hash_entry(&key)
+            );
+            Ok(())
+        }
+        Command::Token {
+            command:
+                TokenCommand::Mint {
+                    tenant,
+                    subject,
+                    key,
+                    kid,
+                    issuer,
+                    audience,
+                    ttl,
+                },
+        } => {
+            let key = key.unwrap_or_else(|| demo::demo_dir().join("dev-jwt.pem"));
+            let pem = std::fs::read(&key).map_err(|e| {
+                format!(
+                    "{}: {e} (run `portcullis demo` or `portcullis certs dev` first)",
+                    key.display()
+                )
+            })?;
+            let token = dev::mint(
+                &pem,
+                &MintRequest {
+                    tenant: &tenant,
+                    subject: &subject,
+                    issuer: &issuer,
+                    audience: &audience,
+                    kid: &kid,
+                    ttl_seconds: ttl,
+                },
+            )?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Certs {
+            command: CertsCommand::Dev { out, jwks },
+        } => {
+            let files = dev::write_dev_credentials(&out, &jwks)?;
+            println!("wrote {}", files.jwt_key.display());
+            println!("wrote {}", files.context_key.display());
+            println!("wrote {}", files.jwks.display());
+            Ok(())
+        }
+        Command::MockRouter { listen, delay_ms } => {
+            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let opts = MockOptions {
+                    delay: std::time::Duration::from_millis(delay_ms),
+                };
+                let router = MockRouter::start(&listen, opts)
+                    .await
+                    .map_err(|e| format!("{listen}: {e}"))?;
+                println!("mock router on {}", router.addr());
+                std::future::pending::<()>().await;
+                Ok(())
+            })
+        }
+    }
+}
+
+/// `portcullis check`: every problem, one `file:line: message` per line.
+fn check(config: &std::path::Path) -> Result<(), String> {
+    let snap = Snapshot::load(config).map_err(|e| e.to_string())?;
+    println!(
+        "{}: ok ({} tenants)",
+        config.display(),
+        snap.tenants.list.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,294 @@
+//! A mock of the internal router: an OpenAI-compatible HTTP/1.1 server that
+//! records every request it receives, byte for byte.
+//!
+//! `portcullis demo` runs it so the gateway can be tried with nothing else
+//! installed, the integration tests use its recording to prove what the
+//! router saw (or that it saw nothing), and the benchmark uses it as a fast
+//! upstream.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_BODY: usize = 32 * 1024 * 1024;
+
+/// One request as the router received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    /// Header names as sent (case preserved), in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Recorded {
+    /// Every value of a header, matched case-insensitively.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The single value of a header; `None` when absent or repeated.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        match self.header_values(name).as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+}
+
+/// How the mock behaves.
+#[derive(Debug, Clone, Default)]
+pub struct MockOptions {
+    /// Wait this long before answering each request (a slow router).
+    pub delay: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    requests: Mutex<Vec<Recorded>>,
+    connections: AtomicUsize,
+}
+
+/// A running mock router; it stops when its runtime does.
+#[derive(Clone)]
+pub struct MockRouter {
+    addr: SocketAddr,
+    state: Arc<State>,
+}
+
+impl MockRouter {
+    /// Binds `addr` (use port 0 for an ephemeral one) and serves in the background.
+    pub async fn start(addr: &str, opts: MockOptions) -> std::io::Result<MockRouter> {
+        let listener = TcpListener::bind(addr).await?;
+        let router = MockRouter {
+            addr: listener.local_addr()?,
+            state: Arc::default(),
+        };
+        let state = router.state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                state.connections.fetch_add(1, Ordering::SeqCst);
+                let state = state.clone();
+                let opts = opts.clone();
+                tokio::spawn(async move {
+                    // A broken connection only ends that connection.
+                    let _ = serve_connection(stream, &state, &opts).await;
+                });
+            }
+        });
+        Ok(router)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Everything received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state
+            .requests
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    state: &State,
+    opts: &MockOptions,
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(8192);
+    loop {
+        let Some((req, keep_alive)) = read_request(&mut stream, &mut buf).await? else {
+            return Ok(());
+        };
+        let (status, body) = answer(&req);
+        if let Ok(mut r) = state.requests.lock() {
+            r.push(req);
+        }
+        if !opts.delay.is_zero() {
+            tokio::time::sleep(opts.delay).await;
+        }
+        let head =
+            format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
+            body.len(),
+            if keep_alive { "" } else { "connection: close\r\n" }
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        if !keep_alive {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads one request; `None` on a clean close before a new request.
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<(Recorded, bool)>> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        if let httparse::Status::Complete(head_len) =
+            req.parse(buf).map_err(|e| bad(&e.to_string()))?
+        {
+            let headers: Vec<(String, String)> = req
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_string(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect();
+            let mut rec = Recorded {
+                method: req.method.unwrap_or_default().to_string(),
+                path: req.path.unwrap_or_default().to_string(),
+                headers,
+                body: Vec::new(),
+            };
+            let keep_alive = !rec
+                .header_values("connection")
+                .iter()
+                .any(|v| v.eq_ignore_ascii_case("close"));
+            buf.drain(..head_len);
+            let chunked = rec
+                .header_values("transfer-encoding")
+                .iter()
+                .any(|v| v.eq_ignore_ascii_case("chunked"));
+            if chunked {
+                rec.body = read_chunked(stream, buf).await?;
+            } else {
+                let len: usize = rec
+                    .header("content-length")
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if len > MAX_BODY {
+                    return Err(bad("body too large"));
+                }
+                fill(stream, buf, len).await?;
+                rec.body = buf.drain(..len).collect();
+            }
+            return Ok(Some((rec, keep_alive)));
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(bad("head too large"));
+        }
+        if read_more(stream, buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(bad("closed mid-request"))
+            };
+        }
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut chunk = [0u8; 16 * 1024];
+    let n = stream.read(&mut chunk).await?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> std::io::Result<()> {
+    while buf.len() < len {
+        if read_more(stream, buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
+async fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk");
+    let mut body = Vec::new();
+    loop {
+        let (consumed, size) = loop {
+            match httparse::parse_chunk_size(buf) {
+                Ok(httparse::Status::Complete((c, s))) => break (c, s as usize),
+                Ok(httparse::Status::Partial) => {
+                    if read_more(stream, buf).await? == 0 {
+                        return Err(bad());
+                    }
+                }
+                Err(_) => return Err(bad()),
+            }
+        };
+        buf.drain(..consumed);
+        if body.len() + size > MAX_BODY {
+            return Err(bad());
+        }
+        fill(stream, buf, size + 2).await?;
+        body.extend(buf.drain(..size));
+        buf.drain(..2);
+        if size == 0 {
+            return Ok(body);
+        }
+    }
+}
+
+/// An OpenAI-shaped answer for each route; unknown routes get 404.
+fn answer(req: &Recorded) -> (&'static str, Vec<u8>) {
+    let parsed: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+    let model = parsed
+        .get("model")
+        .and_then(|m| m.as_str())
+        .unwrap_or("mock-model");
+    let prompt_tokens = req.body.len() / 4;
+    let path = req.path.split('?').next().unwrap_or_default();
+    let body = match path {
+        "/v1/chat/completions" => serde_json::json!({
+            "id": "chatcmpl-mock",
+            "object": "chat.completion",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "Hello from the mock router."}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 6,
+                      "total_tokens": prompt_tokens + 6}
+        }),
+        "/v1/completions" => serde_json::json!({
+            "id": "cmpl-mock",
+            "object": "text_completion",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "text": "Hello from the mock router.", "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 6,
+                      "total_tokens": prompt_tokens + 6}
+        }),
+        "/v1/embeddings" => serde_json::json!({
+            "object": "list",
+            "model": model,
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.1, 0.2]}],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+        }),
+        _ => {
+            return (
+                "404 Not Found",
+                br#"{"error":{"message":"unknown route","type":"invalid_request_error","param":null,"code":"not_found"}}"#.to_vec(),
+            )
+        }
+    };
+    ("200 OK", serde_json::to_vec(&body).unwrap_or_default())
+}

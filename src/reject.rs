@@ -1,0 +1,87 @@
+//! A rejection: the one value every stage returns when a request must stop.
+//!
+//! It carries the HTTP status and the stable `code` clients and dashboards
+//! key on, and renders the OpenAI error shape. Messages are static or built
+//! from gateway-side facts only: never a token, a key or an internal address.
+
+use std::borrow::Cow;
+
+/// Why a request was refused, in the OpenAI error shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: Cow<'static, str>,
+    /// The request field at fault, as OpenAI's `param`.
+    pub param: Option<String>,
+    /// Extra response headers, such as `Allow` on a 405.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Reject {
+    pub fn new(status: u16, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Reject {
+            status,
+            code,
+            message: message.into(),
+            param: None,
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(400, code, message)
+    }
+    pub fn unauthorized(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(401, code, message)
+    }
+    pub fn forbidden(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(403, code, message)
+    }
+
+    /// OpenAI's `type` for this status.
+    pub fn error_type(&self) -> &'static str {
+        match self.status {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            500..=599 => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The JSON body: `{"error":{"message","type","param","code"}}`.
+    pub fn body(&self) -> Vec<u8> {
+        let body = serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.error_type(),
+                "param": self.param,
+                "code": self.code,
+            }
+        });
+        // Serialising a `Value` built from strings cannot fail.
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_openai_shape() {
+        let r = Reject::forbidden("tenant_suspended", "tenant is suspended");
+        let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
+        assert_eq!(v["error"]["code"], "tenant_suspended");
+        assert_eq!(v["error"]["type"], "permission_error");
+        assert_eq!(v["error"]["message"], "tenant is suspended");
+        assert!(v["error"]["param"].is_null());
+    }
+}

@@ -1,0 +1,124 @@
+//! Assembles the Pingora server from a validated configuration: the proxy
+//! listeners, the admin listener and the background services.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora::apps::HttpServerOptions;
+use pingora::listeners::tls::TlsSettings;
+use pingora::proxy::ProxyServiceBuilder;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use pingora::tls::ssl::{SslVerifyMode, SslVersion};
+
+use crate::admin::Admin;
+use crate::config::gateway::{ClientCertMode, TlsListenerConfig};
+use crate::config::Snapshot;
+use crate::forward::upstream::{self, Upstream};
+use crate::identity::jwks_fetch::JwksRefreshService;
+use crate::observe::metrics::METRICS;
+use crate::proxy::Gateway;
+
+/// Pingora's process-level flags, as `portcullis serve` accepts them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessFlags {
+    /// `-d`: daemonise.
+    pub daemon: bool,
+    /// `-u`: take the listening sockets over from a running instance.
+    pub upgrade: bool,
+}
+
+/// Loads the configuration at `path` and serves until shut down.
+pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
+    let snapshot = Snapshot::load(path).map_err(|e| e.to_string())?;
+    let gw = snapshot.gateway.clone();
+
+    let conf = ServerConf {
+        threads: gw.server.threads,
+        pid_file: gw.server.pid_file.clone(),
+        upgrade_sock: gw.server.upgrade_sock.clone(),
+        grace_period_seconds: Some(gw.server.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(gw.server.graceful_shutdown_timeout_seconds),
+        daemon: flags.daemon,
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade: flags.upgrade,
+        daemon: flags.daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let health = background_service("router health checks", upstream::balancer(&gw.upstream)?);
+    let balancer = health.task();
+    let upstream = Upstream::new(&gw.upstream, balancer.clone())?;
+
+    if let Some(refresh) = snapshot.auth.jwks_refresh.clone() {
+        server.add_service(background_service(
+            "jwks refresh",
+            JwksRefreshService(refresh),
+        ));
+    }
+    METRICS.config_generation.set(1);
+
+    let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let mut options = HttpServerOptions::default();
+    options.h2c = true;
+    let mut proxy = ProxyServiceBuilder::new(
+        &server.configuration,
+        Gateway {
+            snapshot: shared,
+            upstream,
+        },
+    )
+    .name("portcullis proxy")
+    .server_options(options)
+    .build();
+    for addr in &gw.server.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    if let Some(tls) = &gw.server.tls {
+        for addr in &tls.listen {
+            proxy.add_tls_with_settings(&addr.to_string(), None, tls_settings(tls)?);
+        }
+    }
+    server.add_service(proxy);
+    server.add_service(health);
+
+    if let Some(addr) = gw.admin {
+        let mut admin = Service::new("portcullis admin".into(), Admin { balancer });
+        admin.add_tcp(&addr.to_string());
+        server.add_service(admin);
+    }
+    tracing::info!(config = %gw.path.display(), "portcullis starting");
+    server.run_forever()
+}
+
+/// TLS 1.2+ with Mozilla's intermediate suites, ALPN h2 and http/1.1, and
+/// client-certificate verification per `client_cert`.
+fn tls_settings(tls: &TlsListenerConfig) -> Result<TlsSettings, String> {
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let mut settings = TlsSettings::intermediate(&path(&tls.cert), &path(&tls.key))
+        .map_err(|e| format!("[server.tls] certificate or key: {e}"))?;
+    settings.enable_h2();
+    settings
+        .set_min_proto_version(Some(SslVersion::TLS1_2))
+        .map_err(|e| format!("[server.tls]: {e}"))?;
+    if let Some(ca) = &tls.client_ca {
+        settings
+            .set_ca_file(ca)
+            .map_err(|e| format!("[server.tls] client_ca: {e}"))?;
+    }
+    match tls.client_cert {
+        ClientCertMode::None => {}
+        ClientCertMode::Optional => settings.set_verify(SslVerifyMode::PEER),
+        ClientCertMode::Required => {
+            settings.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT)
+        }
+    }
+    Ok(settings)
+}
