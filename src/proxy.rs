@@ -67,7 +67,10 @@ enum Admitted {
 impl Gateway {
     fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<Admitted, Reject> {
         let req = session.req_header();
-        inbound::check(&req.headers)?;
+        inbound::check(&req.headers, || {
+            let down = session.as_downstream();
+            down.as_http1().map(|_| down.to_h1_raw())
+        })?;
         let snap = &ctx.snapshot;
         let cred = identity::credential(&req.headers)?;
         let who = snap.auth.authenticate(&snap.tenants, cred, unix_now())?;
@@ -219,6 +222,18 @@ impl ProxyHttp for Gateway {
         Self::CTX: Send + Sync,
     {
         let reject = match (e.esource(), e.etype()) {
+            (
+                _,
+                ErrorType::ConnectNoRoute
+                | ErrorType::ConnectRefused
+                | ErrorType::ConnectTimedout
+                | ErrorType::ConnectError
+                | ErrorType::TLSHandshakeFailure,
+            ) => Some(Reject::new(
+                502,
+                "upstream_unavailable",
+                "the router is unavailable",
+            )),
             (_, ErrorType::HTTPStatus(400))
             | (ErrorSource::Downstream, ErrorType::InvalidHTTPHeader) => {
                 Some(Reject::bad_request("invalid_request", "malformed request"))

@@ -146,6 +146,8 @@ struct RawJwt {
     algorithms: Vec<Spanned<String>>,
     #[serde(default = "default_jwks_refresh")]
     jwks_refresh_seconds: u64,
+    #[serde(default = "default_unknown_kid_refresh")]
+    jwks_unknown_kid_refresh_seconds: u64,
     #[serde(default = "default_token_cache")]
     token_cache_entries: usize,
 }
@@ -164,6 +166,9 @@ fn default_algorithms() -> Vec<Spanned<String>> {
 }
 fn default_jwks_refresh() -> u64 {
     300
+}
+fn default_unknown_kid_refresh() -> u64 {
+    10
 }
 fn default_token_cache() -> usize {
     100_000
@@ -281,6 +286,8 @@ pub struct JwtConfig {
     pub leeway_seconds: u64,
     pub algorithms: Vec<jsonwebtoken::Algorithm>,
     pub jwks_refresh: Duration,
+    /// The shortest gap between refreshes prompted by unknown `kid`s.
+    pub jwks_unknown_kid_refresh: Duration,
     pub token_cache_entries: usize,
 }
 
@@ -499,6 +506,7 @@ fn jwt_config(src: &SourceFile, j: RawJwt, errs: &mut Vec<Diagnostic>) -> JwtCon
         leeway_seconds: *j.leeway_seconds.get_ref(),
         algorithms,
         jwks_refresh: Duration::from_secs(j.jwks_refresh_seconds.max(10)),
+        jwks_unknown_kid_refresh: Duration::from_secs(j.jwks_unknown_kid_refresh_seconds.max(1)),
         token_cache_entries: j.token_cache_entries,
     }
 }

@@ -78,6 +78,7 @@ impl Snapshot {
                             keys.clone(),
                             jwt.algorithms.clone(),
                             jwt.jwks_refresh,
+                            jwt.jwks_unknown_kid_refresh,
                         )
                         .map_err(|m| errs.push(gateway_diag(&gateway, m)))
                         .ok()

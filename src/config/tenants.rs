@@ -221,13 +221,25 @@ pub fn load(path: &Path) -> Result<Tenants, Vec<Diagnostic>> {
     let raw: RawFile = src.parse_toml().map_err(|d| vec![d])?;
     let mut errs = Vec::new();
 
+    // Plans are checked whether or not a tenant uses them.
+    let mut plan_features = HashMap::new();
     for (name, plan) in &raw.plans {
+        if !valid_id(name) {
+            errs.push(src.at(
+                None,
+                format!("plan name {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"),
+            ));
+        }
         check_limits(
             &src,
             &format!("plan {name:?}"),
             plan.requests_per_second,
             plan.burst,
             &mut errs,
+        );
+        plan_features.insert(
+            name.as_str(),
+            parse_features(&src, &plan.features, &mut errs),
         );
     }
 
@@ -239,6 +251,12 @@ pub fn load(path: &Path) -> Result<Tenants, Vec<Diagnostic>> {
             errs.push(src.at(
                 Some(t.id.span()),
                 format!("tenant id {id:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"),
+            ));
+        }
+        if !valid_header_text(&t.org) {
+            errs.push(src.at(
+                Some(t.id.span()),
+                format!("tenant {id:?}: org must be 1-128 printable ASCII characters"),
             ));
         }
         if out.by_id.contains_key(&id) {
@@ -271,11 +289,13 @@ pub fn load(path: &Path) -> Result<Tenants, Vec<Diagnostic>> {
             &mut errs,
         );
         let models = o.models.as_ref().unwrap_or(&plan.models);
-        let features = parse_features(
-            &src,
-            o.features.as_ref().unwrap_or(&plan.features),
-            &mut errs,
-        );
+        let features = match &o.features {
+            Some(list) => parse_features(&src, list, &mut errs),
+            None => plan_features
+                .get(t.plan.get_ref().as_str())
+                .copied()
+                .unwrap_or_default(),
+        };
 
         let index = out.list.len();
         for key in &t.api_keys {
@@ -364,6 +384,11 @@ fn parse_features(
         }
     }
     set
+}
+
+/// Org names travel in `x-tenant-org`, so they must be valid header text.
+fn valid_header_text(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
 fn valid_id(id: &str) -> bool {

@@ -2,7 +2,7 @@
 //!
 //! One task does every fetch, so fetches are single-flight by construction.
 //! A failed or invalid fetch keeps the last good key set. An unknown `kid`
-//! asks for an early refresh, but at most once per `MIN_REFRESH_GAP`, so a
+//! asks for an early refresh, but at most once per `min_gap`, so a
 //! flood of forged `kid`s cannot turn the gateway against the IdP.
 
 use std::sync::Arc;
@@ -20,8 +20,6 @@ use pingora::upstreams::peer::HttpPeer;
 
 use super::jwks::KeySet;
 
-/// The shortest time between two fetches triggered by unknown `kid`s.
-pub const MIN_REFRESH_GAP: Duration = Duration::from_secs(10);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
@@ -31,6 +29,8 @@ pub struct JwksRefresh {
     keys: Arc<ArcSwap<KeySet>>,
     algorithms: Vec<Algorithm>,
     interval: Duration,
+    /// The shortest time between two fetches triggered by unknown `kid`s.
+    min_gap: Duration,
     wake: tokio::sync::Notify,
 }
 
@@ -40,6 +40,7 @@ impl JwksRefresh {
         keys: Arc<ArcSwap<KeySet>>,
         algorithms: Vec<Algorithm>,
         interval: Duration,
+        min_gap: Duration,
     ) -> Result<Self, String> {
         let url: http::Uri = url.parse().map_err(|e| format!("jwks_url: {e}"))?;
         if url.host().is_none() {
@@ -50,6 +51,7 @@ impl JwksRefresh {
             keys,
             algorithms,
             interval,
+            min_gap,
             wake: tokio::sync::Notify::new(),
         })
     }
@@ -131,23 +133,28 @@ pub struct JwksRefreshService(pub Arc<JwksRefresh>);
 
 #[async_trait]
 impl BackgroundService for JwksRefreshService {
+    /// Fetches at once, then every `interval`, or earlier when an unknown
+    /// `kid` asks and the last fetch is at least `min_gap` old.
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let r = &self.0;
-        let mut last = Instant::now();
         loop {
-            let early = tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(r.interval) => false,
-                _ = r.wake.notified() => true,
-            };
-            if early && last.elapsed() < MIN_REFRESH_GAP {
-                continue;
-            }
-            last = Instant::now();
+            let last = Instant::now();
             match r.refresh().await {
                 Ok(n) => tracing::info!(keys = n, "JWKS refreshed"),
                 Err(e) => {
                     tracing::warn!(error = %e, "JWKS refresh failed; keeping the last good key set")
+                }
+            }
+            let next = tokio::time::Instant::from_std(last + r.interval);
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep_until(next) => break,
+                    _ = r.wake.notified() => {
+                        if last.elapsed() >= r.min_gap {
+                            break;
+                        }
+                    }
                 }
             }
         }

@@ -1,0 +1,574 @@
+//! The gateway core end to end: identity, header policy, forwarding, errors.
+//! Every rejection also proves that the router received nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hmac::{Hmac, Mac};
+use jsonwebtoken::Algorithm;
+use portcullis::mock_router::MockOptions;
+use serde_json::json;
+
+const CHAT: &str = "/v1/chat/completions";
+
+/// Recomputes `x-tenant-signature` independently, as a router would.
+fn verify_signature(key: &[u8], method: &str, path: &str, rec: &portcullis::mock_router::Recorded) {
+    let sig = rec.header("x-tenant-signature").expect("signature header");
+    let parts: std::collections::HashMap<&str, &str> =
+        sig.split(',').filter_map(|p| p.split_once('=')).collect();
+    let t: u64 = parts["t"].parse().unwrap();
+    assert!(t.abs_diff(now()) < 60, "timestamp is current");
+    let names: Vec<&str> = parts["h"].split(';').collect();
+    assert_eq!(
+        names,
+        [
+            "x-request-id",
+            "x-tenant-id",
+            "x-tenant-limits",
+            "x-tenant-org",
+            "x-tenant-plan"
+        ]
+    );
+    let mut canonical = format!("portcullis-context-v1\n{t}\n{method}\n{path}\n");
+    for n in &names {
+        canonical.push_str(&format!("{n}:{}\n", rec.header(n).unwrap()));
+    }
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(canonical.as_bytes());
+    assert_eq!(parts["v1"], hex::encode(mac.finalize().into_bytes()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_jwt_forwards_exactly_the_trusted_context() {
+    let gw = Gateway::start().await;
+    let token = gw.keys.token("acme");
+    let body = chat_body();
+    let r = gw.send(&post(CHAT, &body).bearer(&token).build()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["object"], "chat.completion");
+
+    let seen = gw.router().requests();
+    assert_eq!(seen.len(), 1);
+    let rec = &seen[0];
+    assert_eq!((rec.method.as_str(), rec.path.as_str()), ("POST", CHAT));
+    assert_eq!(
+        rec.body,
+        body.to_string().into_bytes(),
+        "body forwarded byte for byte"
+    );
+    assert_eq!(rec.header("x-tenant-id"), Some("acme"));
+    assert_eq!(rec.header("x-tenant-org"), Some("acme-corp"));
+    assert_eq!(rec.header("x-tenant-plan"), Some("basic"));
+    assert_eq!(
+        rec.header("x-tenant-limits"),
+        Some("rps=1000;burst=1000;tpm=500000;tpd=10000000;conc=100;body=65536;prompt=4096;output=1024")
+    );
+    assert_eq!(rec.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(rec.header("x-forwarded-proto"), Some("http"));
+    let rid = rec.header("x-request-id").expect("request id");
+    assert_eq!(
+        r.header("x-request-id"),
+        Some(rid),
+        "client sees the same request id"
+    );
+    assert!(
+        rec.header_values("authorization").is_empty(),
+        "credential never forwarded"
+    );
+    verify_signature(&gw.keys.context_key, "POST", CHAT, rec);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_algorithm_verifies_with_its_pinned_key() {
+    let gw = Gateway::start().await;
+    let claims = gw.keys.claims("globex");
+    for (alg, kid) in [
+        (Algorithm::RS256, "rsa-1"),
+        (Algorithm::ES256, "ec-1"),
+        (Algorithm::EdDSA, "ed-1"),
+        (Algorithm::HS256, "hs-1"),
+    ] {
+        let token = gw.keys.sign(alg, Some(kid), &claims);
+        let r = gw
+            .send(&post(CHAT, &chat_body()).bearer(&token).build())
+            .await;
+        assert_eq!(
+            r.status,
+            200,
+            "{alg:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    assert_eq!(gw.router_count(), 4);
+    assert!(gw
+        .router()
+        .requests()
+        .iter()
+        .all(|r| r.header("x-tenant-id") == Some("globex")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_work_as_bearer_and_as_x_api_key_and_are_stripped() {
+    let gw = Gateway::start().await;
+    let key = gw.keys.acme_key.clone();
+    let r = gw
+        .send(&post(CHAT, &chat_body()).bearer(&key).build())
+        .await;
+    assert_eq!(r.status, 200);
+    let r = gw
+        .send(&post(CHAT, &chat_body()).header("x-api-key", &key).build())
+        .await;
+    assert_eq!(r.status, 200);
+    let seen = gw.router().requests();
+    assert_eq!(seen.len(), 2);
+    for rec in &seen {
+        assert_eq!(rec.header("x-tenant-id"), Some("acme"));
+        assert!(rec.header_values("x-api-key").is_empty());
+        assert!(rec.header_values("authorization").is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_invalid_tokens_are_refused() {
+    let gw = Gateway::start().await;
+    let k = &gw.keys;
+    let claims = k.claims("acme");
+    let b64 = |v: serde_json::Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let valid = k.token("acme");
+    let (h, rest) = valid.split_once('.').unwrap();
+    let payload = rest.split_once('.').unwrap().0;
+
+    let mut expired = claims.clone();
+    expired["exp"] = json!(now() - 120);
+    let mut future = claims.clone();
+    future["nbf"] = json!(now() + 600);
+    let mut wrong_iss = claims.clone();
+    wrong_iss["iss"] = json!("https://evil.test");
+    let mut wrong_aud = claims.clone();
+    wrong_aud["aud"] = json!("someone-else");
+    let mut no_exp = claims.clone();
+    no_exp.as_object_mut().unwrap().remove("exp");
+    let mut no_tenant = claims.clone();
+    no_tenant.as_object_mut().unwrap().remove("tenant");
+    let mut huge = claims.clone();
+    huge["pad"] = json!("x".repeat(9000));
+
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(json!({"alg": "none", "typ": "JWT"})),
+                b64(claims.clone())
+            ),
+        ),
+        (
+            "HS256 keyed with the RSA public key, kid of the RSA key",
+            forge_hs256(
+                &json!({"alg": "HS256", "kid": "rsa-1"}),
+                &claims,
+                &k.rsa_public_pem,
+            ),
+        ),
+        (
+            "HS256 keyed with the RSA public key, no kid",
+            forge_hs256(&json!({"alg": "HS256"}), &claims, &k.rsa_public_pem),
+        ),
+        (
+            "unknown kid",
+            k.sign(Algorithm::RS256, Some("nope"), &claims),
+        ),
+        (
+            "kid with a path",
+            k.sign(Algorithm::RS256, Some("../../../dev/null"), &claims),
+        ),
+        ("expired", k.sign(Algorithm::RS256, Some("rsa-1"), &expired)),
+        (
+            "nbf in the future",
+            k.sign(Algorithm::RS256, Some("rsa-1"), &future),
+        ),
+        (
+            "wrong iss",
+            k.sign(Algorithm::RS256, Some("rsa-1"), &wrong_iss),
+        ),
+        (
+            "wrong aud",
+            k.sign(Algorithm::RS256, Some("rsa-1"), &wrong_aud),
+        ),
+        ("no exp", k.sign(Algorithm::RS256, Some("rsa-1"), &no_exp)),
+        (
+            "no tenant claim",
+            k.sign(Algorithm::RS256, Some("rsa-1"), &no_tenant),
+        ),
+        ("stripped signature", format!("{h}.{payload}.")),
+        (
+            "oversized token",
+            k.sign(Algorithm::RS256, Some("rsa-1"), &huge),
+        ),
+        (
+            "ES256 token under the RSA kid",
+            k.sign(Algorithm::ES256, Some("rsa-1"), &claims),
+        ),
+    ];
+    for (name, token) in cases {
+        let r = gw
+            .send(&post(CHAT, &chat_body()).bearer(&token).build())
+            .await;
+        assert_rejected(&gw, &r, 401, "invalid_token");
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(
+            !body.contains(&token[..20]),
+            "{name}: the error echoes the token"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jku_and_embedded_jwk_headers_are_never_used() {
+    let gw = Gateway::start().await;
+    let claims = gw.keys.claims("acme");
+    // A listener the token points at: the gateway must never connect to it.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let jku = format!("http://{}/jwks.json", trap.local_addr().unwrap());
+    let attacker_secret = b"attacker-chosen-secret-0123456789";
+    use base64::Engine;
+    let k = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(attacker_secret);
+    let tokens = [
+        forge_hs256(
+            &json!({"alg": "HS256", "kid": "evil", "jku": jku}),
+            &claims,
+            attacker_secret,
+        ),
+        forge_hs256(
+            &json!({"alg": "HS256", "jku": jku}),
+            &claims,
+            attacker_secret,
+        ),
+        forge_hs256(
+            &json!({"alg": "HS256", "jwk": {"kty": "oct", "k": k}}),
+            &claims,
+            attacker_secret,
+        ),
+        forge_hs256(
+            &json!({"alg": "HS256", "kid": "hs-1", "jwk": {"kty": "oct", "k": k, "kid": "hs-1"}}),
+            &claims,
+            attacker_secret,
+        ),
+    ];
+    for token in tokens {
+        let r = gw
+            .send(&post(CHAT, &chat_body()).bearer(&token).build())
+            .await;
+        assert_rejected(&gw, &r, 401, "invalid_token");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        trap.accept().is_err(),
+        "the gateway connected to the jku URL"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_status_and_bindings_come_from_config() {
+    let gw = Gateway::start().await;
+    let k = &gw.keys;
+    let r = gw
+        .send(&post(CHAT, &chat_body()).bearer(&k.token("nobody")).build())
+        .await;
+    assert_rejected(&gw, &r, 401, "unknown_tenant");
+    let r = gw
+        .send(&post(CHAT, &chat_body()).bearer(&k.token("initech")).build())
+        .await;
+    assert_rejected(&gw, &r, 403, "tenant_suspended");
+    let r = gw
+        .send(
+            &post(CHAT, &chat_body())
+                .bearer("pcl_0000000000000000000000000000000000000000")
+                .build(),
+        )
+        .await;
+    assert_rejected(&gw, &r, 401, "invalid_api_key");
+    // `bound` accepts only JWTs whose sub is svc-1.
+    let r = gw
+        .send(&post(CHAT, &chat_body()).bearer(&k.token("bound")).build())
+        .await;
+    assert_rejected(&gw, &r, 401, "invalid_token");
+    let mut claims = k.claims("bound");
+    claims["sub"] = json!("svc-1");
+    let ok = k.sign(Algorithm::RS256, Some("rsa-1"), &claims);
+    let r = gw.send(&post(CHAT, &chat_body()).bearer(&ok).build()).await;
+    assert_eq!(r.status, 200);
+    // Claims cannot raise a plan: plan, org and limits come from tenants.toml.
+    let mut claims = k.claims("acme");
+    claims["plan"] = json!("gold");
+    claims["org"] = json!("evil-org");
+    let t = k.sign(Algorithm::RS256, Some("rsa-1"), &claims);
+    let r = gw
+        .send(&post("/v1/completions", &chat_body()).bearer(&t).build())
+        .await;
+    assert_eq!((r.status, r.code()), (403, "route_not_allowed".to_string()));
+    let r = gw.send(&post(CHAT, &chat_body()).bearer(&t).build()).await;
+    assert_eq!(r.status, 200);
+    let last = gw.router().requests().pop().unwrap();
+    assert_eq!(last.header("x-tenant-plan"), Some("basic"));
+    assert_eq!(last.header("x-tenant-org"), Some("acme-corp"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_identity_headers_never_reach_the_router() {
+    let gw = Gateway::start().await;
+    let token = gw.keys.token("acme");
+    let r = gw
+        .send(
+            &post(CHAT, &chat_body())
+                .bearer(&token)
+                .header("x-tenant-id", "globex")
+                .header("X-Tenant-Plan", "gold")
+                .header("X-TENANT-ORG", "globex-inc")
+                .header("x-tenant-admin", "true")
+                .header("x-tenant-signature", "t=1,h=x,v1=00")
+                .header("X-Forwarded-For", "10.9.8.7")
+                .header("x-forwarded-proto", "https")
+                .header("x-forwarded-host", "evil.test")
+                .header("Forwarded", "for=10.9.8.7")
+                .header("x-request-id", "client-chosen")
+                .build(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let rec = &gw.router().requests()[0];
+    assert_eq!(rec.header_values("x-tenant-id"), ["acme"]);
+    assert_eq!(rec.header_values("x-tenant-plan"), ["basic"]);
+    assert_eq!(rec.header_values("x-tenant-org"), ["acme-corp"]);
+    assert!(rec.header_values("x-tenant-admin").is_empty());
+    assert_eq!(rec.header_values("x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(rec.header_values("x-forwarded-proto"), ["http"]);
+    assert!(rec.header_values("x-forwarded-host").is_empty());
+    assert!(rec.header_values("forwarded").is_empty());
+    assert_ne!(rec.header("x-request-id"), Some("client-chosen"));
+    verify_signature(&gw.keys.context_key, "POST", CHAT, rec);
+
+    for name in [
+        "x_tenant_id",
+        "X_Tenant_Plan",
+        "x-tenant_org",
+        "x_forwarded_for",
+        "x_api_key",
+    ] {
+        let r = gw
+            .send(
+                &post(CHAT, &chat_body())
+                    .bearer(&token)
+                    .header(name, "spoof")
+                    .build(),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{name}");
+        assert_eq!(r.code(), "invalid_request", "{name}");
+    }
+    assert_eq!(gw.router_count(), 1, "underscore spoofs reached the router");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_are_listed_by_the_gateway() {
+    let gw = Gateway::start().await;
+    let r = gw
+        .send(&get("/v1/models").bearer(&gw.keys.token("globex")).build())
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let v = r.json();
+    assert_eq!(v["object"], "list");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["m-small", "m-large"],
+        "wildcard patterns are not models"
+    );
+    let r = gw
+        .send(
+            &get("/v1/models")
+                .header("x-api-key", &gw.keys.acme_key.clone())
+                .build(),
+        )
+        .await;
+    let ids: Vec<String> = r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["m-small"]);
+    assert_eq!(gw.router_count(), 0, "the router is never asked for models");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_methods_regions_and_features_are_enforced_in_order() {
+    let gw = Gateway::start().await;
+    let acme = gw.keys.token("acme");
+    // Unauthenticated: 401 whatever the path.
+    for path in [CHAT, "/admin", "/v2/anything"] {
+        let r = gw.send(&post(path, &chat_body()).build()).await;
+        assert_rejected(&gw, &r, 401, "missing_credentials");
+    }
+    let r = gw
+        .send(&post("/v1/nothing", &chat_body()).bearer(&acme).build())
+        .await;
+    assert_rejected(&gw, &r, 404, "route_not_found");
+    let r = gw.send(&get(CHAT).bearer(&acme).build()).await;
+    assert_rejected(&gw, &r, 405, "method_not_allowed");
+    assert_eq!(r.header("allow"), Some("POST"));
+    let r = gw
+        .send(&post("/v1/completions", &chat_body()).bearer(&acme).build())
+        .await;
+    assert_rejected(&gw, &r, 403, "route_not_allowed");
+    let r = gw
+        .send(
+            &post(CHAT, &chat_body())
+                .bearer(&gw.keys.token("euro"))
+                .build(),
+        )
+        .await;
+    assert_rejected(&gw, &r, 403, "region_not_allowed");
+    // Ambiguous credentials.
+    let r = gw
+        .send(
+            &post(CHAT, &chat_body())
+                .bearer(&acme)
+                .header("x-api-key", "pcl_x")
+                .build(),
+        )
+        .await;
+    assert_rejected(&gw, &r, 400, "invalid_request");
+    let r = gw
+        .send(
+            &post(CHAT, &chat_body())
+                .bearer(&acme)
+                .header("Authorization", "Bearer other")
+                .build(),
+        )
+        .await;
+    assert_rejected(&gw, &r, 400, "invalid_request");
+    // Token only from the Authorization header, never the query string.
+    let r = gw
+        .send(&post(&format!("{CHAT}?access_token={acme}"), &chat_body()).build())
+        .await;
+    assert_rejected(&gw, &r, 401, "missing_credentials");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_is_refused_before_the_router() {
+    let gw = Gateway::start().await;
+    let acme = gw.keys.token("acme");
+    let body = chat_body().to_string();
+    let head = post(CHAT, &chat_body())
+        .bearer(&acme)
+        .build_raw_head(&format!(
+            "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+            body.len()
+        ));
+    let mut raw = head;
+    raw.extend_from_slice(format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len()).as_bytes());
+    let r = gw.send(&raw).await;
+    assert_eq!(r.status, 400);
+    let head = post(CHAT, &chat_body())
+        .bearer(&acme)
+        .build_raw_head(&format!(
+            "Content-Length: {0}\r\nContent-Length: {0}\r\n",
+            body.len()
+        ));
+    let mut raw = head;
+    raw.extend_from_slice(body.as_bytes());
+    let r = gw.send(&raw).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(gw.router_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_down_is_502_upstream_unavailable() {
+    let gw = Gateway::start_with(Options {
+        router: RouterMode::Down,
+        ..Options::default()
+    })
+    .await;
+    let r = gw
+        .send(
+            &post(CHAT, &chat_body())
+                .bearer(&gw.keys.token("acme"))
+                .build(),
+        )
+        .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.code(), "upstream_unavailable");
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(
+        !body.contains(&gw.router_addr.to_string()),
+        "error leaks the router address"
+    );
+    assert!(
+        !body.contains("127.0.0.1"),
+        "error leaks an internal address"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_slow_is_504_upstream_timeout() {
+    let gw = Gateway::start_with(Options {
+        router: RouterMode::Up(MockOptions {
+            delay: Duration::from_secs(3),
+        }),
+        read_timeout_ms: 300,
+        ..Options::default()
+    })
+    .await;
+    let r = gw
+        .send(
+            &post(CHAT, &chat_body())
+                .bearer(&gw.keys.token("acme"))
+                .build(),
+        )
+        .await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.code(), "upstream_timeout");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_and_rejections_by_reason() {
+    let gw = Gateway::start().await;
+    gw.send(
+        &post(CHAT, &chat_body())
+            .bearer(&gw.keys.token("acme"))
+            .build(),
+    )
+    .await;
+    gw.send(
+        &post(CHAT, &chat_body())
+            .bearer(&gw.keys.token("initech"))
+            .build(),
+    )
+    .await;
+    gw.send(&post(CHAT, &chat_body()).build()).await;
+    let m = send(gw.admin, &get("/metrics").build()).await.unwrap();
+    let text = String::from_utf8_lossy(&m.body);
+    for line in [
+        r#"portcullis_requests_total{route="chat_completions",status="200",tenant="acme"} 1"#,
+        r#"portcullis_rejections_total{code="tenant_suspended",tenant="initech"} 1"#,
+        r#"portcullis_rejections_total{code="missing_credentials",tenant="-"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    let ready = send(gw.admin, &get("/readyz").build()).await.unwrap();
+    assert_eq!(ready.status, 200);
+}
