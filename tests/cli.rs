@@ -1,0 +1,257 @@
+//! The command line: `check` diagnostics, key issuance, dev credentials.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+fn portcullis(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .current_dir(cwd)
+        .env("PORTCULLIS_LOG", "error")
+        .output()
+        .expect("run portcullis")
+}
+
+const GATEWAY: &str = r#"[server]
+listen = ["127.0.0.1:18999"]
+region = "us-east-1"
+
+[upstream]
+address = "127.0.0.1:18998"
+
+[policy]
+tenants = "tenants.toml"
+
+[context]
+signing_key_file = "context.key"
+"#;
+
+const TENANTS: &str = r#"[plans.free]
+requests_per_second = 2
+burst = 4
+tokens_per_minute = 20_000
+tokens_per_day = 200_000
+max_concurrency = 2
+max_body_bytes = 65_536
+max_prompt_tokens = 4_096
+max_output_tokens = 1_024
+models = ["m"]
+features = ["chat"]
+
+[[tenants]]
+id = "acme"
+org = "acme-corp"
+plan = "free"
+"#;
+
+/// A directory holding a valid configuration, for each test to break.
+fn valid_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gateway.toml"), GATEWAY).unwrap();
+    std::fs::write(dir.path().join("tenants.toml"), TENANTS).unwrap();
+    std::fs::write(dir.path().join("context.key"), "ab".repeat(32)).unwrap();
+    dir
+}
+
+/// Runs `check`, expects failure, and returns stderr.
+fn check_fails(dir: &Path) -> String {
+    let out = portcullis(&["check", "-c", "gateway.toml"], dir);
+    assert!(!out.status.success(), "check accepted a broken config");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn check_accepts_a_valid_config_and_the_shipped_one() {
+    let dir = valid_dir();
+    let out = portcullis(&["check", "-c", "gateway.toml"], dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 tenants)"));
+    // serve -t is the same check.
+    let out = portcullis(&["serve", "-t", "-c", "gateway.toml"], dir.path());
+    assert!(out.status.success());
+}
+
+#[test]
+fn check_reports_an_unknown_key_with_its_line() {
+    let dir = valid_dir();
+    let text = GATEWAY.replace("region =", "regoin =");
+    std::fs::write(dir.path().join("gateway.toml"), text).unwrap();
+    let err = check_fails(dir.path());
+    assert!(
+        err.contains("gateway.toml:3: unknown field `regoin`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_reports_an_undefined_plan_with_its_line() {
+    let dir = valid_dir();
+    std::fs::write(
+        dir.path().join("tenants.toml"),
+        TENANTS.replace("plan = \"free\"", "plan = \"gold\""),
+    )
+    .unwrap();
+    let err = check_fails(dir.path());
+    assert!(
+        err.contains("tenants.toml:16: tenant \"acme\" names undefined plan \"gold\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_reports_a_duplicate_tenant_with_its_line() {
+    let dir = valid_dir();
+    let text = format!("{TENANTS}\n[[tenants]]\nid = \"acme\"\norg = \"x\"\nplan = \"free\"\n");
+    std::fs::write(dir.path().join("tenants.toml"), text).unwrap();
+    let err = check_fails(dir.path());
+    assert!(
+        err.contains("tenants.toml:19: duplicate tenant id \"acme\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_reports_a_malformed_key_hash_with_its_line() {
+    let dir = valid_dir();
+    let text = format!("{TENANTS}api_keys = [\"pcl_plaintext_key\"]\n");
+    std::fs::write(dir.path().join("tenants.toml"), text).unwrap();
+    let err = check_fails(dir.path());
+    assert!(
+        err.contains("tenants.toml:17: api_keys entries must be \"sha256:\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_reports_missing_files_and_bad_values() {
+    let dir = valid_dir();
+    std::fs::remove_file(dir.path().join("tenants.toml")).unwrap();
+    let err = check_fails(dir.path());
+    assert!(
+        err.contains("gateway.toml:9: file") && err.contains("tenants.toml does not exist"),
+        "{err}"
+    );
+
+    let dir = valid_dir();
+    std::fs::write(dir.path().join("context.key"), "abcd").unwrap();
+    let err = check_fails(dir.path());
+    assert!(
+        err.contains("context.key: signing key has 2 bytes"),
+        "{err}"
+    );
+
+    let dir = valid_dir();
+    let text = format!("{GATEWAY}\n[auth.jwt]\nissuer = \"i\"\naudiences = [\"a\"]\njwks_url = \"https://idp/\"\nleeway_seconds = 120\n");
+    std::fs::write(dir.path().join("gateway.toml"), text).unwrap();
+    let err = check_fails(dir.path());
+    assert!(
+        err.contains("gateway.toml:18: leeway_seconds must be at most 30"),
+        "{err}"
+    );
+}
+
+#[test]
+fn keys_new_prints_a_key_once_with_its_hash_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = portcullis(&["keys", "new"], dir.path());
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text
+        .split_whitespace()
+        .find(|w| w.starts_with("pcl_"))
+        .expect("a pcl_ key");
+    assert_eq!(key.len(), 44);
+    assert!(key[4..]
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    let hash = hex::encode(Sha256::digest(key.as_bytes()));
+    assert!(
+        text.contains(&format!("api_keys = [\"sha256:{hash}\"]")),
+        "{text}"
+    );
+}
+
+#[test]
+fn dev_credentials_mint_tokens_the_shipped_config_accepts() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    // A copy of the repository's deploy/ and policies/ with fresh dev keys.
+    for sub in ["deploy", "policies", "policies/schemas", "certs"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    for f in [
+        "deploy/gateway.toml",
+        "policies/tenants.toml",
+        "policies/schemas/README.md",
+    ] {
+        std::fs::copy(root.join(f), dir.path().join(f)).unwrap();
+    }
+    let out = portcullis(
+        &[
+            "certs",
+            "dev",
+            "--out",
+            "certs",
+            "--jwks",
+            "policies/jwks.json",
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = portcullis(&["check", "-c", "deploy/gateway.toml"], dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = portcullis(
+        &[
+            "token",
+            "mint",
+            "--tenant",
+            "acme",
+            "--key",
+            "certs/dev-jwt.pem",
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let jwks = std::fs::read(dir.path().join("policies/jwks.json")).unwrap();
+    let set =
+        portcullis::identity::jwks::KeySet::from_json(&jwks, &[jsonwebtoken::Algorithm::EdDSA])
+            .unwrap();
+    let key = set
+        .select(Some("dev-ed25519"), jsonwebtoken::Algorithm::EdDSA)
+        .unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+    v.set_audience(&["portcullis"]);
+    v.set_issuer(&["https://idp.example.com"]);
+    let data = jsonwebtoken::decode::<serde_json::Value>(token.trim(), &key.key, &v).unwrap();
+    assert_eq!(data.claims["tenant"], "acme");
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("certs/dev-jwt.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "private key readable by others");
+    }
+}
