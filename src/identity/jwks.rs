@@ -5,6 +5,7 @@
 //! attacker signs with HMAC using the RSA public key as the secret.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey};
@@ -16,11 +17,17 @@ pub struct PinnedKey {
     pub key: DecodingKey,
 }
 
+/// Hands every parsed key set a distinct generation.
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
 /// The loaded verification keys.
 #[derive(Default)]
 pub struct KeySet {
     keys: Vec<PinnedKey>,
     by_kid: HashMap<String, usize>,
+    /// Distinct per parsed document, so verified-token caches can tell when
+    /// the keys behind an entry were replaced (a key may have been revoked).
+    generation: u64,
 }
 
 impl KeySet {
@@ -35,7 +42,10 @@ impl KeySet {
             .get("keys")
             .and_then(|k| k.as_array())
             .ok_or("JWKS must be an object with a \"keys\" array")?;
-        let mut set = KeySet::default();
+        let mut set = KeySet {
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            ..KeySet::default()
+        };
         for (i, raw) in keys.iter().enumerate() {
             if raw.get("use").and_then(|u| u.as_str()) == Some("enc") {
                 continue;
@@ -56,6 +66,10 @@ impl KeySet {
             set.keys.push(PinnedKey { kid, alg, key });
         }
         Ok(set)
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn len(&self) -> usize {

@@ -25,6 +25,8 @@ pub struct VerifiedToken {
     pub tenant: String,
     pub subject: Option<String>,
     pub exp: u64,
+    /// The key set that verified it; a cache hit under other keys re-verifies.
+    pub key_generation: u64,
     /// All claims, for policies that read scopes and the like.
     pub claims: Arc<Map<String, Value>>,
 }
@@ -88,12 +90,15 @@ impl JwtVerifier {
             return Err(TokenError::Invalid("token exceeds 8 KiB"));
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let keys = self.keys.load();
         if let Some(hit) = self.cache.get(&digest) {
-            if now <= hit.exp.saturating_add(self.leeway) {
-                return Ok(hit);
+            if hit.key_generation == keys.generation() {
+                if now <= hit.exp.saturating_add(self.leeway) {
+                    return Ok(hit);
+                }
+                self.cache.remove(&digest);
+                return Err(TokenError::Invalid("token has expired"));
             }
-            self.cache.remove(&digest);
-            return Err(TokenError::Invalid("token has expired"));
         }
 
         let header = decode_header(token).map_err(|_| TokenError::Invalid("malformed token"))?;
@@ -108,7 +113,6 @@ impl JwtVerifier {
             .find(|(alg, _)| *alg == header.alg)
             .map(|(_, v)| v)
             .ok_or(TokenError::Invalid("token algorithm is not accepted"))?;
-        let keys = self.keys.load();
         let key = keys
             .select(header.kid.as_deref(), header.alg)
             .map_err(|e| {
@@ -145,9 +149,95 @@ impl JwtVerifier {
             tenant,
             subject,
             exp,
+            key_generation: keys.generation(),
             claims: Arc::new(claims),
         });
         self.cache.insert(digest, verified.clone());
         Ok(verified)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::gateway::{JwksSource, JwtConfig};
+    use crate::dev::{mint, DevJwtKey, MintRequest};
+    use std::time::Duration;
+
+    fn setup() -> (JwtVerifier, Arc<ArcSwap<KeySet>>, DevJwtKey) {
+        let dev = DevJwtKey::generate("k").unwrap();
+        let set = KeySet::from_json(dev.jwks.to_string().as_bytes(), &[Algorithm::EdDSA]).unwrap();
+        let keys = Arc::new(ArcSwap::from_pointee(set));
+        let cfg = JwtConfig {
+            issuer: "iss".into(),
+            audiences: vec!["aud".into()],
+            jwks: JwksSource::File("unused".into()),
+            tenant_claim: "tenant".into(),
+            leeway_seconds: 0,
+            algorithms: vec![Algorithm::EdDSA],
+            jwks_refresh: Duration::from_secs(60),
+            jwks_unknown_kid_refresh: Duration::from_secs(10),
+            token_cache_entries: 16,
+        };
+        (JwtVerifier::new(&cfg, keys.clone()), keys, dev)
+    }
+
+    fn token(dev: &DevJwtKey, ttl: u64) -> String {
+        let req = MintRequest {
+            tenant: "acme",
+            subject: "s",
+            issuer: "iss",
+            audience: "aud",
+            kid: "k",
+            ttl_seconds: ttl,
+        };
+        mint(dev.private_pem.as_bytes(), &req).unwrap()
+    }
+
+    fn now() -> u64 {
+        jsonwebtoken::get_current_timestamp()
+    }
+
+    #[test]
+    fn a_second_verification_is_a_cache_hit() {
+        let (v, _, dev) = setup();
+        let t = token(&dev, 60);
+        let first = v.verify(&t, now()).unwrap();
+        let second = v.verify(&t, now()).unwrap();
+        assert!(Arc::ptr_eq(&first, &second), "second call re-verified");
+    }
+
+    #[test]
+    fn cached_tokens_still_expire() {
+        let (v, _, dev) = setup();
+        let t = token(&dev, 60);
+        v.verify(&t, now()).unwrap();
+        assert_eq!(
+            v.verify(&t, now() + 61).unwrap_err(),
+            TokenError::Invalid("token has expired")
+        );
+    }
+
+    #[test]
+    fn replacing_the_keys_invalidates_cached_tokens() {
+        let (v, keys, dev) = setup();
+        let t = token(&dev, 60);
+        v.verify(&t, now()).unwrap();
+        // The key is revoked: a new key set without it.
+        let other = DevJwtKey::generate("other").unwrap();
+        keys.store(Arc::new(
+            KeySet::from_json(other.jwks.to_string().as_bytes(), &[Algorithm::EdDSA]).unwrap(),
+        ));
+        assert_eq!(v.verify(&t, now()).unwrap_err(), TokenError::UnknownKid);
+    }
+
+    #[test]
+    fn oversized_tokens_are_refused_before_parsing() {
+        let (v, _, _) = setup();
+        let t = "a".repeat(MAX_TOKEN_BYTES + 1);
+        assert_eq!(
+            v.verify(&t, now()).unwrap_err(),
+            TokenError::Invalid("token exceeds 8 KiB")
+        );
     }
 }

@@ -209,6 +209,10 @@ pub struct Options {
     pub jwks_line: Option<String>,
     /// Extra lines appended to `[auth.jwt]`.
     pub jwt_extra: String,
+    /// Replaces the `[upstream]` address line (the mock router is then unused).
+    pub upstream_lines: Option<String>,
+    /// Signing material to use instead of freshly generated keys.
+    pub keys: Option<Keys>,
 }
 
 impl Default for Options {
@@ -218,6 +222,8 @@ impl Default for Options {
             read_timeout_ms: 5000,
             jwks_line: None,
             jwt_extra: String::new(),
+            upstream_lines: None,
+            keys: None,
         }
     }
 }
@@ -246,7 +252,7 @@ impl Gateway {
     }
 
     pub async fn start_with(opts: Options) -> Gateway {
-        let keys = Keys::generate();
+        let keys = opts.keys.unwrap_or_else(Keys::generate);
         let dir = tempfile::tempdir().unwrap();
         let (router, router_addr) = match opts.router {
             RouterMode::Up(o) => {
@@ -262,6 +268,9 @@ impl Gateway {
         std::fs::write(d.join("jwks.json"), keys.jwks.to_string()).unwrap();
         std::fs::write(d.join("tenants.toml"), tenants_toml(&keys)).unwrap();
         std::fs::write(d.join("context.key"), hex::encode(&keys.context_key)).unwrap();
+        let upstream_lines = opts
+            .upstream_lines
+            .unwrap_or_else(|| format!("address = \"{router_addr}\""));
         let jwks_line = opts
             .jwks_line
             .unwrap_or_else(|| "jwks_file = \"jwks.json\"".into());
@@ -280,7 +289,7 @@ upgrade_sock = "{dir}/upgrade.sock"
 listen = "{admin}"
 
 [upstream]
-address = "{router_addr}"
+{upstream_lines}
 connect_timeout_ms = 500
 read_timeout_ms = {read_timeout}
 
