@@ -83,7 +83,15 @@ fn start_router(addr: SocketAddr) -> Result<(), String> {
             }
         };
         rt.block_on(async move {
-            match MockRouter::start(&addr.to_string(), MockOptions::default()).await {
+            match MockRouter::start(
+                &addr.to_string(),
+                MockOptions {
+                    record: false,
+                    ..MockOptions::default()
+                },
+            )
+            .await
+            {
                 Ok(_) => {
                     let _ = tx.send(Ok(()));
                     std::future::pending::<()>().await;

@@ -222,6 +222,7 @@ fn run(cmd: Command) -> Result<(), String> {
             rt.block_on(async {
                 let opts = MockOptions {
                     delay: std::time::Duration::from_millis(delay_ms),
+                    record: false,
                 };
                 let router = MockRouter::start(&listen, opts)
                     .await

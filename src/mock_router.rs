@@ -47,10 +47,22 @@ impl Recorded {
 }
 
 /// How the mock behaves.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MockOptions {
     /// Wait this long before answering each request (a slow router).
     pub delay: Duration,
+    /// Keep every request for inspection. Tests want this; the demo and
+    /// benchmarks turn it off so memory stays flat under load.
+    pub record: bool,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        MockOptions {
+            delay: Duration::ZERO,
+            record: true,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -113,14 +125,17 @@ async fn serve_connection(
     state: &State,
     opts: &MockOptions,
 ) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(8192);
     loop {
         let Some((req, keep_alive)) = read_request(&mut stream, &mut buf).await? else {
             return Ok(());
         };
         let (status, body) = answer(&req);
-        if let Ok(mut r) = state.requests.lock() {
-            r.push(req);
+        if opts.record {
+            if let Ok(mut r) = state.requests.lock() {
+                r.push(req);
+            }
         }
         if !opts.delay.is_zero() {
             tokio::time::sleep(opts.delay).await;
@@ -131,8 +146,11 @@ async fn serve_connection(
             body.len(),
             if keep_alive { "" } else { "connection: close\r\n" }
         );
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(&body).await?;
+        // One write per response: a split head and body would meet Nagle
+        // and delayed ACKs and add 40 ms to every keep-alive request.
+        let mut out = head.into_bytes();
+        out.extend_from_slice(&body);
+        stream.write_all(&out).await?;
         if !keep_alive {
             return Ok(());
         }

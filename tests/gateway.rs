@@ -527,6 +527,7 @@ async fn router_slow_is_504_upstream_timeout() {
     let gw = Gateway::start_with(Options {
         router: RouterMode::Up(MockOptions {
             delay: Duration::from_secs(3),
+            ..MockOptions::default()
         }),
         read_timeout_ms: 300,
         ..Options::default()
