@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod body;
 pub mod config;
 pub mod demo;
 pub mod dev;
