@@ -145,6 +145,7 @@ mod tests {
             models: vec!["m-1".into(), "m-*".into()],
             features: set,
             regions,
+            forbidden_fields: vec![],
             jwt_subjects: vec![],
             mtls_identities: vec![],
         }

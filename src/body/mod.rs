@@ -1,5 +1,143 @@
 //! The body stage: read with a hard bound, parse strictly, validate, apply
 //! the tenant's model and feature policy, estimate tokens, normalise.
+//!
+//! [`judge`] is the pure core: raw bytes in, the exact bytes to forward (or
+//! a rejection) out. The proxy does the reading; nothing of a body reaches
+//! the router before `judge` has accepted it.
 
+pub mod intake;
+pub mod policy;
+pub mod schema;
 pub mod strict_json;
 pub mod tokens;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::authz::Route;
+use crate::config::tenants::{FeatureSet, Tenant};
+use crate::reject::Reject;
+use policy::OverCap;
+use schema::Schemas;
+
+/// Gateway-wide body settings (`[body]` in gateway.toml).
+#[derive(Debug, Clone)]
+pub struct BodyConfig {
+    /// A cap on every body, whatever the plan allows.
+    pub max_body_bytes: u64,
+    /// The whole body must arrive within this time of the request head.
+    pub read_timeout: Duration,
+    /// The deepest nesting accepted in a JSON body.
+    pub max_depth: usize,
+    pub max_tokens_over_cap: OverCap,
+}
+
+impl Default for BodyConfig {
+    fn default() -> Self {
+        BodyConfig {
+            max_body_bytes: 8 * 1024 * 1024,
+            read_timeout: Duration::from_secs(30),
+            max_depth: 64,
+            max_tokens_over_cap: OverCap::Clamp,
+        }
+    }
+}
+
+/// An accepted body and what the later stages need to know about it.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    /// The validated document, serialised once: what the router receives.
+    pub body: Bytes,
+    pub model: String,
+    pub features: FeatureSet,
+    pub prompt_tokens: u64,
+    /// The effective output limit (0 for routes without one).
+    pub max_output_tokens: u64,
+    /// Whether the client asked for streamed usage itself; when it did not,
+    /// the usage-only final chunk is not passed on.
+    pub usage_requested: bool,
+}
+
+/// Judges a complete body for `route` on behalf of `tenant`.
+pub fn judge(
+    route: Route,
+    tenant: &Tenant,
+    cfg: &BodyConfig,
+    schemas: &Schemas,
+    raw: &[u8],
+) -> Result<Judged, Reject> {
+    let mut doc = strict_json::parse(raw, cfg.max_depth)
+        .map_err(|e| Reject::bad_request("invalid_json", e.to_string()))?;
+    schemas.check(route, &doc)?;
+    let Value::Object(body) = &mut doc else {
+        return Err(Reject::bad_request(
+            "invalid_json",
+            "the body must be a JSON object",
+        ));
+    };
+    if let Some(field) = tenant
+        .forbidden_fields
+        .iter()
+        .find(|f| body.contains_key(*f))
+    {
+        let mut r = Reject::bad_request(
+            "schema_violation",
+            format!("field {field} is not allowed for this plan"),
+        );
+        r.param = Some(format!("/{field}"));
+        return Err(r);
+    }
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let features = policy::features_used(route, body);
+    policy::check(tenant, &model, features)?;
+    let max_output_tokens = policy::cap_output(
+        route,
+        body,
+        tenant.limits.max_output_tokens,
+        cfg.max_tokens_over_cap,
+    )?;
+    let prompt_tokens = match route {
+        Route::ChatCompletions => tokens::estimate_chat(&doc),
+        Route::Completions => tokens::estimate_prompt(doc.get("prompt")),
+        Route::Embeddings => tokens::estimate_prompt(doc.get("input")),
+        Route::Models => 0,
+    };
+    if prompt_tokens > tenant.limits.max_prompt_tokens {
+        let mut r = Reject::bad_request(
+            "prompt_too_long",
+            format!(
+                "the prompt is about {prompt_tokens} tokens; this plan allows {}",
+                tenant.limits.max_prompt_tokens
+            ),
+        );
+        r.param = Some(
+            match route {
+                Route::Completions => "prompt",
+                Route::Embeddings => "input",
+                _ => "messages",
+            }
+            .into(),
+        );
+        return Err(r);
+    }
+    let usage_requested = match &mut doc {
+        Value::Object(body) => policy::force_stream_usage(body),
+        _ => true,
+    };
+    let body = serde_json::to_vec(&doc)
+        .map_err(|_| Reject::new(500, "internal_error", "could not serialise the body"))?;
+    Ok(Judged {
+        body: Bytes::from(body),
+        model,
+        features,
+        prompt_tokens,
+        max_output_tokens,
+        usage_requested,
+    })
+}

@@ -12,6 +12,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::diag::{Diagnostic, SourceFile};
+use crate::body::policy::OverCap;
+use crate::body::BodyConfig;
 
 /// The largest clock-skew allowance accepted for JWT `exp`/`nbf`.
 pub const MAX_JWT_LEEWAY_SECONDS: u64 = 30;
@@ -26,6 +28,16 @@ struct RawGateway {
     limits: Option<RawLimits>,
     policy: RawPolicy,
     context: RawContext,
+    body: Option<RawBody>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBody {
+    max_body_bytes: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    max_depth: Option<usize>,
+    max_tokens_over_cap: Option<OverCap>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +246,7 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     pub policy: PolicyPaths,
     pub context_key_file: PathBuf,
+    pub body: BodyConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -434,6 +447,18 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
         rego: opt_file(&raw.policy.rego, &mut errs),
     };
     let context_key_file = existing_file(&src, &raw.context.signing_key_file, &mut errs);
+    let defaults = BodyConfig::default();
+    let body = match raw.body {
+        None => defaults,
+        Some(b) => BodyConfig {
+            max_body_bytes: b.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            read_timeout: b
+                .read_timeout_ms
+                .map_or(defaults.read_timeout, |ms| Duration::from_millis(ms.max(1))),
+            max_depth: b.max_depth.unwrap_or(defaults.max_depth).clamp(1, 128),
+            max_tokens_over_cap: b.max_tokens_over_cap.unwrap_or_default(),
+        },
+    };
 
     if !errs.is_empty() {
         return Err(errs);
@@ -456,6 +481,7 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
         limits,
         policy,
         context_key_file,
+        body,
     })
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::body::schema::Schemas;
 use crate::forward::context::ContextSigner;
 use crate::identity::jwks::KeySet;
 use crate::identity::jwks_fetch::JwksRefresh;
@@ -28,6 +29,7 @@ pub struct Snapshot {
     pub tenants: Tenants,
     pub auth: Authenticator,
     pub signer: ContextSigner,
+    pub schemas: Schemas,
 }
 
 /// The live snapshot, swapped atomically on reload.
@@ -93,18 +95,21 @@ impl Snapshot {
             }
         };
 
-        match signer {
-            Ok(signer) if errs.is_empty() => Ok(Snapshot {
+        let schemas = Schemas::load(gateway.policy.schemas.as_deref()).map_err(|e| errs.extend(e));
+
+        match (signer, schemas) {
+            (Ok(signer), Ok(schemas)) if errs.is_empty() => Ok(Snapshot {
                 gateway: Arc::new(gateway),
                 tenants,
                 auth,
                 signer,
+                schemas,
             }),
-            Ok(_) => Err(ConfigErrors(errs)),
-            Err(d) => {
+            (Err(d), _) => {
                 errs.push(d);
                 Err(ConfigErrors(errs))
             }
+            _ => Err(ConfigErrors(errs)),
         }
     }
 }

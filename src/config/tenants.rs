@@ -121,6 +121,8 @@ pub struct Tenant {
     pub features: FeatureSet,
     /// `None` allows every region.
     pub regions: Option<Vec<String>>,
+    /// Top-level body fields this tenant may not send.
+    pub forbidden_fields: Vec<String>,
     /// When not empty, a JWT for this tenant must carry one of these `sub` values.
     pub jwt_subjects: Vec<String>,
     pub mtls_identities: Vec<String>,
@@ -129,6 +131,14 @@ pub struct Tenant {
 }
 
 impl Tenant {
+    /// Exact names, or prefixes for entries ending in `*`.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.iter().any(|m| match m.strip_suffix('*') {
+            Some(prefix) => model.starts_with(prefix),
+            None => m == model,
+        })
+    }
+
     pub fn allows_region(&self, region: &str) -> bool {
         self.regions
             .as_ref()
@@ -178,6 +188,8 @@ struct RawPlan {
     models: Vec<Spanned<String>>,
     features: Vec<Spanned<String>>,
     regions: Option<Vec<String>>,
+    #[serde(default)]
+    forbidden_fields: Vec<String>,
 }
 
 /// Per-tenant overrides: any plan key, each optional.
@@ -195,6 +207,7 @@ struct RawOverrides {
     models: Option<Vec<Spanned<String>>>,
     features: Option<Vec<Spanned<String>>>,
     regions: Option<Vec<String>>,
+    forbidden_fields: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,6 +347,10 @@ pub fn load(path: &Path) -> Result<Tenants, Vec<Diagnostic>> {
             models: models.iter().map(|m| m.get_ref().clone()).collect(),
             features,
             regions: o.regions.clone().or_else(|| plan.regions.clone()),
+            forbidden_fields: o
+                .forbidden_fields
+                .clone()
+                .unwrap_or_else(|| plan.forbidden_fields.clone()),
             jwt_subjects: t.jwt_subjects,
             mtls_identities: t
                 .mtls_identities

@@ -1,0 +1,229 @@
+//! Request JSON Schemas, compiled once per policy snapshot.
+
+use std::path::Path;
+
+use jsonschema::error::ValidationErrorKind;
+use jsonschema::Validator;
+use serde_json::Value;
+
+use crate::authz::Route;
+use crate::config::diag::Diagnostic;
+use crate::reject::Reject;
+
+/// The shipped schemas, used when `[policy] schemas` is not set.
+const BUILT_IN: [(&str, &str); 3] = [
+    (
+        "chat_completions.json",
+        include_str!("../../policies/schemas/chat_completions.json"),
+    ),
+    (
+        "completions.json",
+        include_str!("../../policies/schemas/completions.json"),
+    ),
+    (
+        "embeddings.json",
+        include_str!("../../policies/schemas/embeddings.json"),
+    ),
+];
+
+/// One compiled validator per route with a body.
+pub struct Schemas {
+    chat: Validator,
+    completions: Validator,
+    embeddings: Validator,
+}
+
+impl Schemas {
+    /// Compiles the schemas in `dir`, or the built-in ones.
+    pub fn load(dir: Option<&Path>) -> Result<Schemas, Vec<Diagnostic>> {
+        let mut errs = Vec::new();
+        let mut compiled = Vec::with_capacity(3);
+        for (name, built_in) in BUILT_IN {
+            let (file, text) = match dir {
+                Some(d) => {
+                    let p = d.join(name);
+                    match std::fs::read_to_string(&p) {
+                        Ok(t) => (p, t),
+                        Err(e) => {
+                            errs.push(diag(&p, format!("cannot read schema: {e}")));
+                            continue;
+                        }
+                    }
+                }
+                None => (Path::new("(built-in)").join(name), built_in.to_string()),
+            };
+            let schema: Value = match serde_json::from_str(&text) {
+                Ok(v) => v,
+                Err(e) => {
+                    errs.push(Diagnostic {
+                        file,
+                        line: Some(e.line()),
+                        message: format!("schema is not JSON: {e}"),
+                    });
+                    continue;
+                }
+            };
+            match jsonschema::validator_for(&schema) {
+                Ok(v) => compiled.push(v),
+                Err(e) => errs.push(diag(&file, format!("invalid schema: {e}"))),
+            }
+        }
+        match (errs.is_empty(), compiled.len()) {
+            (true, 3) => {
+                let embeddings = compiled.pop();
+                let completions = compiled.pop();
+                let chat = compiled.pop();
+                match (chat, completions, embeddings) {
+                    (Some(chat), Some(completions), Some(embeddings)) => Ok(Schemas {
+                        chat,
+                        completions,
+                        embeddings,
+                    }),
+                    _ => Err(errs),
+                }
+            }
+            _ => Err(errs),
+        }
+    }
+
+    /// Validates `body` for `route`; the first violation names its field.
+    pub fn check(&self, route: Route, body: &Value) -> Result<(), Reject> {
+        let validator = match route {
+            Route::ChatCompletions => &self.chat,
+            Route::Completions => &self.completions,
+            Route::Embeddings => &self.embeddings,
+            Route::Models => return Ok(()),
+        };
+        let Err(e) = validator.validate(body) else {
+            return Ok(());
+        };
+        let mut pointer = e.instance_path().as_str().to_string();
+        let detail = match e.kind() {
+            ValidationErrorKind::AdditionalProperties { unexpected } => {
+                if let Some(field) = unexpected.first() {
+                    pointer.push('/');
+                    pointer.push_str(&escape_pointer(field));
+                }
+                "unknown field".to_string()
+            }
+            ValidationErrorKind::Required { property } => {
+                if let Some(field) = property.as_str() {
+                    pointer.push('/');
+                    pointer.push_str(&escape_pointer(field));
+                }
+                "required field is missing".to_string()
+            }
+            _ => e.to_string(),
+        };
+        let mut r = Reject::bad_request(
+            "schema_violation",
+            format!(
+                "{} at {}: {}",
+                route.path(),
+                display(&pointer),
+                truncate(&detail)
+            ),
+        );
+        r.param = Some(pointer);
+        Err(r)
+    }
+}
+
+fn diag(file: &Path, message: String) -> Diagnostic {
+    Diagnostic {
+        file: file.to_path_buf(),
+        line: None,
+        message,
+    }
+}
+
+/// RFC 6901 escaping of one pointer segment.
+fn escape_pointer(s: &str) -> String {
+    s.replace('~', "~0").replace('/', "~1")
+}
+
+fn display(pointer: &str) -> &str {
+    if pointer.is_empty() {
+        "the document"
+    } else {
+        pointer
+    }
+}
+
+/// Validator messages quote the offending value; keep them short so a
+/// rejection never echoes a whole prompt back.
+fn truncate(s: &str) -> String {
+    const MAX: usize = 160;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn param(route: Route, body: Value) -> String {
+        let s = Schemas::load(None).unwrap();
+        s.check(route, &body).unwrap_err().param.unwrap()
+    }
+
+    #[test]
+    fn built_in_schemas_accept_ordinary_requests() {
+        let s = Schemas::load(None).unwrap();
+        let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "stream": true, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]});
+        assert!(s.check(Route::ChatCompletions, &chat).is_ok());
+        assert!(s
+            .check(
+                Route::Completions,
+                &json!({"model": "m", "prompt": ["a", "b"]})
+            )
+            .is_ok());
+        assert!(s
+            .check(
+                Route::Embeddings,
+                &json!({"model": "m", "input": [[1, 2], [3]]})
+            )
+            .is_ok());
+    }
+
+    #[test]
+    fn violations_name_the_first_failing_field() {
+        assert_eq!(
+            param(Route::ChatCompletions, json!({"model": "m"})),
+            "/messages"
+        );
+        assert_eq!(
+            param(
+                Route::ChatCompletions,
+                json!({"model": "m", "messages": [{"role": "user"}], "x": 1})
+            ),
+            "/x"
+        );
+        assert_eq!(
+            param(
+                Route::ChatCompletions,
+                json!({"model": "m", "messages": [{"role": "user", "content": 5}]})
+            ),
+            "/messages/0/content"
+        );
+        assert_eq!(
+            param(
+                Route::ChatCompletions,
+                json!({"model": "m", "messages": [{"role": "user"}], "temperature": 9})
+            ),
+            "/temperature"
+        );
+        assert_eq!(
+            param(Route::Embeddings, json!({"model": "m", "input": ""})),
+            "/input"
+        );
+    }
+}
