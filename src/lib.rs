@@ -18,4 +18,5 @@ pub mod mock_router;
 pub mod observe;
 pub mod proxy;
 pub mod reject;
+pub mod response;
 pub mod server;

@@ -89,7 +89,6 @@ impl MockRouter {
         let state = router.state.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                state.connections.fetch_add(1, Ordering::SeqCst);
                 let state = state.clone();
                 let opts = opts.clone();
                 tokio::spawn(async move {
@@ -114,7 +113,8 @@ impl MockRouter {
             .unwrap_or_default()
     }
 
-    /// Connections accepted so far.
+    /// Connections that carried at least one byte (health checks, which
+    /// connect and close, do not count).
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
     }
@@ -127,11 +127,15 @@ async fn serve_connection(
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(8192);
+    if read_more(&mut stream, &mut buf).await? == 0 {
+        return Ok(());
+    }
+    state.connections.fetch_add(1, Ordering::SeqCst);
     loop {
         let Some((req, keep_alive)) = read_request(&mut stream, &mut buf).await? else {
             return Ok(());
         };
-        let (status, body) = answer(&req);
+        let answer = answer(&req);
         if opts.record {
             if let Ok(mut r) = state.requests.lock() {
                 r.push(req);
@@ -140,16 +144,37 @@ async fn serve_connection(
         if !opts.delay.is_zero() {
             tokio::time::sleep(opts.delay).await;
         }
-        let head =
-            format!(
-            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
-            body.len(),
-            if keep_alive { "" } else { "connection: close\r\n" }
-        );
         // One write per response: a split head and body would meet Nagle
         // and delayed ACKs and add 40 ms to every keep-alive request.
-        let mut out = head.into_bytes();
-        out.extend_from_slice(&body);
+        let close = if keep_alive {
+            ""
+        } else {
+            "connection: close\r\n"
+        };
+        let mut out = match &answer {
+            Answer::Json(status, body) => {
+                let mut out = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{close}\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                out.extend_from_slice(body);
+                out
+            }
+            Answer::Stream(_) => format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n{close}\r\n"
+            )
+            .into_bytes(),
+        };
+        if let Answer::Stream(events) = &answer {
+            // Each event its own chunk, as a streaming router sends them.
+            for e in events {
+                out.extend_from_slice(format!("{:x}\r\n", e.len()).as_bytes());
+                out.extend_from_slice(e.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
         stream.write_all(&out).await?;
         if !keep_alive {
             return Ok(());
@@ -266,8 +291,17 @@ async fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Res
     }
 }
 
-/// An OpenAI-shaped answer for each route; unknown routes get 404.
-fn answer(req: &Recorded) -> (&'static str, Vec<u8>) {
+/// What the mock sends back.
+enum Answer {
+    Json(&'static str, Vec<u8>),
+    /// Server-sent events, each a complete `data:` event.
+    Stream(Vec<String>),
+}
+
+/// An OpenAI-shaped answer for each route; unknown routes get 404. A chat
+/// request with `stream: true` gets three content chunks, the usage-only
+/// chunk when `stream_options.include_usage` asks for it, and `[DONE]`.
+fn answer(req: &Recorded) -> Answer {
     let parsed: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
     let model = parsed
         .get("model")
@@ -275,6 +309,31 @@ fn answer(req: &Recorded) -> (&'static str, Vec<u8>) {
         .unwrap_or("mock-model");
     let prompt_tokens = req.body.len() / 4;
     let path = req.path.split('?').next().unwrap_or_default();
+    let streaming = parsed.get("stream").and_then(|s| s.as_bool()) == Some(true);
+    if path == "/v1/chat/completions" && streaming {
+        let mut events: Vec<String> = ["Hello", " from the", " mock router."]
+            .iter()
+            .map(|piece| {
+                let chunk = serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                    "model": model, "choices": [{"index": 0, "delta": {"content": piece}}]});
+                format!("data: {chunk}\n\n")
+            })
+            .collect();
+        let usage = parsed
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(|u| u.as_bool())
+            == Some(true);
+        if usage {
+            let chunk = serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                "model": model, "choices": [],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3,
+                          "total_tokens": prompt_tokens + 3}});
+            events.push(format!("data: {chunk}\n\n"));
+        }
+        events.push("data: [DONE]\n\n".into());
+        return Answer::Stream(events);
+    }
     let body = match path {
         "/v1/chat/completions" => serde_json::json!({
             "id": "chatcmpl-mock",
@@ -302,11 +361,11 @@ fn answer(req: &Recorded) -> (&'static str, Vec<u8>) {
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
         }),
         _ => {
-            return (
+            return Answer::Json(
                 "404 Not Found",
                 br#"{"error":{"message":"unknown route","type":"invalid_request_error","param":null,"code":"not_found"}}"#.to_vec(),
             )
         }
     };
-    ("200 OK", serde_json::to_vec(&body).unwrap_or_default())
+    Answer::Json("200 OK", serde_json::to_vec(&body).unwrap_or_default())
 }

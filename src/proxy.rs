@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -17,6 +18,8 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use rand::RngCore;
 
 use crate::authz::{self, Route};
+use crate::body::{self, intake, Judged};
+use crate::config::tenants::Feature;
 use crate::config::{SharedSnapshot, Snapshot};
 use crate::forward::upstream::Upstream;
 use crate::forward::{self, TrustedContext};
@@ -25,11 +28,20 @@ use crate::inbound;
 use crate::observe::access_log::{self, AccessRecord};
 use crate::observe::metrics::METRICS;
 use crate::reject::Reject;
+use crate::response::UsageChunkFilter;
+
+/// Pingora replays a body read in `request_filter` only from its retry
+/// buffer, which holds 64 KiB. Bodies that arrived within this size go
+/// through Pingora's proxy; larger ones are sent by [`Gateway::forward_directly`].
+/// Either way the whole body is judged before any upstream connection.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// The gateway's `ProxyHttp` implementation.
 pub struct Gateway {
     pub snapshot: SharedSnapshot,
     pub upstream: Upstream,
+    /// Connections for bodies forwarded outside Pingora's proxy loop.
+    pub connector: Connector,
 }
 
 /// Per-request state. The snapshot is loaded once, so a request finishes on
@@ -43,6 +55,13 @@ pub struct RequestCtx {
     reject_code: Option<&'static str>,
     upstream_started: Option<Instant>,
     upstream_elapsed: Option<Duration>,
+    judged: Option<Judged>,
+    /// The judged body, until it is handed to the upstream.
+    forward_body: Option<Bytes>,
+    /// The client's body outgrew Pingora's replay buffer.
+    forward_directly: bool,
+    /// Present while the usage-only stream chunk must be hidden.
+    usage_filter: Option<UsageChunkFilter>,
 }
 
 fn unix_now() -> u64 {
@@ -124,6 +143,132 @@ impl Gateway {
             .await
     }
 
+    /// Reads the whole body within its size and time bounds, then judges
+    /// it. Runs before any upstream connection exists.
+    async fn read_and_judge(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Admitted, Reject> {
+        let snap = ctx.snapshot.clone();
+        let (Some(who), Some(route)) = (&ctx.identity, ctx.route) else {
+            return Err(Reject::new(
+                500,
+                "internal_error",
+                "no identity at the body stage",
+            ));
+        };
+        let tenant = who.tenant.clone();
+        let cfg = &snap.gateway.body;
+        let limit = tenant.limits.max_body_bytes.min(cfg.max_body_bytes);
+        intake::check_head(&session.req_header().headers, limit)?;
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+
+        session.enable_retry_buffering();
+        let deadline = Instant::now() + cfg.read_timeout;
+        let mut raw = BytesMut::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let chunk = match tokio::time::timeout(left, session.read_request_body()).await {
+                Err(_) => {
+                    session.set_keepalive(None);
+                    return Err(Reject::new(
+                        408,
+                        "request_timeout",
+                        "the request body did not arrive in time",
+                    ));
+                }
+                Ok(Err(_)) => {
+                    session.set_keepalive(None);
+                    return Err(Reject::bad_request(
+                        "invalid_request",
+                        "the request body could not be read",
+                    ));
+                }
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) => chunk,
+            };
+            if raw.len() + chunk.len() > limit {
+                session.set_keepalive(None);
+                return Err(intake::too_large(limit as u64));
+            }
+            raw.extend_from_slice(&chunk);
+        }
+
+        let judged = body::judge(route, &tenant, cfg, &snap.schemas, &raw)?;
+        // What Pingora buffered is the client's bytes, so their size decides.
+        ctx.forward_directly = raw.len() > REPLAY_LIMIT;
+        ctx.forward_body = Some(judged.body.clone());
+        if judged.features.contains(Feature::Stream) && !judged.usage_requested {
+            ctx.usage_filter = Some(UsageChunkFilter::default());
+        }
+        ctx.judged = Some(judged);
+        Ok(Admitted::Proxy)
+    }
+
+    /// Sends a judged body too large for Pingora's replay buffer to the
+    /// router over a pooled connection, and relays the answer.
+    async fn forward_directly(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let mut head = session.req_header().clone();
+        forward_head(session, ctx, &mut head)?;
+        let Some(body) = ctx.forward_body.take() else {
+            return Error::e_explain(ErrorType::InternalError, "no judged body");
+        };
+        ctx.upstream_started = Some(Instant::now());
+        let answered = self.exchange(session, ctx, head, body).await;
+        if let Err(e) = answered {
+            if session.response_written().is_none() {
+                let r = upstream_reject(&e);
+                self.reject(session, ctx, &r).await?;
+            } else {
+                ctx.reject_code = Some(upstream_reject(&e).code);
+            }
+        }
+        Ok(())
+    }
+
+    async fn exchange(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        head: RequestHeader,
+        body: Bytes,
+    ) -> Result<()> {
+        let peer = self.upstream.peer()?;
+        let (mut up, _reused) = self.connector.get_http_session(&*peer).await?;
+        up.set_read_timeout(peer.options.read_timeout);
+        up.set_write_timeout(peer.options.write_timeout);
+        up.write_request_header(Box::new(head)).await?;
+        up.write_request_body(body, true).await?;
+        up.finish_request_body().await?;
+        up.read_response_header().await?;
+        let mut resp = up
+            .response_header()
+            .cloned()
+            .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "no response header"))?;
+        on_response_head(ctx, &mut resp)?;
+        session.write_response_header(Box::new(resp), false).await?;
+        while let Some(chunk) = up.read_response_body().await? {
+            let chunk = match ctx.usage_filter.as_mut() {
+                Some(f) => f.push(&chunk, false),
+                None => chunk,
+            };
+            if !chunk.is_empty() {
+                session.write_response_body(Some(chunk), false).await?;
+            }
+        }
+        let tail = ctx
+            .usage_filter
+            .as_mut()
+            .map(|f| f.push(&[], true))
+            .filter(|t| !t.is_empty());
+        session.write_response_body(tail, true).await?;
+        self.connector
+            .release_http_session(up, &*peer, peer.options.idle_timeout)
+            .await;
+        Ok(())
+    }
+
     fn tenant_label(ctx: &RequestCtx) -> &str {
         ctx.identity.as_ref().map_or("-", |i| i.tenant.id.as_str())
     }
@@ -143,12 +288,26 @@ impl ProxyHttp for Gateway {
             reject_code: None,
             upstream_started: None,
             upstream_elapsed: None,
+            judged: None,
+            forward_body: None,
+            forward_directly: false,
+            usage_filter: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        match self.admit(session, ctx) {
-            Ok(Admitted::Proxy) => Ok(false),
+        let admitted = match self.admit(session, ctx) {
+            Ok(Admitted::Proxy) => self.read_and_judge(session, ctx).await,
+            other => other,
+        };
+        match admitted {
+            Ok(Admitted::Proxy) => {
+                if ctx.forward_directly {
+                    self.forward_directly(session, ctx).await?;
+                    return Ok(true);
+                }
+                Ok(false)
+            }
             Ok(Admitted::Respond(body)) => {
                 self.respond(session, ctx, 200, body, &[]).await?;
                 Ok(true)
@@ -158,6 +317,19 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
         }
+    }
+
+    /// The judged document replaces whatever Pingora replays from its
+    /// buffer; nothing else of the client's body is ever sent.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        *body = ctx.forward_body.take();
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -175,31 +347,7 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(who) = &ctx.identity else {
-            // request_filter admits nothing without an identity.
-            return Error::e_explain(ErrorType::InternalError, "no identity at forward");
-        };
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
-        let proto = if session
-            .digest()
-            .and_then(|d| d.ssl_digest.as_ref())
-            .is_some()
-        {
-            "https"
-        } else {
-            "http"
-        };
-        let trusted = TrustedContext {
-            tenant: &who.tenant,
-            request_id: &ctx.request_id,
-            client_ip: &client_ip,
-            proto,
-        };
-        forward::apply(upstream_request, &trusted, &ctx.snapshot.signer, unix_now())
+        forward_head(session, ctx, upstream_request)
     }
 
     async fn response_filter(
@@ -208,8 +356,21 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
-        upstream_response.insert_header("x-request-id", ctx.request_id.as_str())
+        on_response_head(ctx, upstream_response)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(filter) = ctx.usage_filter.as_mut() {
+            let out = filter.push(body.as_deref().unwrap_or_default(), end_of_stream);
+            *body = (!out.is_empty()).then_some(out);
+        }
+        Ok(None)
     }
 
     async fn fail_to_proxy(
@@ -222,38 +383,12 @@ impl ProxyHttp for Gateway {
         Self::CTX: Send + Sync,
     {
         let reject = match (e.esource(), e.etype()) {
-            (
-                _,
-                ErrorType::ConnectNoRoute
-                | ErrorType::ConnectRefused
-                | ErrorType::ConnectTimedout
-                | ErrorType::ConnectError
-                | ErrorType::TLSHandshakeFailure,
-            ) => Some(Reject::new(
-                502,
-                "upstream_unavailable",
-                "the router is unavailable",
-            )),
             (_, ErrorType::HTTPStatus(400))
             | (ErrorSource::Downstream, ErrorType::InvalidHTTPHeader) => {
                 Some(Reject::bad_request("invalid_request", "malformed request"))
             }
-            (_, ErrorType::ReadTimedout | ErrorType::WriteTimedout)
-                if e.esource() == &ErrorSource::Upstream =>
-            {
-                Some(Reject::new(
-                    504,
-                    "upstream_timeout",
-                    "the router did not answer in time",
-                ))
-            }
-            (ErrorSource::Upstream, _) => Some(Reject::new(
-                502,
-                "upstream_unavailable",
-                "the router is unavailable",
-            )),
             (ErrorSource::Downstream, _) => None,
-            _ => Some(Reject::new(500, "internal_error", "internal gateway error")),
+            _ => Some(upstream_reject(e)),
         };
         let code = match reject {
             Some(r) if session.response_written().is_none() => {
@@ -307,6 +442,79 @@ impl ProxyHttp for Gateway {
             gateway_ms: gateway.as_secs_f64() * 1e3,
             upstream_ms: ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1e3),
         });
+    }
+}
+
+/// Removes the client's trusted headers, sets the signed context, and
+/// frames the judged body.
+fn forward_head(session: &Session, ctx: &RequestCtx, head: &mut RequestHeader) -> Result<()> {
+    let Some(who) = &ctx.identity else {
+        // request_filter admits nothing without an identity.
+        return Error::e_explain(ErrorType::InternalError, "no identity at forward");
+    };
+    let client_ip = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    let proto = if session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .is_some()
+    {
+        "https"
+    } else {
+        "http"
+    };
+    let trusted = TrustedContext {
+        tenant: &who.tenant,
+        request_id: &ctx.request_id,
+        model: ctx.judged.as_ref().map(|j| j.model.as_str()),
+        client_ip: &client_ip,
+        proto,
+    };
+    forward::apply(head, &trusted, &ctx.snapshot.signer, unix_now())?;
+    if let Some(body) = &ctx.forward_body {
+        head.remove_header("transfer-encoding");
+        head.insert_header("content-length", body.len().to_string())?;
+    }
+    Ok(())
+}
+
+/// The gateway's part of every upstream response head.
+fn on_response_head(ctx: &mut RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
+    ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+    let is_sse = resp
+        .headers
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !is_sse {
+        ctx.usage_filter = None;
+    }
+    if ctx.usage_filter.is_some() {
+        // The body will shrink: let it be re-framed.
+        resp.remove_header("content-length");
+    }
+    resp.insert_header("x-request-id", ctx.request_id.as_str())
+}
+
+/// How a failure to reach or hear from the router looks to the client.
+fn upstream_reject(e: &Error) -> Reject {
+    match e.etype() {
+        ErrorType::ConnectNoRoute
+        | ErrorType::ConnectRefused
+        | ErrorType::ConnectTimedout
+        | ErrorType::ConnectError
+        | ErrorType::TLSHandshakeFailure => {
+            Reject::new(502, "upstream_unavailable", "the router is unavailable")
+        }
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            Reject::new(504, "upstream_timeout", "the router did not answer in time")
+        }
+        _ if e.esource() == &ErrorSource::Upstream => {
+            Reject::new(502, "upstream_unavailable", "the router is unavailable")
+        }
+        _ => Reject::new(500, "internal_error", "internal gateway error"),
     }
 }
 

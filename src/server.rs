@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
+use pingora::connectors::http::Connector;
 use pingora::listeners::tls::TlsSettings;
 use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -73,6 +74,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
         Gateway {
             snapshot: shared,
             upstream,
+            connector: Connector::new(None),
         },
     )
     .name("portcullis proxy")

@@ -188,7 +188,9 @@ fn dev_credentials_mint_tokens_the_shipped_config_accepts() {
     for f in [
         "deploy/gateway.toml",
         "policies/tenants.toml",
-        "policies/schemas/README.md",
+        "policies/schemas/chat_completions.json",
+        "policies/schemas/completions.json",
+        "policies/schemas/embeddings.json",
     ] {
         std::fs::copy(root.join(f), dir.path().join(f)).unwrap();
     }

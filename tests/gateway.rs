@@ -27,6 +27,7 @@ fn verify_signature(key: &[u8], method: &str, path: &str, rec: &portcullis::mock
             "x-request-id",
             "x-tenant-id",
             "x-tenant-limits",
+            "x-tenant-model",
             "x-tenant-org",
             "x-tenant-plan"
         ]
@@ -53,11 +54,15 @@ async fn valid_jwt_forwards_exactly_the_trusted_context() {
     assert_eq!(seen.len(), 1);
     let rec = &seen[0];
     assert_eq!((rec.method.as_str(), rec.path.as_str()), ("POST", CHAT));
+    // The validated document, serialised once, with the plan's output cap.
+    let mut expected = body.clone();
+    expected["max_tokens"] = json!(1024);
+    assert_eq!(rec.body, serde_json::to_vec(&expected).unwrap());
     assert_eq!(
-        rec.body,
-        body.to_string().into_bytes(),
-        "body forwarded byte for byte"
+        rec.header("content-length"),
+        Some(rec.body.len().to_string().as_str())
     );
+    assert_eq!(rec.header("x-tenant-model"), Some("m-small"));
     assert_eq!(rec.header("x-tenant-id"), Some("acme"));
     assert_eq!(rec.header("x-tenant-org"), Some("acme-corp"));
     assert_eq!(rec.header("x-tenant-plan"), Some("basic"));

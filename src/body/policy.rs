@@ -86,7 +86,9 @@ fn feature_field(f: Feature) -> &'static str {
 
 /// Checks the model and the features against the tenant's plan.
 pub fn check(tenant: &Tenant, model: &str, used: FeatureSet) -> Result<(), Reject> {
-    if !tenant.allows_model(model) {
+    // The model travels in `x-tenant-model`: only visible ASCII can match.
+    let header_safe = model.bytes().all(|b| b.is_ascii_graphic());
+    if !header_safe || !tenant.allows_model(model) {
         let mut r = Reject::forbidden(
             "model_not_allowed",
             "the model is not available to this tenant",

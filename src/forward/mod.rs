@@ -37,6 +37,8 @@ pub fn spoofs_trusted_header(name: &str) -> bool {
 pub struct TrustedContext<'a> {
     pub tenant: &'a Tenant,
     pub request_id: &'a str,
+    /// The model the body stage accepted, when the route has a body.
+    pub model: Option<&'a str>,
     pub client_ip: &'a str,
     pub proto: &'static str,
 }
@@ -60,13 +62,15 @@ pub fn apply(
 
     let t = ctx.tenant;
     // Sorted by name: this order is the signed order.
-    let signed: [(&str, &str); 5] = [
-        ("x-request-id", ctx.request_id),
-        ("x-tenant-id", &t.id),
-        ("x-tenant-limits", &t.limits_header),
-        ("x-tenant-org", &t.org),
-        ("x-tenant-plan", &t.plan),
+    let all: [Option<(&str, &str)>; 6] = [
+        Some(("x-request-id", ctx.request_id)),
+        Some(("x-tenant-id", &t.id)),
+        Some(("x-tenant-limits", &t.limits_header)),
+        ctx.model.map(|m| ("x-tenant-model", m)),
+        Some(("x-tenant-org", &t.org)),
+        Some(("x-tenant-plan", &t.plan)),
     ];
+    let signed: Vec<(&str, &str)> = all.into_iter().flatten().collect();
     let path = req
         .uri
         .path_and_query()

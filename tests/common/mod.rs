@@ -185,6 +185,24 @@ id = "euro"
 org = "euro-gmbh"
 plan = "eu"
 
+[plans.big]
+requests_per_second = 1000
+burst = 1000
+tokens_per_minute = 100_000_000
+tokens_per_day = 100_000_000
+max_concurrency = 100
+max_body_bytes = 2_097_152
+max_prompt_tokens = 1_000_000
+max_output_tokens = 4_096
+models = ["m-small"]
+features = ["chat", "completions", "embeddings", "stream"]
+forbidden_fields = ["logit_bias"]
+
+[[tenants]]
+id = "bigco"
+org = "big-co"
+plan = "big"
+
 [[tenants]]
 id = "bound"
 org = "bound-co"
@@ -213,6 +231,8 @@ pub struct Options {
     pub upstream_lines: Option<String>,
     /// Signing material to use instead of freshly generated keys.
     pub keys: Option<Keys>,
+    /// Extra tables appended to gateway.toml (such as `[body]`).
+    pub gateway_extra: String,
 }
 
 impl Default for Options {
@@ -224,6 +244,7 @@ impl Default for Options {
             jwt_extra: String::new(),
             upstream_lines: None,
             keys: None,
+            gateway_extra: String::new(),
         }
     }
 }
@@ -306,7 +327,10 @@ tenants = "tenants.toml"
 
 [context]
 signing_key_file = "context.key"
+
+{gateway_extra}
 "#,
+            gateway_extra = opts.gateway_extra,
             dir = d.display(),
             read_timeout = opts.read_timeout_ms,
             jwt_extra = opts.jwt_extra,
@@ -432,7 +456,12 @@ pub async fn send(addr: SocketAddr, raw: &[u8]) -> std::io::Result<Response> {
         })
         .collect();
     let mut body = buf[head_len..].to_vec();
-    if let Some(len) = headers
+    let chunked = headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    if chunked {
+        body = dechunk(&body)?;
+    } else if let Some(len) = headers
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
         .and_then(|(_, v)| v.parse::<usize>().ok())
@@ -444,6 +473,27 @@ pub async fn send(addr: SocketAddr, raw: &[u8]) -> std::io::Result<Response> {
         headers,
         body,
     })
+}
+
+fn dechunk(mut raw: &[u8]) -> std::io::Result<Vec<u8>> {
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunked body");
+    let mut out = Vec::new();
+    loop {
+        let (used, size) = match httparse::parse_chunk_size(raw) {
+            Ok(httparse::Status::Complete(c)) => c,
+            _ => return Err(bad()),
+        };
+        let size = size as usize;
+        raw = &raw[used..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if raw.len() < size + 2 {
+            return Err(bad());
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
 }
 
 /// A raw HTTP/1.1 request builder; headers go out exactly as given.
@@ -464,11 +514,16 @@ pub fn get(path: &str) -> Req {
 }
 
 pub fn post(path: &str, body: &Value) -> Req {
+    post_raw(path, body.to_string().into_bytes())
+}
+
+/// A POST of exactly these bytes, as application/json.
+pub fn post_raw(path: &str, body: Vec<u8>) -> Req {
     Req {
         method: "POST".into(),
         path: path.into(),
         headers: vec![("Content-Type".into(), "application/json".into())],
-        body: body.to_string().into_bytes(),
+        body,
     }
 }
 
@@ -480,6 +535,16 @@ pub fn chat_body() -> Value {
 impl Req {
     pub fn header(mut self, name: &str, value: &str) -> Req {
         self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Replaces the default Content-Type (or drops it with `None`).
+    pub fn content_type(mut self, value: Option<&str>) -> Req {
+        self.headers
+            .retain(|(n, _)| !n.eq_ignore_ascii_case("content-type"));
+        if let Some(v) = value {
+            self.headers.push(("Content-Type".into(), v.into()));
+        }
         self
     }
 
