@@ -1,1 +1,97 @@
-fn main() {}
+//! The whole body stage (strict parse, schema, policy, token estimate,
+//! re-serialise) against a plain `serde_json::from_slice::<Value>` of the
+//! same bytes. Target: at most 3x the plain parse.
+//!
+//!   cargo bench --bench body
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use portcullis::authz::Route;
+use portcullis::body::schema::Schemas;
+use portcullis::body::{judge, BodyConfig};
+use portcullis::config::tenants::{Feature, FeatureSet, Limits, Tenant};
+use serde_json::{json, Value};
+
+fn tenant() -> Tenant {
+    let limits = Limits {
+        requests_per_second: 1000.0,
+        burst: 1000,
+        tokens_per_minute: u64::MAX,
+        tokens_per_day: u64::MAX,
+        max_concurrency: 1000,
+        max_body_bytes: 1 << 30,
+        max_prompt_tokens: 10_000_000,
+        max_output_tokens: 4096,
+    };
+    let mut features = FeatureSet::default();
+    for f in [Feature::Chat, Feature::Stream] {
+        features.insert(f);
+    }
+    Tenant {
+        id: "bench".into(),
+        org: "bench-org".into(),
+        plan: "bench".into(),
+        suspended: false,
+        limits_header: limits.header_value(),
+        limits,
+        models: vec!["m-small".into()],
+        features,
+        regions: None,
+        forbidden_fields: vec![],
+        jwt_subjects: vec![],
+        mtls_identities: vec![],
+    }
+}
+
+/// A realistic chat body of about `size` bytes: a system prompt and a
+/// conversation of user and assistant turns.
+fn chat_body(size: usize) -> Vec<u8> {
+    let turn =
+        "Our deployment pipeline fails intermittently when the integration tests run in parallel; \
+                the logs show connection resets from the staging database. ";
+    let mut messages = vec![json!({"role": "system", "content": "You are a concise assistant."})];
+    let mut body =
+        json!({"model": "m-small", "max_tokens": 256, "temperature": 0.2, "messages": []});
+    let mut i = 0;
+    while body.to_string().len() < size {
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        messages.push(json!({"role": role, "content": turn}));
+        body["messages"] = Value::Array(messages.clone());
+        i += 1;
+    }
+    body.to_string().into_bytes()
+}
+
+fn bench(c: &mut Criterion) {
+    let schemas = Schemas::load(None).expect("built-in schemas");
+    let tenant = tenant();
+    let cfg = BodyConfig::default();
+    let mut group = c.benchmark_group("body_stage");
+    for (label, size) in [("1KiB", 1024), ("32KiB", 32 * 1024), ("256KiB", 256 * 1024)] {
+        let raw = chat_body(size);
+        assert!(judge(Route::ChatCompletions, &tenant, &cfg, &schemas, &raw).is_ok());
+        group.throughput(Throughput::Bytes(raw.len() as u64));
+        group.bench_with_input(
+            BenchmarkId::new("serde_json_value", label),
+            &raw,
+            |b, raw| b.iter(|| serde_json::from_slice::<Value>(black_box(raw)).unwrap()),
+        );
+        group.bench_with_input(BenchmarkId::new("judge", label), &raw, |b, raw| {
+            b.iter(|| {
+                judge(
+                    Route::ChatCompletions,
+                    &tenant,
+                    &cfg,
+                    &schemas,
+                    black_box(raw),
+                )
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

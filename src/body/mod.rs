@@ -130,7 +130,8 @@ pub fn judge(
         Value::Object(body) => policy::force_stream_usage(body),
         _ => true,
     };
-    let body = serde_json::to_vec(&doc)
+    let mut body = Vec::with_capacity(raw.len() + 32);
+    serde_json::to_writer(&mut body, &doc)
         .map_err(|_| Reject::new(500, "internal_error", "could not serialise the body"))?;
     Ok(Judged {
         body: Bytes::from(body),

@@ -94,6 +94,10 @@ impl Schemas {
             Route::Embeddings => &self.embeddings,
             Route::Models => return Ok(()),
         };
+        // The boolean check is the fast path; errors are built only on failure.
+        if validator.is_valid(body) {
+            return Ok(());
+        }
         let Err(e) = validator.validate(body) else {
             return Ok(());
         };
