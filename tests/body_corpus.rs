@@ -29,11 +29,7 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, u16, &'static str)> {
         "[".repeat(70),
         "]".repeat(70)
     );
-    let deep_object = format!(
-        "{}{}",
-        r#"{"a":"#.repeat(70),
-        format!("1{}", "}".repeat(70))
-    );
+    let deep_object = format!("{}1{}", r#"{"a":"#.repeat(70), "}".repeat(70));
     vec![
         // Syntax: not JSON at all, or JSON5/JavaScript extensions.
         bad("empty body", vec![]),
