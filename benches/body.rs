@@ -29,6 +29,7 @@ fn tenant() -> Tenant {
         features.insert(f);
     }
     Tenant {
+        limiter: std::sync::Arc::new(portcullis::limits::TenantLimiter::new(&limits)),
         id: "bench".into(),
         org: "bench-org".into(),
         plan: "bench".into(),

@@ -14,6 +14,7 @@ pub mod dev;
 pub mod forward;
 pub mod identity;
 pub mod inbound;
+pub mod limits;
 pub mod mock_router;
 pub mod observe;
 pub mod proxy;

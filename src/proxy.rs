@@ -25,10 +25,12 @@ use crate::forward::upstream::Upstream;
 use crate::forward::{self, TrustedContext};
 use crate::identity::{self, Identity};
 use crate::inbound;
+use crate::limits::guard::{Admission, AuthFailures, Overload};
+use crate::limits::{Reservation, Slot};
 use crate::observe::access_log::{self, AccessRecord};
 use crate::observe::metrics::METRICS;
 use crate::reject::Reject;
-use crate::response::UsageChunkFilter;
+use crate::response::{StreamTap, Usage, UsageTap};
 
 /// Pingora replays a body read in `request_filter` only from its retry
 /// buffer, which holds 64 KiB. Bodies that arrived within this size go
@@ -42,6 +44,8 @@ pub struct Gateway {
     pub upstream: Upstream,
     /// Connections for bodies forwarded outside Pingora's proxy loop.
     pub connector: Connector,
+    pub auth_failures: AuthFailures,
+    pub overload: Overload,
 }
 
 /// Per-request state. The snapshot is loaded once, so a request finishes on
@@ -60,8 +64,15 @@ pub struct RequestCtx {
     forward_body: Option<Bytes>,
     /// The client's body outgrew Pingora's replay buffer.
     forward_directly: bool,
-    /// Present while the usage-only stream chunk must be hidden.
-    usage_filter: Option<UsageChunkFilter>,
+    /// Reads the router's usage from the response (and hides the usage
+    /// chunk of a stream the client did not ask it for).
+    usage_tap: Option<UsageTap>,
+    /// A place under the gateway-wide in-flight cap.
+    admission: Option<Admission>,
+    /// The tenant's concurrency slot; dropping the context frees it.
+    slot: Option<Slot>,
+    /// Tokens held until the response's usage settles them.
+    reservation: Option<Reservation>,
 }
 
 fn unix_now() -> u64 {
@@ -85,23 +96,40 @@ enum Admitted {
 
 impl Gateway {
     fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<Admitted, Reject> {
+        ctx.admission = Some(self.overload.admit()?);
         let req = session.req_header();
         inbound::check(&req.headers, || {
             let down = session.as_downstream();
             down.as_http1().map(|_| down.to_h1_raw())
         })?;
         let snap = &ctx.snapshot;
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if let Some(ip) = &ip {
+            self.auth_failures.check(ip)?;
+        }
         let cred = identity::credential(&req.headers)?;
-        let who = snap.auth.authenticate(&snap.tenants, cred, unix_now())?;
+        let who = snap
+            .auth
+            .authenticate(&snap.tenants, cred, unix_now())
+            .inspect_err(|r| {
+                if let (401, Some(ip)) = (r.status, &ip) {
+                    self.auth_failures.record_failure(ip);
+                }
+            })?;
         let route = authz::admit(
             &who.tenant,
             &req.method,
             req.uri.path(),
             &snap.gateway.server.region,
         );
+        let limiter = who.tenant.limiter.clone();
         ctx.identity = Some(who);
         let route = route?;
         ctx.route = Some(route);
+        ctx.slot = Some(limiter.admit()?);
         match (route, &ctx.identity) {
             (Route::Models, Some(who)) => Ok(Admitted::Respond(authz::models_body(&who.tenant))),
             _ => Ok(Admitted::Proxy),
@@ -117,10 +145,11 @@ impl Gateway {
         body: Vec<u8>,
         extra: &[(&'static str, String)],
     ) -> Result<()> {
-        let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
+        let mut resp = ResponseHeader::build(status, Some(10 + extra.len()))?;
         resp.insert_header("content-type", "application/json")?;
         resp.insert_header("content-length", body.len().to_string())?;
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        rate_limit_headers(ctx, &mut resp)?;
         if status == 401 {
             resp.insert_header("www-authenticate", "Bearer error=\"invalid_token\"")?;
         }
@@ -196,12 +225,19 @@ impl Gateway {
         }
 
         let judged = body::judge(route, &tenant, cfg, &snap.schemas, &raw)?;
+        // The prompt estimate plus every output token the request may use.
+        let reserve = judged
+            .prompt_tokens
+            .saturating_add(judged.max_output_tokens);
+        ctx.reservation = Some(tenant.limiter.reserve(reserve)?);
         // What Pingora buffered is the client's bytes, so their size decides.
         ctx.forward_directly = raw.len() > REPLAY_LIMIT;
         ctx.forward_body = Some(judged.body.clone());
-        if judged.features.contains(Feature::Stream) && !judged.usage_requested {
-            ctx.usage_filter = Some(UsageChunkFilter::default());
-        }
+        ctx.usage_tap = Some(if judged.features.contains(Feature::Stream) {
+            UsageTap::Stream(StreamTap::new(!judged.usage_requested))
+        } else {
+            UsageTap::json()
+        });
         ctx.judged = Some(judged);
         Ok(Admitted::Proxy)
     }
@@ -249,8 +285,8 @@ impl Gateway {
         on_response_head(ctx, &mut resp)?;
         session.write_response_header(Box::new(resp), false).await?;
         while let Some(chunk) = up.read_response_body().await? {
-            let chunk = match ctx.usage_filter.as_mut() {
-                Some(f) => f.push(&chunk, false),
+            let chunk = match ctx.usage_tap.as_mut() {
+                Some(t) => t.push(chunk, false),
                 None => chunk,
             };
             if !chunk.is_empty() {
@@ -258,9 +294,9 @@ impl Gateway {
             }
         }
         let tail = ctx
-            .usage_filter
+            .usage_tap
             .as_mut()
-            .map(|f| f.push(&[], true))
+            .map(|t| t.push(Bytes::new(), true))
             .filter(|t| !t.is_empty());
         session.write_response_body(tail, true).await?;
         self.connector
@@ -291,7 +327,10 @@ impl ProxyHttp for Gateway {
             judged: None,
             forward_body: None,
             forward_directly: false,
-            usage_filter: None,
+            usage_tap: None,
+            admission: None,
+            slot: None,
+            reservation: None,
         }
     }
 
@@ -366,8 +405,8 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        if let Some(filter) = ctx.usage_filter.as_mut() {
-            let out = filter.push(body.as_deref().unwrap_or_default(), end_of_stream);
+        if let Some(tap) = ctx.usage_tap.as_mut() {
+            let out = tap.push(body.take().unwrap_or_default(), end_of_stream);
             *body = (!out.is_empty()).then_some(out);
         }
         Ok(None)
@@ -412,12 +451,29 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let usage = settle(ctx);
+        ctx.slot = None;
+        ctx.admission = None;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let tenant = Self::tenant_label(ctx);
         let route = ctx.route.map_or("-", Route::label);
         let total = ctx.started.elapsed();
         let gateway = total.saturating_sub(ctx.upstream_elapsed.unwrap_or_default());
         let m = &*METRICS;
+        if let Some(who) = &ctx.identity {
+            m.inflight
+                .with_label_values(&[tenant])
+                .set(i64::from(who.tenant.limiter.inflight()));
+        }
+        if let (Some(u), Some(j)) = (usage, &ctx.judged) {
+            let model = j.model_label.as_str();
+            m.tokens
+                .with_label_values(&[tenant, model, "prompt"])
+                .inc_by(u.prompt_tokens);
+            m.tokens
+                .with_label_values(&[tenant, model, "completion"])
+                .inc_by(u.completion_tokens);
+        }
         m.requests
             .with_label_values(&[tenant, route, status_label(status)])
             .inc();
@@ -443,6 +499,18 @@ impl ProxyHttp for Gateway {
             upstream_ms: ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1e3),
         });
     }
+}
+
+/// Settles the token reservation with the usage the router reported. When
+/// none arrived (an error, a disconnect), the whole reservation is charged:
+/// the gateway cannot know what the router spent.
+fn settle(ctx: &mut RequestCtx) -> Option<Usage> {
+    let usage = ctx.usage_tap.as_ref().and_then(UsageTap::usage);
+    if let Some(r) = ctx.reservation.take() {
+        let used = usage.map_or(r.tokens(), |u| u.total());
+        r.settle(used);
+    }
+    usage
 }
 
 /// Removes the client's trusted headers, sets the signed context, and
@@ -488,14 +556,26 @@ fn on_response_head(ctx: &mut RequestCtx, resp: &mut ResponseHeader) -> Result<(
         .headers
         .get("content-type")
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    if !is_sse {
-        ctx.usage_filter = None;
+    if let Some(UsageTap::Stream(tap)) = &ctx.usage_tap {
+        if !is_sse {
+            ctx.usage_tap = Some(UsageTap::json());
+        } else if tap.hide_usage {
+            // The body will shrink: let it be re-framed.
+            resp.remove_header("content-length");
+        }
     }
-    if ctx.usage_filter.is_some() {
-        // The body will shrink: let it be re-framed.
-        resp.remove_header("content-length");
+    resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+    rate_limit_headers(ctx, resp)
+}
+
+/// OpenAI's `x-ratelimit-*` headers, on every authenticated response.
+fn rate_limit_headers(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
+    if let Some(who) = &ctx.identity {
+        for (name, value) in who.tenant.limiter.headers() {
+            resp.insert_header(name, value)?;
+        }
     }
-    resp.insert_header("x-request-id", ctx.request_id.as_str())
+    Ok(())
 }
 
 /// How a failure to reach or hear from the router looks to the client.

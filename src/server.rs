@@ -20,6 +20,7 @@ use crate::config::gateway::{ClientCertMode, TlsListenerConfig};
 use crate::config::Snapshot;
 use crate::forward::upstream::{self, Upstream};
 use crate::identity::jwks_fetch::JwksRefreshService;
+use crate::limits::guard::{AuthFailures, Overload};
 use crate::observe::metrics::METRICS;
 use crate::proxy::Gateway;
 
@@ -75,6 +76,8 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
             snapshot: shared,
             upstream,
             connector: Connector::new(None),
+            auth_failures: AuthFailures::new(gw.limits.auth_failures_per_ip_per_minute),
+            overload: Overload::new(gw.limits.max_inflight),
         },
     )
     .name("portcullis proxy")

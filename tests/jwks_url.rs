@@ -93,6 +93,8 @@ async fn keys_from_a_url_rotate_and_survive_idp_failure() {
         keys: Some(keys),
         jwks_line: Some(format!("jwks_url = \"http://{}/jwks.json\"", idp.addr)),
         jwt_extra: "jwks_refresh_seconds = 300\njwks_unknown_kid_refresh_seconds = 1".into(),
+        // This test fails authentication on purpose, many times.
+        gateway_extra: "[limits]\nauth_failures_per_ip_per_minute = 100000".into(),
         ..Options::default()
     })
     .await;

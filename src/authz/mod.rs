@@ -136,6 +136,7 @@ mod tests {
             max_output_tokens: 1,
         };
         Tenant {
+            limiter: std::sync::Arc::new(crate::limits::TenantLimiter::new(&limits)),
             id: "t".into(),
             org: "o".into(),
             plan: "p".into(),

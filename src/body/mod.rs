@@ -51,6 +51,8 @@ pub struct Judged {
     /// The validated document, serialised once: what the router receives.
     pub body: Bytes,
     pub model: String,
+    /// The allowlist entry the model matched: a bounded metric label.
+    pub model_label: String,
     pub features: FeatureSet,
     pub prompt_tokens: u64,
     /// The effective output limit (0 for routes without one).
@@ -95,7 +97,7 @@ pub fn judge(
         .unwrap_or_default()
         .to_string();
     let features = policy::features_used(route, body);
-    policy::check(tenant, &model, features)?;
+    let model_label = policy::check(tenant, &model, features)?.to_string();
     let max_output_tokens = policy::cap_output(
         route,
         body,
@@ -136,6 +138,7 @@ pub fn judge(
     Ok(Judged {
         body: Bytes::from(body),
         model,
+        model_label,
         features,
         prompt_tokens,
         max_output_tokens,

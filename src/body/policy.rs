@@ -84,18 +84,19 @@ fn feature_field(f: Feature) -> &'static str {
     }
 }
 
-/// Checks the model and the features against the tenant's plan.
-pub fn check(tenant: &Tenant, model: &str, used: FeatureSet) -> Result<(), Reject> {
+/// Checks the model and the features against the tenant's plan; returns
+/// the allowlist entry the model matched.
+pub fn check<'t>(tenant: &'t Tenant, model: &str, used: FeatureSet) -> Result<&'t str, Reject> {
     // The model travels in `x-tenant-model`: only visible ASCII can match.
     let header_safe = model.bytes().all(|b| b.is_ascii_graphic());
-    if !header_safe || !tenant.allows_model(model) {
+    let Some(entry) = tenant.model_entry(model).filter(|_| header_safe) else {
         let mut r = Reject::forbidden(
             "model_not_allowed",
             "the model is not available to this tenant",
         );
         r.param = Some("model".into());
         return Err(r);
-    }
+    };
     if let Some(f) = Feature::ALL
         .into_iter()
         .find(|f| used.contains(*f) && !tenant.features.contains(*f))
@@ -107,7 +108,7 @@ pub fn check(tenant: &Tenant, model: &str, used: FeatureSet) -> Result<(), Rejec
         r.param = Some(feature_field(f).into());
         return Err(r);
     }
-    Ok(())
+    Ok(entry)
 }
 
 /// Applies the output cap: an absent limit is set to the cap, one above it

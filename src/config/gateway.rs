@@ -196,6 +196,12 @@ struct RawLimits {
     on_backend_error: OnBackendError,
     #[serde(default = "default_auth_failures")]
     auth_failures_per_ip_per_minute: u32,
+    #[serde(default = "default_max_inflight")]
+    max_inflight: usize,
+}
+
+fn default_max_inflight() -> usize {
+    10_000
 }
 
 fn default_auth_failures() -> u32 {
@@ -310,6 +316,8 @@ pub struct LimitsConfig {
     pub redis_url: Option<String>,
     pub on_backend_error: OnBackendError,
     pub auth_failures_per_ip_per_minute: u32,
+    /// Requests in flight across the gateway before 503 `gateway_overloaded`.
+    pub max_inflight: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -420,12 +428,14 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
             redis_url: None,
             on_backend_error: OnBackendError::Local,
             auth_failures_per_ip_per_minute: default_auth_failures(),
+            max_inflight: default_max_inflight(),
         },
         |l| LimitsConfig {
             backend: l.backend,
             redis_url: l.redis_url,
             on_backend_error: l.on_backend_error,
             auth_failures_per_ip_per_minute: l.auth_failures_per_ip_per_minute,
+            max_inflight: l.max_inflight.max(1),
         },
     );
     if limits.backend == LimitsBackend::Redis && limits.redis_url.is_none() {

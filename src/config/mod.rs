@@ -41,7 +41,7 @@ impl Snapshot {
         let gateway = gateway::load(gateway_path).map_err(ConfigErrors)?;
         let mut errs = Vec::new();
 
-        let tenants = tenants::load(&gateway.policy.tenants).unwrap_or_else(|e| {
+        let tenants = tenants::load(&gateway.policy.tenants, None).unwrap_or_else(|e| {
             errs.extend(e);
             Tenants::default()
         });

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::diag::{Diagnostic, SourceFile};
+use crate::limits::TenantLimiter;
 
 /// What a plan may enable. Routes need one (`chat`, `completions`,
 /// `embeddings`); the rest are body features checked by the body stage.
@@ -128,15 +129,22 @@ pub struct Tenant {
     pub mtls_identities: Vec<String>,
     /// Precomputed `x-tenant-limits` value.
     pub limits_header: String,
+    /// The tenant's live limit state; carried across reloads while its
+    /// limits do not change.
+    pub limiter: Arc<TenantLimiter>,
 }
 
 impl Tenant {
-    /// Exact names, or prefixes for entries ending in `*`.
-    pub fn allows_model(&self, model: &str) -> bool {
-        self.models.iter().any(|m| match m.strip_suffix('*') {
-            Some(prefix) => model.starts_with(prefix),
-            None => m == model,
-        })
+    /// The allowlist entry `model` matches: an exact name, or a prefix
+    /// for entries ending in `*`.
+    pub fn model_entry(&self, model: &str) -> Option<&str> {
+        self.models
+            .iter()
+            .find(|m| match m.strip_suffix('*') {
+                Some(prefix) => model.starts_with(prefix),
+                None => *m == model,
+            })
+            .map(String::as_str)
     }
 
     pub fn allows_region(&self, region: &str) -> bool {
@@ -229,7 +237,8 @@ struct RawTenant {
 }
 
 /// Parses and validates `tenants.toml`, collecting every problem found.
-pub fn load(path: &Path) -> Result<Tenants, Vec<Diagnostic>> {
+/// Tenants whose limits are unchanged from `previous` keep their limiter.
+pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diagnostic>> {
     let src = SourceFile::read(path).map_err(|d| vec![d])?;
     let raw: RawFile = src.parse_toml().map_err(|d| vec![d])?;
     let mut errs = Vec::new();
@@ -337,7 +346,13 @@ pub fn load(path: &Path) -> Result<Tenants, Vec<Diagnostic>> {
             }
         }
 
+        let limiter = previous
+            .and_then(|p| p.by_id(&id))
+            .filter(|t| t.limiter.limits() == &limits)
+            .map(|t| t.limiter.clone())
+            .unwrap_or_else(|| Arc::new(TenantLimiter::new(&limits)));
         let tenant = Tenant {
+            limiter,
             limits_header: limits.header_value(),
             id: id.clone(),
             org: t.org,
@@ -431,7 +446,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tenants.toml");
         std::fs::write(&p, text).unwrap();
-        load(&p)
+        load(&p, None)
     }
 
     const PLAN: &str = r#"
@@ -500,6 +515,29 @@ features = ["chat", "embeddings"]
         assert!(errs[0].message.contains("duplicate tenant id"), "{errs:?}");
         let errs = load_str(&PLAN.replace("\"embeddings\"", "\"embedings\"")).unwrap_err();
         assert!(errs[0].message.contains("unknown feature"), "{errs:?}");
+    }
+
+    #[test]
+    fn a_reload_keeps_the_state_of_unchanged_tenants() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tenants.toml");
+        let two = format!(
+            "{PLAN}\n[[tenants]]\nid = \"a\"\norg = \"o\"\nplan = \"free\"\n\
+             [[tenants]]\nid = \"b\"\norg = \"o\"\nplan = \"free\"\n"
+        );
+        std::fs::write(&p, &two).unwrap();
+        let first = load(&p, None).unwrap();
+        let changed = format!("{two}[tenants.overrides]\nburst = 9\n");
+        std::fs::write(&p, changed).unwrap();
+        let second = load(&p, Some(&first)).unwrap();
+        let same = |id: &str| {
+            Arc::ptr_eq(
+                &first.by_id(id).unwrap().limiter,
+                &second.by_id(id).unwrap().limiter,
+            )
+        };
+        assert!(same("a"), "unchanged tenant lost its limiter state");
+        assert!(!same("b"), "changed limits must start fresh");
     }
 
     #[test]

@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge, HistogramVec,
-    IntCounterVec, IntGauge,
+    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 /// Buckets from 50 µs to 60 s: gateway overhead sits at the bottom,
@@ -19,6 +19,8 @@ const BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     pub requests: IntCounterVec,
+    pub tokens: IntCounterVec,
+    pub inflight: IntGaugeVec,
     pub rejections: IntCounterVec,
     pub gateway_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
@@ -34,6 +36,18 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         &["tenant", "route", "status"]
     )
     .expect("register portcullis_requests_total"),
+    tokens: register_int_counter_vec!(
+        "portcullis_tokens_total",
+        "Tokens the router reported, by tenant, model (as allowed in config) and kind",
+        &["tenant", "model", "kind"]
+    )
+    .expect("register portcullis_tokens_total"),
+    inflight: register_int_gauge_vec!(
+        "portcullis_inflight_requests",
+        "Requests in flight per tenant",
+        &["tenant"]
+    )
+    .expect("register portcullis_inflight_requests"),
     rejections: register_int_counter_vec!(
         "portcullis_rejections_total",
         "Requests refused by the gateway, by tenant and reason code",

@@ -1,7 +1,9 @@
 //! The response side: what the gateway does to the router's answer on its
-//! way back. Bodies pass through as they arrive; SSE streams are cut into
-//! events only to find the usage-only final chunk, and the incomplete tail
-//! of an event is the most ever held back.
+//! way back. Bodies pass through as they arrive, and the gateway reads the
+//! real token `usage` from them to settle the tenant's reservation: from the
+//! JSON body, or from the final SSE chunk. SSE streams are cut into events
+//! only to find that chunk; the incomplete tail of an event is the most
+//! ever held back.
 
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
@@ -10,16 +12,102 @@ use serde_json::Value;
 /// is passed through untouched rather than buffered without bound.
 const MAX_PENDING_EVENT: usize = 64 * 1024;
 
-/// Removes the usage-only chunk (`"choices": []` with `usage`) that the
-/// gateway asked for on the client's behalf, when the client did not.
+/// The largest JSON response copied aside to read its usage; a larger one
+/// settles at its reservation.
+const MAX_JSON_COPY: usize = 4 * 1024 * 1024;
+
+/// Token usage as the router reported it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+
+    fn from_json(v: &Value) -> Option<Usage> {
+        let u = v.get("usage")?;
+        let field = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Some(Usage {
+            prompt_tokens: field("prompt_tokens"),
+            completion_tokens: field("completion_tokens"),
+        })
+    }
+}
+
+/// Watches one response body for its usage.
+pub enum UsageTap {
+    /// An SSE stream: usage arrives in the final chunk, which is hidden
+    /// from clients that did not ask for it.
+    Stream(StreamTap),
+    /// A JSON body, copied aside (bounded) and read at the end.
+    Json { copy: Vec<u8>, overflow: bool },
+}
+
+impl UsageTap {
+    pub fn json() -> Self {
+        UsageTap::Json {
+            copy: Vec::new(),
+            overflow: false,
+        }
+    }
+
+    /// Feeds one chunk; returns what goes to the client now.
+    pub fn push(&mut self, chunk: Bytes, end_of_stream: bool) -> Bytes {
+        match self {
+            UsageTap::Stream(s) => s.push(&chunk, end_of_stream),
+            UsageTap::Json { copy, overflow } => {
+                if !*overflow {
+                    if copy.len() + chunk.len() > MAX_JSON_COPY {
+                        *overflow = true;
+                        *copy = Vec::new();
+                    } else {
+                        copy.extend_from_slice(&chunk);
+                    }
+                }
+                chunk
+            }
+        }
+    }
+
+    /// The usage seen, once the body is complete.
+    pub fn usage(&self) -> Option<Usage> {
+        match self {
+            UsageTap::Stream(s) => s.usage,
+            UsageTap::Json { copy, overflow } if !*overflow => {
+                serde_json::from_slice::<Value>(copy)
+                    .ok()
+                    .and_then(|v| Usage::from_json(&v))
+            }
+            UsageTap::Json { .. } => None,
+        }
+    }
+}
+
+/// Reads the usage-only chunk (`"choices": []` with `usage`) of an SSE
+/// stream, and removes it when the gateway asked for it on the client's
+/// behalf.
 #[derive(Default)]
-pub struct UsageChunkFilter {
+pub struct StreamTap {
+    /// Remove the usage chunk from what the client receives.
+    pub hide_usage: bool,
+    pub usage: Option<Usage>,
     pending: BytesMut,
     /// Set when an event outgrew the bound: pass everything through.
     bypass: bool,
 }
 
-impl UsageChunkFilter {
+impl StreamTap {
+    pub fn new(hide_usage: bool) -> Self {
+        StreamTap {
+            hide_usage,
+            ..StreamTap::default()
+        }
+    }
+
     /// Feeds one body chunk and returns what may go to the client now.
     pub fn push(&mut self, chunk: &[u8], end_of_stream: bool) -> Bytes {
         if self.bypass {
@@ -29,8 +117,14 @@ impl UsageChunkFilter {
         let mut out = BytesMut::with_capacity(self.pending.len());
         while let Some(end) = event_end(&self.pending) {
             let event = self.pending.split_to(end);
-            if !is_usage_only(&event) {
-                out.extend_from_slice(&event);
+            match usage_only(&event) {
+                Some(u) => {
+                    self.usage = Some(u);
+                    if !self.hide_usage {
+                        out.extend_from_slice(&event);
+                    }
+                }
+                None => out.extend_from_slice(&event),
             }
         }
         if end_of_stream || self.pending.len() > MAX_PENDING_EVENT {
@@ -51,11 +145,9 @@ fn event_end(buf: &[u8]) -> Option<usize> {
     }
 }
 
-/// Whether an SSE event is a `data:` chunk with usage and no choices.
-fn is_usage_only(event: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(event) else {
-        return false;
-    };
+/// The usage of an SSE event that is a `data:` chunk with usage and no choices.
+fn usage_only(event: &[u8]) -> Option<Usage> {
+    let text = std::str::from_utf8(event).ok()?;
     let mut data = String::new();
     for line in text.lines() {
         if let Some(d) = line.strip_prefix("data:") {
@@ -63,16 +155,17 @@ fn is_usage_only(event: &[u8]) -> bool {
         }
     }
     if !data.contains("\"usage\"") {
-        return false;
+        return None;
     }
-    match serde_json::from_str::<Value>(&data) {
-        Ok(v) => {
-            v.get("usage").is_some_and(|u| u.is_object())
-                && v.get("choices")
-                    .and_then(Value::as_array)
-                    .is_some_and(|c| c.is_empty())
-        }
-        Err(_) => false,
+    let v = serde_json::from_str::<Value>(&data).ok()?;
+    let no_choices = v
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(|c| c.is_empty());
+    if no_choices && v.get("usage").is_some_and(Value::is_object) {
+        Usage::from_json(&v)
+    } else {
+        None
     }
 }
 
@@ -86,18 +179,35 @@ mod tests {
     const DONE: &str = "data: [DONE]\n\n";
 
     #[test]
-    fn drops_only_the_usage_chunk() {
-        let mut f = UsageChunkFilter::default();
+    fn drops_only_the_usage_chunk_and_reads_it() {
+        let mut f = StreamTap::new(true);
         let all = format!("{CHUNK}{USAGE}{DONE}");
         assert_eq!(
             f.push(all.as_bytes(), true),
             format!("{CHUNK}{DONE}").as_bytes()
         );
+        assert_eq!(f.usage.map(|u| u.total()), Some(7));
+        let mut keep = StreamTap::new(false);
+        assert_eq!(keep.push(all.as_bytes(), true), all.as_bytes());
+        assert_eq!(keep.usage.map(|u| u.completion_tokens), Some(2));
+    }
+
+    #[test]
+    fn json_bodies_yield_their_usage() {
+        let mut t = UsageTap::json();
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":4}}"#;
+        let (a, b) = body.split_at(20);
+        t.push(Bytes::copy_from_slice(a), false);
+        t.push(Bytes::copy_from_slice(b), true);
+        assert_eq!(t.usage().map(|u| u.total()), Some(15));
+        let mut broken = UsageTap::json();
+        broken.push(Bytes::from_static(b"{\"usage\":"), true);
+        assert_eq!(broken.usage(), None);
     }
 
     #[test]
     fn events_split_across_chunks_are_reassembled_without_holding_complete_ones() {
-        let mut f = UsageChunkFilter::default();
+        let mut f = StreamTap::new(true);
         let all = format!("{CHUNK}{USAGE}{DONE}");
         let (a, b) = all.as_bytes().split_at(CHUNK.len() + 10);
         assert_eq!(
@@ -110,7 +220,7 @@ mod tests {
 
     #[test]
     fn oversized_events_pass_through() {
-        let mut f = UsageChunkFilter::default();
+        let mut f = StreamTap::new(true);
         let big = vec![b'x'; MAX_PENDING_EVENT + 1];
         assert_eq!(f.push(&big, false).len(), big.len());
         assert_eq!(f.push(USAGE.as_bytes(), true), USAGE.as_bytes());
