@@ -223,6 +223,7 @@ fn run(cmd: Command) -> Result<(), String> {
                 let opts = MockOptions {
                     delay: std::time::Duration::from_millis(delay_ms),
                     record: false,
+                    ..MockOptions::default()
                 };
                 let router = MockRouter::start(&listen, opts)
                     .await

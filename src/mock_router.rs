@@ -54,6 +54,8 @@ pub struct MockOptions {
     /// Keep every request for inspection. Tests want this; the demo and
     /// benchmarks turn it off so memory stays flat under load.
     pub record: bool,
+    /// Pause between the events of a streamed answer.
+    pub event_interval: Duration,
 }
 
 impl Default for MockOptions {
@@ -61,6 +63,7 @@ impl Default for MockOptions {
         MockOptions {
             delay: Duration::ZERO,
             record: true,
+            event_interval: Duration::ZERO,
         }
     }
 }
@@ -172,6 +175,11 @@ async fn serve_connection(
                 out.extend_from_slice(format!("{:x}\r\n", e.len()).as_bytes());
                 out.extend_from_slice(e.as_bytes());
                 out.extend_from_slice(b"\r\n");
+                if !opts.event_interval.is_zero() {
+                    stream.write_all(&out).await?;
+                    out.clear();
+                    tokio::time::sleep(opts.event_interval).await;
+                }
             }
             out.extend_from_slice(b"0\r\n\r\n");
         }

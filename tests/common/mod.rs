@@ -198,6 +198,32 @@ models = ["m-small"]
 features = ["chat", "completions", "embeddings", "stream"]
 forbidden_fields = ["logit_bias"]
 
+[plans.tight]
+requests_per_second = 1
+burst = 3
+tokens_per_minute = 1_500
+tokens_per_day = 100_000
+max_concurrency = 1
+max_body_bytes = 65_536
+max_prompt_tokens = 4_096
+max_output_tokens = 1_000
+models = ["m-small"]
+features = ["chat", "stream"]
+
+[[tenants]]
+id = "tiny"
+org = "tiny-co"
+plan = "tight"
+
+[[tenants]]
+id = "solo"
+org = "solo-co"
+plan = "tight"
+[tenants.overrides]
+requests_per_second = 1000
+burst = 1000
+tokens_per_minute = 1_000_000
+
 [[tenants]]
 id = "bigco"
 org = "big-co"

@@ -1,0 +1,305 @@
+//! The limits stage end to end (local backend): request rate with burst,
+//! concurrency slots freed on every exit path, token budgets reserved and
+//! settled, rate-limit headers, and the limits that apply before a tenant
+//! is known.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use portcullis::mock_router::MockOptions;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CHAT: &str = "/v1/chat/completions";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_then_rate_with_openai_headers() {
+    let gw = Gateway::start().await;
+    let token = gw.keys.token("tiny"); // 1 rps, burst 3
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let r = gw
+            .send(&post(CHAT, &chat_body()).bearer(&token).build())
+            .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
+        assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("1500"));
+        assert!(r
+            .header("x-ratelimit-reset-requests")
+            .is_some_and(|v| v.ends_with('s')));
+        assert!(r.header("x-ratelimit-remaining-tokens").is_some());
+        assert!(r.header("x-ratelimit-reset-tokens").is_some());
+        remaining.push(
+            r.header("x-ratelimit-remaining-requests")
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(remaining, ["2", "1", "0"]);
+    let r = gw
+        .send(&post(CHAT, &chat_body()).bearer(&token).build())
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (429, "rate_limit_exceeded".to_string())
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(
+        gw.router_count(),
+        3,
+        "the refused request reached the router"
+    );
+    // The rate refills: one more after a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = gw.send(&get("/v1/models").bearer(&token).build()).await;
+    assert_eq!(r.status, 200, "/v1/models counts as a request");
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+}
+
+/// Sends a request and returns at once, leaving it in flight.
+async fn in_flight(gw: &Gateway, req: Vec<u8>) -> tokio::task::JoinHandle<Response> {
+    let addr = gw.addr;
+    let h = tokio::spawn(async move { send(addr, &req).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_slots_are_held_while_in_flight_and_freed_after() {
+    let gw = Gateway::start_with(Options {
+        router: RouterMode::Up(MockOptions {
+            delay: Duration::from_millis(600),
+            ..MockOptions::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.keys.token("solo"); // max_concurrency 1
+    let first = in_flight(&gw, post(CHAT, &chat_body()).bearer(&token).build()).await;
+    let r = gw
+        .send(&post(CHAT, &chat_body()).bearer(&token).build())
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (429, "concurrency_limit_exceeded".to_string())
+    );
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(first.await.unwrap().status, 200);
+    // Success freed the slot.
+    let r = gw
+        .send(&post(CHAT, &chat_body()).bearer(&token).build())
+        .await;
+    assert_eq!(r.status, 200);
+    // A later rejection (at the body stage) frees it too.
+    let r = gw
+        .send(&post_raw(CHAT, b"{bad".to_vec()).bearer(&token).build())
+        .await;
+    assert_eq!(r.code(), "invalid_json");
+    let r = gw
+        .send(&post(CHAT, &chat_body()).bearer(&token).build())
+        .await;
+    assert_eq!(r.status, 200, "slot leaked by a rejection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_errors_and_timeouts_free_the_slot() {
+    let down = Gateway::start_with(Options {
+        router: RouterMode::Down,
+        ..Options::default()
+    })
+    .await;
+    let token = down.keys.token("solo");
+    for _ in 0..3 {
+        let r = down
+            .send(&post(CHAT, &chat_body()).bearer(&token).build())
+            .await;
+        assert_eq!(
+            r.code(),
+            "upstream_unavailable",
+            "slot leaked by a router error"
+        );
+    }
+    let slow = Gateway::start_with(Options {
+        router: RouterMode::Up(MockOptions {
+            delay: Duration::from_secs(3),
+            ..MockOptions::default()
+        }),
+        read_timeout_ms: 200,
+        ..Options::default()
+    })
+    .await;
+    let token = slow.keys.token("solo");
+    for _ in 0..3 {
+        let r = slow
+            .send(&post(CHAT, &chat_body()).bearer(&token).build())
+            .await;
+        assert_eq!(
+            r.code(),
+            "upstream_timeout",
+            "slot leaked by a router timeout"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_stream_frees_the_slot() {
+    let gw = Gateway::start_with(Options {
+        router: RouterMode::Up(MockOptions {
+            event_interval: Duration::from_millis(300),
+            ..MockOptions::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.keys.token("solo");
+    let mut body = chat_body();
+    body["stream"] = json!(true);
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(&post(CHAT, &body).bearer(&token).build())
+        .await
+        .unwrap();
+    let mut first = [0u8; 64];
+    let n = s.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    let r = gw.send(&post(CHAT, &body).bearer(&token).build()).await;
+    assert_eq!(
+        r.code(),
+        "concurrency_limit_exceeded",
+        "the live stream holds its slot"
+    );
+    drop(s); // gone mid-stream
+    // Once the gateway notices the disconnect, the slot is free again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = gw
+            .send(&post(CHAT, &chat_body()).bearer(&token).build())
+            .await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot never freed: {}",
+            r.code()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_budgets_refund_real_usage_and_charge_lost_usage() {
+    let slow = Gateway::start_with(Options {
+        router: RouterMode::Up(MockOptions {
+            delay: Duration::from_millis(400),
+            ..MockOptions::default()
+        }),
+        read_timeout_ms: 200,
+        ..Options::default()
+    })
+    .await;
+    // tiny: 1,500 tokens a minute; each request reserves its prompt plus
+    // 1,000 output tokens, so two reservations never fit together.
+    let tiny = slow.keys.token("tiny");
+    let r = slow
+        .send(&post(CHAT, &chat_body()).bearer(&tiny).build())
+        .await;
+    assert_eq!(r.code(), "upstream_timeout");
+    // No usage arrived: the whole reservation was charged.
+    let r = slow
+        .send(&post(CHAT, &chat_body()).bearer(&tiny).build())
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (429, "tokens_quota_exceeded".to_string())
+    );
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    assert!(r.header("x-ratelimit-remaining-tokens").is_some());
+
+    let gw = Gateway::start().await;
+    let tiny = gw.keys.token("tiny");
+    // The mock reports a few dozen tokens per request; settling refunds the
+    // rest, so requests keep fitting even though each reserves over 1,000.
+    for i in 0..3 {
+        let r = gw
+            .send(&post(CHAT, &chat_body()).bearer(&tiny).build())
+            .await;
+        assert_eq!(
+            r.status,
+            200,
+            "request {i}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    let metrics = send(gw.admin, &get("/metrics").build()).await.unwrap();
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains(
+            r#"portcullis_tokens_total{kind="completion",model="m-small",tenant="tiny"} 18"#
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_are_limited_per_address() {
+    let gw = Gateway::start_with(Options {
+        gateway_extra: "[limits]\nauth_failures_per_ip_per_minute = 5".into(),
+        ..Options::default()
+    })
+    .await;
+    for _ in 0..5 {
+        let r = gw
+            .send(&post(CHAT, &chat_body()).bearer("pcl_guess").build())
+            .await;
+        assert_eq!(r.code(), "invalid_api_key");
+    }
+    let r = gw
+        .send(&post(CHAT, &chat_body()).bearer("pcl_guess").build())
+        .await;
+    assert_eq!((r.status, r.code()), (429, "auth_rate_limited".to_string()));
+    assert!(r.header("retry-after").is_some());
+    // Even a valid credential waits: the address is locked out, not the key.
+    let r = gw
+        .send(
+            &post(CHAT, &chat_body())
+                .bearer(&gw.keys.token("acme"))
+                .build(),
+        )
+        .await;
+    assert_eq!(r.code(), "auth_rate_limited");
+    assert_eq!(gw.router_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_gateway_sheds_load_while_health_answers() {
+    let gw = Gateway::start_with(Options {
+        router: RouterMode::Up(MockOptions {
+            delay: Duration::from_millis(800),
+            ..MockOptions::default()
+        }),
+        gateway_extra: "[limits]\nmax_inflight = 1".into(),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.keys.token("globex");
+    let first = in_flight(&gw, post(CHAT, &chat_body()).bearer(&token).build()).await;
+    let r = gw
+        .send(&post(CHAT, &chat_body()).bearer(&token).build())
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (503, "gateway_overloaded".to_string())
+    );
+    let health = send(gw.admin, &get("/healthz").build()).await.unwrap();
+    assert_eq!(health.status, 200);
+    assert_eq!(first.await.unwrap().status, 200);
+    let r = gw
+        .send(&post(CHAT, &chat_body()).bearer(&token).build())
+        .await;
+    assert_eq!(r.status, 200, "capacity came back");
+}
