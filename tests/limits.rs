@@ -171,7 +171,7 @@ async fn a_client_leaving_mid_stream_frees_the_slot() {
         "the live stream holds its slot"
     );
     drop(s); // gone mid-stream
-    // Once the gateway notices the disconnect, the slot is free again.
+             // Once the gateway notices the disconnect, the slot is free again.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let r = gw

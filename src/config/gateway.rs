@@ -438,6 +438,14 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
             max_inflight: l.max_inflight.max(1),
         },
     );
+    if limits.backend == LimitsBackend::Redis {
+        // Fail closed: silently enforcing per-instance limits instead would
+        // multiply every tenant's quota by the fleet size.
+        errs.push(src.at(
+            None,
+            "[limits] backend = \"redis\" is not implemented yet; use backend = \"local\"",
+        ));
+    }
     if limits.backend == LimitsBackend::Redis && limits.redis_url.is_none() {
         errs.push(src.at(None, "[limits] backend = \"redis\" needs redis_url"));
     }
