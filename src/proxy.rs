@@ -26,6 +26,7 @@ use crate::forward::{self, TrustedContext};
 use crate::identity::{self, Identity};
 use crate::inbound;
 use crate::limits::guard::{Admission, AuthFailures, Overload};
+use crate::limits::redis::{Decision, RedisLimits, RemoteReservation, RemoteSlot};
 use crate::limits::{Reservation, Slot};
 use crate::observe::access_log::{self, AccessRecord};
 use crate::observe::metrics::METRICS;
@@ -46,6 +47,8 @@ pub struct Gateway {
     pub connector: Connector,
     pub auth_failures: AuthFailures,
     pub overload: Overload,
+    /// The fleet-wide limits backend, when `[limits] backend = "redis"`.
+    pub shared_limits: Option<Arc<RedisLimits>>,
 }
 
 /// Per-request state. The snapshot is loaded once, so a request finishes on
@@ -73,6 +76,11 @@ pub struct RequestCtx {
     slot: Option<Slot>,
     /// Tokens held until the response's usage settles them.
     reservation: Option<Reservation>,
+    /// The same two, when they are held in Redis.
+    remote_slot: Option<RemoteSlot>,
+    remote_reservation: Option<RemoteReservation>,
+    /// Request and token backlogs (ns) Redis reported, for the headers.
+    remote_backlogs: Option<(u64, u64)>,
 }
 
 fn unix_now() -> u64 {
@@ -125,11 +133,9 @@ impl Gateway {
             req.uri.path(),
             &snap.gateway.server.region,
         );
-        let limiter = who.tenant.limiter.clone();
         ctx.identity = Some(who);
         let route = route?;
         ctx.route = Some(route);
-        ctx.slot = Some(limiter.admit()?);
         match (route, &ctx.identity) {
             (Route::Models, Some(who)) => Ok(Admitted::Respond(authz::models_body(&who.tenant))),
             _ => Ok(Admitted::Proxy),
@@ -229,7 +235,18 @@ impl Gateway {
         let reserve = judged
             .prompt_tokens
             .saturating_add(judged.max_output_tokens);
-        ctx.reservation = Some(tenant.limiter.reserve(reserve)?);
+        match &self.shared_limits {
+            Some(shared) => match shared.reserve(&tenant, reserve).await? {
+                Decision::Shared(r, backlog) => {
+                    ctx.remote_reservation = Some(r);
+                    let req = ctx.remote_backlogs.map_or(0, |b| b.0);
+                    ctx.remote_backlogs = Some((req, backlog));
+                }
+                Decision::Local => ctx.reservation = Some(tenant.limiter.reserve(reserve)?),
+                Decision::Unlimited => {}
+            },
+            None => ctx.reservation = Some(tenant.limiter.reserve(reserve)?),
+        }
         // What Pingora buffered is the client's bytes, so their size decides.
         ctx.forward_directly = raw.len() > REPLAY_LIMIT;
         ctx.forward_body = Some(judged.body.clone());
@@ -305,6 +322,26 @@ impl Gateway {
         Ok(())
     }
 
+    /// The header-stage limits: request rate and a concurrency slot, from
+    /// Redis when it is configured and answering, else from this instance.
+    async fn limit_request(&self, ctx: &mut RequestCtx) -> Result<(), Reject> {
+        let Some(tenant) = ctx.identity.as_ref().map(|w| w.tenant.clone()) else {
+            return Ok(());
+        };
+        match &self.shared_limits {
+            Some(shared) => match shared.admit(&tenant, &ctx.request_id).await? {
+                Decision::Shared(slot, backlog) => {
+                    ctx.remote_slot = Some(slot);
+                    ctx.remote_backlogs = Some((backlog, 0));
+                }
+                Decision::Local => ctx.slot = Some(tenant.limiter.admit()?),
+                Decision::Unlimited => {}
+            },
+            None => ctx.slot = Some(tenant.limiter.admit()?),
+        }
+        Ok(())
+    }
+
     fn tenant_label(ctx: &RequestCtx) -> &str {
         ctx.identity.as_ref().map_or("-", |i| i.tenant.id.as_str())
     }
@@ -331,11 +368,20 @@ impl ProxyHttp for Gateway {
             admission: None,
             slot: None,
             reservation: None,
+            remote_slot: None,
+            remote_reservation: None,
+            remote_backlogs: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let admitted = match self.admit(session, ctx) {
+        let mut admitted = self.admit(session, ctx);
+        if admitted.is_ok() {
+            if let Err(r) = self.limit_request(ctx).await {
+                admitted = Err(r);
+            }
+        }
+        let admitted = match admitted {
             Ok(Admitted::Proxy) => self.read_and_judge(session, ctx).await,
             other => other,
         };
@@ -453,6 +499,7 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let usage = settle(ctx);
         ctx.slot = None;
+        ctx.remote_slot = None;
         ctx.admission = None;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let tenant = Self::tenant_label(ctx);
@@ -507,6 +554,10 @@ impl ProxyHttp for Gateway {
 fn settle(ctx: &mut RequestCtx) -> Option<Usage> {
     let usage = ctx.usage_tap.as_ref().and_then(UsageTap::usage);
     if let Some(r) = ctx.reservation.take() {
+        let used = usage.map_or(r.tokens(), |u| u.total());
+        r.settle(used);
+    }
+    if let Some(r) = ctx.remote_reservation.take() {
         let used = usage.map_or(r.tokens(), |u| u.total());
         r.settle(used);
     }
@@ -571,7 +622,12 @@ fn on_response_head(ctx: &mut RequestCtx, resp: &mut ResponseHeader) -> Result<(
 /// OpenAI's `x-ratelimit-*` headers, on every authenticated response.
 fn rate_limit_headers(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
     if let Some(who) = &ctx.identity {
-        for (name, value) in who.tenant.limiter.headers() {
+        let l = &who.tenant.limiter;
+        let headers = match ctx.remote_backlogs {
+            Some((req, tok)) => l.headers_with(req, tok),
+            None => l.headers(),
+        };
+        for (name, value) in headers {
             resp.insert_header(name, value)?;
         }
     }

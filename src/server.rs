@@ -16,11 +16,12 @@ use pingora::services::listening::Service;
 use pingora::tls::ssl::{SslVerifyMode, SslVersion};
 
 use crate::admin::Admin;
-use crate::config::gateway::{ClientCertMode, TlsListenerConfig};
+use crate::config::gateway::{ClientCertMode, LimitsBackend, TlsListenerConfig};
 use crate::config::Snapshot;
 use crate::forward::upstream::{self, Upstream};
 use crate::identity::jwks_fetch::JwksRefreshService;
 use crate::limits::guard::{AuthFailures, Overload};
+use crate::limits::redis::{BreakerProbe, RedisLimits};
 use crate::observe::metrics::METRICS;
 use crate::proxy::Gateway;
 
@@ -67,6 +68,23 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     }
     METRICS.config_generation.set(1);
 
+    let shared_limits = match gw.limits.backend {
+        LimitsBackend::Local => None,
+        LimitsBackend::Redis => {
+            let url = gw.limits.redis_url.as_deref().unwrap_or_default();
+            let backend = Arc::new(RedisLimits::new(
+                url,
+                gw.limits.redis_timeout,
+                gw.limits.on_backend_error,
+            )?);
+            server.add_service(background_service(
+                "limits backend probe",
+                BreakerProbe(backend.clone()),
+            ));
+            Some(backend)
+        }
+    };
+
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let mut options = HttpServerOptions::default();
     options.h2c = true;
@@ -78,6 +96,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
             connector: Connector::new(None),
             auth_failures: AuthFailures::new(gw.limits.auth_failures_per_ip_per_minute),
             overload: Overload::new(gw.limits.max_inflight),
+            shared_limits,
         },
     )
     .name("portcullis proxy")

@@ -198,6 +198,12 @@ struct RawLimits {
     auth_failures_per_ip_per_minute: u32,
     #[serde(default = "default_max_inflight")]
     max_inflight: usize,
+    #[serde(default = "default_redis_timeout")]
+    redis_timeout_ms: u64,
+}
+
+fn default_redis_timeout() -> u64 {
+    50
 }
 
 fn default_max_inflight() -> usize {
@@ -318,6 +324,8 @@ pub struct LimitsConfig {
     pub auth_failures_per_ip_per_minute: u32,
     /// Requests in flight across the gateway before 503 `gateway_overloaded`.
     pub max_inflight: usize,
+    /// The most a Redis call may add to a request before the breaker opens.
+    pub redis_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -429,6 +437,7 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
             on_backend_error: OnBackendError::Local,
             auth_failures_per_ip_per_minute: default_auth_failures(),
             max_inflight: default_max_inflight(),
+            redis_timeout: Duration::from_millis(default_redis_timeout()),
         },
         |l| LimitsConfig {
             backend: l.backend,
@@ -436,16 +445,9 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
             on_backend_error: l.on_backend_error,
             auth_failures_per_ip_per_minute: l.auth_failures_per_ip_per_minute,
             max_inflight: l.max_inflight.max(1),
+            redis_timeout: Duration::from_millis(l.redis_timeout_ms.max(1)),
         },
     );
-    if limits.backend == LimitsBackend::Redis {
-        // Fail closed: silently enforcing per-instance limits instead would
-        // multiply every tenant's quota by the fleet size.
-        errs.push(src.at(
-            None,
-            "[limits] backend = \"redis\" is not implemented yet; use backend = \"local\"",
-        ));
-    }
     if limits.backend == LimitsBackend::Redis && limits.redis_url.is_none() {
         errs.push(src.at(None, "[limits] backend = \"redis\" needs redis_url"));
     }

@@ -8,6 +8,7 @@
 
 pub mod cell;
 pub mod guard;
+pub mod redis;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -25,9 +26,9 @@ const DAY: Duration = Duration::from_secs(86_400);
 #[derive(Debug)]
 pub struct TenantLimiter {
     limits: Limits,
-    request_rate: Rate,
-    minute_rate: Rate,
-    day_rate: Rate,
+    pub(crate) request_rate: Rate,
+    pub(crate) minute_rate: Rate,
+    pub(crate) day_rate: Rate,
     requests: Cell,
     minute: Cell,
     day: Cell,
@@ -110,8 +111,11 @@ impl TenantLimiter {
     /// `tokens_per_minute`, resets as the time until full.
     pub fn headers(&self) -> [(&'static str, String); 6] {
         let now = now_ns();
-        let req_backlog = self.requests.backlog(now);
-        let tok_backlog = self.minute.backlog(now);
+        self.headers_with(self.requests.backlog(now), self.minute.backlog(now))
+    }
+
+    /// The same headers from backlogs measured elsewhere (the Redis cells).
+    pub fn headers_with(&self, req_backlog: u64, tok_backlog: u64) -> [(&'static str, String); 6] {
         [
             ("x-ratelimit-limit-requests", self.limits.burst.to_string()),
             (
@@ -138,9 +142,25 @@ impl TenantLimiter {
     }
 
     fn too_many(&self, code: &'static str, message: &'static str, e: Exhausted) -> Reject {
-        let secs = e.retry_after.as_nanos().div_ceil(1_000_000_000).max(1);
+        let now = now_ns();
+        let (req, tok) = (self.requests.backlog(now), self.minute.backlog(now));
+        self.too_many_with(code, message, e.retry_after, req, tok)
+    }
+
+    /// A 429 with `Retry-After` in whole seconds, rounded up, and the
+    /// rate-limit headers for the given backlogs.
+    pub(crate) fn too_many_with(
+        &self,
+        code: &'static str,
+        message: &'static str,
+        retry_after: Duration,
+        req_backlog: u64,
+        tok_backlog: u64,
+    ) -> Reject {
+        let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1);
         let mut r = Reject::new(429, code, message).with_header("retry-after", secs.to_string());
-        r.headers.extend(self.headers());
+        r.headers
+            .extend(self.headers_with(req_backlog, tok_backlog));
         r
     }
 }

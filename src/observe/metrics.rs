@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
-    HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 /// Buckets from 50 µs to 60 s: gateway overhead sits at the bottom,
@@ -25,6 +25,7 @@ pub struct Metrics {
     pub gateway_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
     pub config_generation: IntGauge,
+    pub limiter_backend_errors: IntCounter,
 }
 
 /// Registration fails only on a duplicate name, which is a programming error
@@ -73,6 +74,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "Generation of the configuration snapshot in force"
     )
     .expect("register portcullis_config_generation"),
+    limiter_backend_errors: register_int_counter!(
+        "portcullis_limiter_backend_errors_total",
+        "Calls to the shared limits backend (Redis) that failed or timed out"
+    )
+    .expect("register portcullis_limiter_backend_errors_total"),
 });
 
 /// The text exposition of every registered metric.

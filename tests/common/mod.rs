@@ -224,6 +224,30 @@ requests_per_second = 1000
 burst = 1000
 tokens_per_minute = 1_000_000
 
+[plans.fleet]
+requests_per_second = 10
+burst = 10
+tokens_per_minute = 1_500
+tokens_per_day = 100_000
+max_concurrency = 100
+max_body_bytes = 65_536
+max_prompt_tokens = 4_096
+max_output_tokens = 1_000
+models = ["m-small"]
+features = ["chat"]
+
+[[tenants]]
+id = "fleet"
+org = "fleet-co"
+plan = "fleet"
+
+[[tenants]]
+id = "swarm"
+org = "swarm-co"
+plan = "fleet"
+[tenants.overrides]
+tokens_per_minute = 10_000_000
+
 [[tenants]]
 id = "bigco"
 org = "big-co"
@@ -411,6 +435,56 @@ signing_key_file = "context.key"
 
     pub async fn send(&self, req: &[u8]) -> Response {
         send(self.addr, req).await.expect("gateway answers")
+    }
+}
+
+/// A real `redis-server` on a free loopback port, stopped on drop. A
+/// missing binary fails the test: `.ci/run` installs it.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        Self::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is required (apt-get install -y redis-server)");
+        let redis = Redis { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await {
+                let mut buf = [0u8; 16];
+                if s.write_all(b"PING\r\n").await.is_ok()
+                    && s.read(&mut buf)
+                        .await
+                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                {
+                    return redis;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
