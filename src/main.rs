@@ -1,5 +1,10 @@
 //! The `portcullis` command line.
 
+/// glibc's allocator fragments under the gateway's many short-lived
+/// allocations per request; mimalloc's per-thread heaps cost less CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
