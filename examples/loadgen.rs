@@ -84,11 +84,7 @@ async fn connection(args: &Args, offset: Duration) -> (Vec<f64>, BTreeMap<u16, u
     let interval = Duration::from_secs_f64(args.conns as f64 / args.rate);
     let mut latencies = Vec::new();
     let mut statuses = BTreeMap::new();
-    let Ok(mut s) = TcpStream::connect(&args.addr).await else {
-        statuses.insert(0, 1);
-        return (latencies, statuses);
-    };
-    let _ = s.set_nodelay(true);
+    let mut conn: Option<TcpStream> = None;
     let mut buf = Vec::new();
     let start = Instant::now() + offset;
     let mut i = 0u32;
@@ -98,14 +94,26 @@ async fn connection(args: &Args, offset: Duration) -> (Vec<f64>, BTreeMap<u16, u
             break;
         }
         tokio::time::sleep_until(scheduled.into()).await;
-        let status = match s.write_all(&args.request).await {
-            Ok(()) => read_response(&mut s, &mut buf).await.unwrap_or(0),
-            Err(_) => 0,
+        // A gateway closes the connection after refusing a request whose
+        // body it did not read: reconnect, as a real client would.
+        if conn.is_none() {
+            conn = TcpStream::connect(&args.addr).await.ok();
+            if let Some(s) = &conn {
+                let _ = s.set_nodelay(true);
+            }
+            buf.clear();
+        }
+        let status = match conn.as_mut() {
+            Some(s) => match s.write_all(&args.request).await {
+                Ok(()) => read_response(s, &mut buf).await.unwrap_or(0),
+                Err(_) => 0,
+            },
+            None => 0,
         };
         latencies.push(scheduled.elapsed().as_secs_f64() * 1e3);
         *statuses.entry(status).or_default() += 1;
-        if status == 0 {
-            break;
+        if status == 0 || status >= 400 {
+            conn = None;
         }
         i += 1;
     }
@@ -135,7 +143,10 @@ async fn main() -> Result<(), String> {
             .copied()
             .unwrap_or(0.0)
     };
-    let counts: BTreeMap<String, u64> = statuses.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let counts: BTreeMap<String, u64> = statuses
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     println!(
         "{}",
         serde_json::json!({"sent": latencies.len(), "statuses": counts,
