@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (the process answers), `/readyz` (it has
-//! a healthy router to send to) and `/metrics` (Prometheus text).
+//! a healthy router to send to; it reports the config generation) and
+//! `/metrics` (Prometheus text).
 //!
 //! It runs as its own Pingora service, so it keeps answering while the
 //! proxy listeners are saturated.
@@ -13,10 +14,12 @@ use pingora::lb::selection::RoundRobin;
 use pingora::lb::LoadBalancer;
 use pingora::protocols::http::ServerSession;
 
+use crate::config::reload::Reloader;
 use crate::observe::metrics;
 
 pub struct Admin {
     pub balancer: Arc<LoadBalancer<RoundRobin>>,
+    pub reloader: Arc<Reloader>,
 }
 
 #[async_trait]
@@ -25,10 +28,19 @@ impl ServeHttp for Admin {
         let (status, ctype, body) = match session.req_header().uri.path() {
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
+                let generation = self.reloader.generation();
                 if self.balancer.select(b"", 256).is_some() {
-                    (200, "text/plain", b"ready\n".to_vec())
+                    (
+                        200,
+                        "text/plain",
+                        format!("ready generation={generation}\n").into_bytes(),
+                    )
                 } else {
-                    (503, "text/plain", b"no healthy router\n".to_vec())
+                    (
+                        503,
+                        "text/plain",
+                        format!("no healthy router generation={generation}\n").into_bytes(),
+                    )
                 }
             }
             "/metrics" => (200, "text/plain; version=0.0.4", metrics::render()),

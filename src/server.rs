@@ -17,12 +17,12 @@ use pingora::tls::ssl::{SslVerifyMode, SslVersion};
 
 use crate::admin::Admin;
 use crate::config::gateway::{ClientCertMode, LimitsBackend, TlsListenerConfig};
+use crate::config::reload::{ReloadService, Reloader};
 use crate::config::Snapshot;
 use crate::forward::upstream::{self, Upstream};
 use crate::identity::jwks_fetch::JwksRefreshService;
 use crate::limits::guard::{AuthFailures, Overload};
 use crate::limits::redis::{BreakerProbe, RedisLimits};
-use crate::observe::metrics::METRICS;
 use crate::proxy::Gateway;
 
 /// Pingora's process-level flags, as `portcullis serve` accepts them.
@@ -66,8 +66,6 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
             JwksRefreshService(refresh),
         ));
     }
-    METRICS.config_generation.set(1);
-
     let shared_limits = match gw.limits.backend {
         LimitsBackend::Local => None,
         LimitsBackend::Redis => {
@@ -86,6 +84,11 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     };
 
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let reloader = Arc::new(Reloader::new(path, shared.clone()));
+    server.add_service(background_service(
+        "config reload",
+        ReloadService(reloader.clone()),
+    ));
     let mut options = HttpServerOptions::default();
     options.h2c = true;
     let mut proxy = ProxyServiceBuilder::new(
@@ -114,7 +117,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     server.add_service(health);
 
     if let Some(addr) = gw.admin {
-        let mut admin = Service::new("portcullis admin".into(), Admin { balancer });
+        let mut admin = Service::new("portcullis admin".into(), Admin { balancer, reloader });
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
     }

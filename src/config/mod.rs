@@ -6,6 +6,7 @@
 
 pub mod diag;
 pub mod gateway;
+pub mod reload;
 pub mod tenants;
 
 use std::path::Path;
@@ -38,13 +39,24 @@ pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 impl Snapshot {
     /// Loads `gateway.toml` and every file it names, reporting all problems.
     pub fn load(gateway_path: &Path) -> Result<Snapshot, ConfigErrors> {
+        Self::load_after(gateway_path, None)
+    }
+
+    /// Loads a snapshot to replace `previous`: tenants with unchanged limits
+    /// keep their limiter state, and a JWKS URL keeps its key set and
+    /// refresh task.
+    pub fn load_after(
+        gateway_path: &Path,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, ConfigErrors> {
         let gateway = gateway::load(gateway_path).map_err(ConfigErrors)?;
         let mut errs = Vec::new();
 
-        let tenants = tenants::load(&gateway.policy.tenants, None).unwrap_or_else(|e| {
-            errs.extend(e);
-            Tenants::default()
-        });
+        let tenants = tenants::load(&gateway.policy.tenants, previous.map(|p| &p.tenants))
+            .unwrap_or_else(|e| {
+                errs.extend(e);
+                Tenants::default()
+            });
 
         let signer = ContextSigner::load(&gateway.context_key_file).map_err(|m| Diagnostic {
             file: gateway.context_key_file.clone(),
@@ -73,20 +85,26 @@ impl Snapshot {
                             });
                         (Arc::new(ArcSwap::from_pointee(keys)), None)
                     }
-                    JwksSource::Url(url) => {
-                        let keys = Arc::new(ArcSwap::from_pointee(KeySet::default()));
-                        let refresh = JwksRefresh::new(
-                            url,
-                            keys.clone(),
-                            jwt.algorithms.clone(),
-                            jwt.jwks_refresh,
-                            jwt.jwks_unknown_kid_refresh,
-                        )
-                        .map_err(|m| errs.push(gateway_diag(&gateway, m)))
-                        .ok()
-                        .map(Arc::new);
-                        (keys, refresh)
-                    }
+                    JwksSource::Url(url) => match previous
+                        .and_then(|p| p.auth.jwks_refresh.as_ref())
+                        .filter(|r| r.url() == url)
+                    {
+                        Some(r) => (r.keys(), Some(r.clone())),
+                        None => {
+                            let keys = Arc::new(ArcSwap::from_pointee(KeySet::default()));
+                            let refresh = JwksRefresh::new(
+                                url,
+                                keys.clone(),
+                                jwt.algorithms.clone(),
+                                jwt.jwks_refresh,
+                                jwt.jwks_unknown_kid_refresh,
+                            )
+                            .map_err(|m| errs.push(gateway_diag(&gateway, m)))
+                            .ok()
+                            .map(Arc::new);
+                            (keys, refresh)
+                        }
+                    },
                 };
                 Authenticator {
                     jwt: Some(JwtVerifier::new(jwt, keys)),

@@ -25,6 +25,7 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
 /// Keeps a key set fresh from a JWKS URL.
 pub struct JwksRefresh {
+    source: String,
     url: http::Uri,
     keys: Arc<ArcSwap<KeySet>>,
     algorithms: Vec<Algorithm>,
@@ -42,11 +43,13 @@ impl JwksRefresh {
         interval: Duration,
         min_gap: Duration,
     ) -> Result<Self, String> {
+        let source = url.to_string();
         let url: http::Uri = url.parse().map_err(|e| format!("jwks_url: {e}"))?;
         if url.host().is_none() {
             return Err("jwks_url has no host".into());
         }
         Ok(JwksRefresh {
+            source,
             url,
             keys,
             algorithms,
@@ -54,6 +57,16 @@ impl JwksRefresh {
             min_gap,
             wake: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The URL as configured.
+    pub fn url(&self) -> &str {
+        &self.source
+    }
+
+    /// The key set this task keeps fresh.
+    pub fn keys(&self) -> Arc<ArcSwap<KeySet>> {
+        self.keys.clone()
     }
 
     /// Asks for an early refresh; cheap, and rate-limited by the fetch loop.

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub gateway_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
     pub config_generation: IntGauge,
+    pub config_reloads: IntCounterVec,
     pub limiter_backend_errors: IntCounter,
 }
 
@@ -74,6 +75,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "Generation of the configuration snapshot in force"
     )
     .expect("register portcullis_config_generation"),
+    config_reloads: register_int_counter_vec!(
+        "portcullis_config_reloads_total",
+        "Configuration reloads by result: ok, or error (the previous snapshot stayed)",
+        &["result"]
+    )
+    .expect("register portcullis_config_reloads_total"),
     limiter_backend_errors: register_int_counter!(
         "portcullis_limiter_backend_errors_total",
         "Calls to the shared limits backend (Redis) that failed or timed out"

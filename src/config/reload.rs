@@ -1,0 +1,141 @@
+//! Hot reload: watch the policy files, rebuild the whole snapshot, and swap
+//! it in only if every file is valid.
+//!
+//! Directories are watched rather than files, because editors and config
+//! managers replace a file by renaming a new one over it, which a watch on
+//! the old inode would miss. Events are debounced, so a burst of writes
+//! makes one reload. In-flight requests keep the snapshot they started
+//! with; tenants whose limits did not change keep their limiter state.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use notify::{RecursiveMode, Watcher};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use super::gateway::JwksSource;
+use super::{SharedSnapshot, Snapshot};
+use crate::observe::metrics::METRICS;
+
+/// Quiet time after the last file event before reloading.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Rebuilds and swaps the snapshot.
+pub struct Reloader {
+    gateway_path: PathBuf,
+    shared: SharedSnapshot,
+    generation: AtomicU64,
+}
+
+impl Reloader {
+    pub fn new(gateway_path: &Path, shared: SharedSnapshot) -> Self {
+        METRICS.config_generation.set(1);
+        Reloader {
+            gateway_path: gateway_path.to_path_buf(),
+            shared,
+            generation: AtomicU64::new(1),
+        }
+    }
+
+    /// The generation of the snapshot in force (1 at start).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Loads a new snapshot and swaps it in; an invalid one changes nothing.
+    pub fn reload(&self) -> Result<u64, super::diag::ConfigErrors> {
+        let previous = self.shared.load_full();
+        match Snapshot::load_after(&self.gateway_path, Some(&previous)) {
+            Ok(next) => {
+                self.shared.store(Arc::new(next));
+                let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                METRICS.config_generation.set(generation as i64);
+                METRICS.config_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(generation, "configuration reloaded");
+                Ok(generation)
+            }
+            Err(e) => {
+                METRICS.config_reloads.with_label_values(&["error"]).inc();
+                for d in &e.0 {
+                    tracing::error!(error = %d, "configuration reload refused; the previous snapshot stays in force");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The files whose change means a reload, and the schema directory.
+    fn watched(&self) -> (BTreeSet<PathBuf>, Option<PathBuf>) {
+        let snap = self.shared.load();
+        let g = &snap.gateway;
+        let mut files = BTreeSet::from([self.gateway_path.clone(), g.policy.tenants.clone()]);
+        files.extend(g.policy.rego.clone());
+        if let Some(JwksSource::File(p)) = g.jwt.as_ref().map(|j| &j.jwks) {
+            files.insert(p.clone());
+        }
+        let files = files.into_iter().map(|f| absolute(&f)).collect();
+        (files, g.policy.schemas.as_deref().map(absolute))
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Watches the files for the life of the server and reloads on change.
+pub struct ReloadService(pub Arc<Reloader>);
+
+#[async_trait]
+impl BackgroundService for ReloadService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (files, schemas) = self.0.watched();
+        // One pending signal is enough: a burst collapses into one reload.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let relevant = {
+            let (files, schemas) = (files.clone(), schemas.clone());
+            move |p: &Path| files.contains(p) || schemas.as_ref().is_some_and(|s| p.starts_with(s))
+        };
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(event) = res {
+                // Reading the files (as a reload does) must not trigger one.
+                let changed = !matches!(event.kind, notify::EventKind::Access(_));
+                if changed && event.paths.iter().any(|p| relevant(p)) {
+                    let _ = tx.try_send(());
+                }
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch configuration files; hot reload is off");
+                return;
+            }
+        };
+        let dirs: BTreeSet<PathBuf> = files
+            .iter()
+            .filter_map(|f| f.parent().map(Path::to_path_buf))
+            .chain(schemas)
+            .collect();
+        for dir in &dirs {
+            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot watch directory");
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                got = rx.recv() => if got.is_none() { return },
+            }
+            // Wait for the writes to settle, then take whatever arrived.
+            tokio::time::sleep(DEBOUNCE).await;
+            while rx.try_recv().is_ok() {}
+            // Errors are logged and counted inside.
+            let _ = self.0.reload();
+        }
+    }
+}
