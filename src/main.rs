@@ -124,7 +124,6 @@ enum CertsCommand {
 }
 
 fn main() -> ExitCode {
-    init_logging();
     match run(Cli::parse().command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
@@ -132,18 +131,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout)
-        .init();
 }
 
 fn run(cmd: Command) -> Result<(), String> {

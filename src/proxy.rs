@@ -539,11 +539,14 @@ impl ProxyHttp for Gateway {
             request_id: &ctx.request_id,
             tenant,
             route,
+            model: ctx.judged.as_ref().map(|j| j.model.as_str()),
             method: session.req_header().method.as_str(),
             status,
             reject_code: ctx.reject_code,
             gateway_ms: gateway.as_secs_f64() * 1e3,
             upstream_ms: ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1e3),
+            prompt_tokens: usage.map(|u| u.prompt_tokens),
+            completion_tokens: usage.map(|u| u.completion_tokens),
         });
     }
 }

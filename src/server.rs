@@ -55,6 +55,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
+    crate::observe::logging::init();
 
     let health = background_service("router health checks", upstream::balancer(&gw.upstream)?);
     let balancer = health.task();

@@ -283,6 +283,8 @@ pub struct Options {
     pub keys: Option<Keys>,
     /// Extra tables appended to gateway.toml (such as `[body]`).
     pub gateway_extra: String,
+    /// Write the gateway's stdout (logs at `info`) to `gateway.log` in its dir.
+    pub capture_logs: bool,
 }
 
 impl Default for Options {
@@ -295,6 +297,7 @@ impl Default for Options {
             upstream_lines: None,
             keys: None,
             gateway_extra: String::new(),
+            capture_logs: false,
         }
     }
 }
@@ -387,11 +390,17 @@ signing_key_file = "context.key"
         );
         std::fs::write(d.join("gateway.toml"), gateway_toml).unwrap();
 
+        let (level, stdout) = if opts.capture_logs {
+            let log = std::fs::File::create(d.join("gateway.log")).unwrap();
+            ("info", Stdio::from(log))
+        } else {
+            ("warn", Stdio::null())
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["serve", "-c"])
             .arg(d.join("gateway.toml"))
-            .env("PORTCULLIS_LOG", "warn")
-            .stdout(Stdio::null())
+            .env("PORTCULLIS_LOG", level)
+            .stdout(stdout)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start the gateway binary");
