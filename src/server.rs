@@ -23,6 +23,7 @@ use crate::forward::upstream::{self, Upstream};
 use crate::identity::jwks_fetch::JwksRefreshService;
 use crate::limits::guard::{AuthFailures, Overload};
 use crate::limits::redis::{BreakerProbe, RedisLimits};
+use crate::observe::logging::LoggingService;
 use crate::proxy::Gateway;
 
 /// Pingora's process-level flags, as `portcullis serve` accepts them.
@@ -36,6 +37,8 @@ pub struct ProcessFlags {
 
 /// Loads the configuration at `path` and serves until shut down.
 pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
+    // Daemonising changes the working directory: every path must be absolute.
+    let path = &std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let snapshot = Snapshot::load(path).map_err(|e| e.to_string())?;
     let gw = snapshot.gateway.clone();
 
@@ -55,7 +58,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
-    crate::observe::logging::init();
+    server.add_service(background_service("logging", LoggingService));
 
     let health = background_service("router health checks", upstream::balancer(&gw.upstream)?);
     let balancer = health.task();
@@ -122,7 +125,6 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
     }
-    tracing::info!(config = %gw.path.display(), "portcullis starting");
     server.run_forever()
 }
 

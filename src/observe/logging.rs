@@ -4,14 +4,28 @@
 
 use std::sync::OnceLock;
 
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use tracing_appender::non_blocking::WorkerGuard;
 
 /// Keeps the writer's thread alive for the life of the process.
 static GUARD: OnceLock<WorkerGuard> = OnceLock::new();
 
-/// Installs the subscriber. Call it after daemonising: a thread started
-/// before the fork would not survive it.
-pub fn init() {
+/// Installs the subscriber once the server runs: Pingora daemonises in
+/// `run_forever`, and the writer's thread must start after the fork.
+pub struct LoggingService;
+
+#[async_trait]
+impl BackgroundService for LoggingService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        init();
+        tracing::info!(pid = std::process::id(), "portcullis serving");
+        let _ = shutdown.changed().await;
+    }
+}
+
+fn init() {
     let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
     if GUARD.set(guard).is_err() {
         return;

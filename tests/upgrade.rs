@@ -1,0 +1,271 @@
+//! Zero-downtime binary upgrade with Pingora's socket handoff: a daemonised
+//! gateway under continuous load (new connections and keep-alive) is
+//! replaced by a new process with `-u`; no request may fail.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use portcullis::mock_router::{MockOptions, MockRouter};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn pid(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join("portcullis.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn alive(pid: i32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn signal(pid: i32, sig: &str) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+}
+
+/// Stops whatever daemon the pid file names when the test ends.
+struct Daemons<'a>(&'a Path);
+
+impl Drop for Daemons<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = pid(self.0) {
+            signal(p, "-KILL");
+        }
+    }
+}
+
+fn serve_daemon(conf: &Path, upgrade: bool) {
+    let mut args = vec!["serve", "-d"];
+    if upgrade {
+        args.push("-u");
+    }
+    let status = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(&args)
+        .arg("-c")
+        .arg(conf)
+        .env("PORTCULLIS_LOG", "warn")
+        .status()
+        .expect("run portcullis");
+    assert!(status.success(), "portcullis {args:?} failed to start");
+}
+
+/// Reads one response with a Content-Length body; returns (status, close).
+async fn read_one(s: &mut TcpStream) -> Option<(u16, bool)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(head)) = resp.parse(&buf) {
+            let get = |name: &str| {
+                resp.headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| String::from_utf8_lossy(h.value).to_string())
+            };
+            let len: usize = get("content-length")?.trim().parse().ok()?;
+            let close = get("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
+            let status = resp.code?;
+            while buf.len() < head + len {
+                let n = s.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return Some((status, close));
+        }
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_under_load_fails_no_request() {
+    let keys = Keys::generate();
+    let router = MockRouter::start(
+        "127.0.0.1:0",
+        MockOptions {
+            record: false,
+            ..MockOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let addr = format!("127.0.0.1:{}", free_port());
+    std::fs::write(d.join("jwks.json"), keys.jwks.to_string()).unwrap();
+    // Limits far above what the load reaches: only the upgrade may fail a request.
+    let unlimited = tenants_toml(&keys).replace(
+        "requests_per_second = 1000\nburst = 1000",
+        "requests_per_second = 1000000\nburst = 1000000",
+    );
+    std::fs::write(d.join("tenants.toml"), unlimited).unwrap();
+    std::fs::write(d.join("context.key"), hex::encode(&keys.context_key)).unwrap();
+    std::fs::write(
+        d.join("gateway.toml"),
+        format!(
+            r#"[server]
+listen = ["{addr}"]
+threads = 2
+region = "us-east-1"
+grace_period_seconds = 1
+graceful_shutdown_timeout_seconds = 2
+pid_file = "portcullis.pid"
+upgrade_sock = "upgrade.sock"
+
+[upstream]
+address = "{}"
+
+[auth.jwt]
+issuer = "{ISSUER}"
+audiences = ["{AUDIENCE}"]
+jwks_file = "jwks.json"
+
+[policy]
+tenants = "tenants.toml"
+
+[context]
+signing_key_file = "context.key"
+"#,
+            router.addr()
+        ),
+    )
+    .unwrap();
+    let _cleanup = Daemons(d);
+    serve_daemon(&d.join("gateway.toml"), false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid(d).is_none() || TcpStream::connect(&addr).await.is_err() {
+        assert!(Instant::now() < deadline, "the daemon did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let old = pid(d).unwrap();
+
+    let token = keys.token("globex");
+    let stop = Arc::new(AtomicBool::new(false));
+    let fresh = Arc::new(Counts::default());
+    let kept = Arc::new(Counts::default());
+    let mut load = Vec::new();
+    for _ in 0..2 {
+        // A new connection for every request.
+        let (stop, c, addr) = (stop.clone(), fresh.clone(), addr.clone());
+        let req = post(CHAT, &chat_body()).bearer(&token).build();
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match send(addr.parse().unwrap(), &req).await {
+                    Ok(r) if r.status == 200 => c.ok.fetch_add(1, Ordering::Relaxed),
+                    _ => c.failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for _ in 0..2 {
+        // Keep-alive: reuse a connection until the server says close.
+        let (stop, c, addr) = (stop.clone(), kept.clone(), addr.clone());
+        let body = json!({"model": "m-small", "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+        let req = format!(
+            "POST {CHAT} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        load.push(tokio::spawn(async move {
+            let mut conn: Option<TcpStream> = None;
+            while !stop.load(Ordering::Relaxed) {
+                if conn.is_none() {
+                    conn = TcpStream::connect(&addr).await.ok();
+                }
+                let Some(s) = conn.as_mut() else {
+                    c.failed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let answer = match s.write_all(req.as_bytes()).await {
+                    Ok(()) => read_one(s).await,
+                    Err(_) => None,
+                };
+                match answer {
+                    Some((200, close)) => {
+                        c.ok.fetch_add(1, Ordering::Relaxed);
+                        if close {
+                            conn = None;
+                        }
+                    }
+                    _ => {
+                        c.failed.fetch_add(1, Ordering::Relaxed);
+                        conn = None;
+                    }
+                }
+            }
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = fresh.ok.load(Ordering::Relaxed) + kept.ok.load(Ordering::Relaxed);
+    // What ExecReload (and deploy/upgrade.sh) does: the new process waits
+    // for the sockets, then the old one is told to hand them over.
+    signal(old, "-QUIT");
+    serve_daemon(&d.join("gateway.toml"), true);
+    let upgraded = Instant::now();
+    while pid(d) == Some(old) {
+        assert!(
+            upgraded.elapsed() < Duration::from_secs(10),
+            "the new process did not take over"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let new = pid(d).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    // The old process hands over, drains and exits within the grace period + 10 s.
+    while alive(old) {
+        assert!(
+            upgraded.elapsed() < Duration::from_secs(1 + 2 + 10),
+            "the old process lingered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (fo, ff) = (
+        fresh.ok.load(Ordering::Relaxed),
+        fresh.failed.load(Ordering::Relaxed),
+    );
+    let (ko, kf) = (
+        kept.ok.load(Ordering::Relaxed),
+        kept.failed.load(Ordering::Relaxed),
+    );
+    println!(
+        "upgrade {old} -> {new}: new connections {fo} ok / {ff} failed, keep-alive {ko} ok / {kf} failed ({} before the upgrade)",
+        before
+    );
+    assert!(alive(new));
+    assert_eq!(ff + kf, 0, "requests failed during the upgrade");
+    assert!(
+        fo + ko > before + 100,
+        "load kept flowing after the upgrade"
+    );
+}
