@@ -223,6 +223,13 @@ signing_key_file = "context.key"
     }
 
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut stream_body = chat_body();
+    stream_body["stream"] = json!(true);
+    let stream_req = post(CHAT, &stream_body).bearer(&token).build();
+    let stream_addr = addr.clone();
+    let in_flight =
+        tokio::spawn(async move { send(stream_addr.parse().unwrap(), &stream_req).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let before = fresh.ok.load(Ordering::Relaxed) + kept.ok.load(Ordering::Relaxed);
     // What ExecReload (and deploy/upgrade.sh) does: the new process waits
     // for the sockets, then the old one is told to hand them over.
@@ -237,7 +244,17 @@ signing_key_file = "context.key"
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let new = pid(d).unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let streamed = in_flight
+        .await
+        .unwrap()
+        .expect("the stream in flight was cut");
+    assert_eq!(streamed.status, 200);
+    let text = String::from_utf8_lossy(&streamed.body);
+    assert!(
+        text.contains(" mock router.") && text.ends_with("data: [DONE]\n\n"),
+        "the stream in flight did not complete: {text}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     for l in load {
         l.await.unwrap();

@@ -35,6 +35,10 @@ pub struct Reloader {
 impl Reloader {
     pub fn new(gateway_path: &Path, shared: SharedSnapshot) -> Self {
         METRICS.config_generation.set(1);
+        // Export both series from the start, so "no errors yet" reads as 0.
+        for result in ["ok", "error"] {
+            METRICS.config_reloads.with_label_values(&[result]);
+        }
         Reloader {
             gateway_path: gateway_path.to_path_buf(),
             shared,
