@@ -29,6 +29,7 @@ fn pid(dir: &Path) -> Option<i32> {
 fn alive(pid: i32) -> bool {
     Command::new("kill")
         .args(["-0", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
 }
@@ -285,4 +286,37 @@ signing_key_file = "context.key"
         fo + ko > before + 100,
         "load kept flowing after the upgrade"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_requests_in_flight() {
+    let mut gw = Gateway::start_with(Options {
+        router: RouterMode::Up(MockOptions {
+            delay: Duration::from_millis(800),
+            ..MockOptions::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let req = post(CHAT, &chat_body())
+        .bearer(&gw.keys.token("acme"))
+        .build();
+    let addr = gw.addr;
+    let in_flight = tokio::spawn(async move { send(addr, &req).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(gw.pid() as i32, "-TERM");
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight was cut");
+    assert_eq!(r.status, 200, "the request in flight did not complete");
+    // grace_period_seconds (1) + graceful_shutdown_timeout_seconds (1) + margin.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gw.exited() {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

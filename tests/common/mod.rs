@@ -432,6 +432,16 @@ signing_key_file = "context.key"
         panic!("gateway did not become ready on {}", self.addr);
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the gateway process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().is_ok_and(|s| s.is_some())
+    }
+
     /// The mock router (panics for a `Down` router).
     pub fn router(&self) -> &MockRouter {
         self.router.as_ref().expect("router is up")
