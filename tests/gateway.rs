@@ -553,6 +553,31 @@ async fn router_slow_is_504_upstream_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_and_rejections_by_reason() {
     let gw = Gateway::start().await;
+    let scrape = || async {
+        let m = send(gw.admin, &get("/metrics").build()).await.unwrap();
+        String::from_utf8_lossy(&m.body).to_string()
+    };
+    let value = |text: &str, series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let ok = r#"portcullis_requests_total{route="chat_completions",status="200",tenant="acme"} "#;
+    let suspended = r#"portcullis_rejections_total{code="tenant_suspended",tenant="initech"} "#;
+    let anonymous = r#"portcullis_rejections_total{code="missing_credentials",tenant="-"} "#;
+    let overhead = r#"portcullis_gateway_duration_seconds_count{route="chat_completions"} "#;
+    let upstream = r#"portcullis_upstream_duration_seconds_count{route="chat_completions"} "#;
+    let before = scrape().await;
+    for series in [ok, suspended, anonymous, overhead, upstream] {
+        assert_eq!(value(&before, series), 0, "{series} before any traffic");
+    }
+    gw.send(
+        &post(CHAT, &chat_body())
+            .bearer(&gw.keys.token("acme"))
+            .build(),
+    )
+    .await;
     gw.send(
         &post(CHAT, &chat_body())
             .bearer(&gw.keys.token("acme"))
@@ -566,15 +591,16 @@ async fn metrics_count_requests_and_rejections_by_reason() {
     )
     .await;
     gw.send(&post(CHAT, &chat_body()).build()).await;
-    let m = send(gw.admin, &get("/metrics").build()).await.unwrap();
-    let text = String::from_utf8_lossy(&m.body);
-    for line in [
-        r#"portcullis_requests_total{route="chat_completions",status="200",tenant="acme"} 1"#,
-        r#"portcullis_rejections_total{code="tenant_suspended",tenant="initech"} 1"#,
-        r#"portcullis_rejections_total{code="missing_credentials",tenant="-"} 1"#,
-    ] {
-        assert!(text.contains(line), "missing {line} in\n{text}");
-    }
+    let after = scrape().await;
+    assert_eq!(value(&after, ok), 2);
+    assert_eq!(value(&after, suspended), 1);
+    assert_eq!(value(&after, anonymous), 1);
+    assert_eq!(value(&after, overhead), 2);
+    assert_eq!(value(&after, upstream), 2);
+    assert!(after.contains(
+        r#"portcullis_tokens_total{kind="completion",model="m-small",tenant="acme"} 12"#
+    ));
+    assert!(after.contains("portcullis_config_generation 1"));
     let ready = send(gw.admin, &get("/readyz").build()).await.unwrap();
     assert_eq!(ready.status, 200);
 }
