@@ -343,6 +343,8 @@ async fn spoofed_identity_headers_never_reach_the_router() {
                 .header("x-forwarded-host", "evil.test")
                 .header("Forwarded", "for=10.9.8.7")
                 .header("x-request-id", "client-chosen")
+                // Nominating a header as hop-by-hop must not strip the gateway's own.
+                .header("Connection", "x-tenant-id, x-tenant-signature")
                 .build(),
         )
         .await;
