@@ -173,6 +173,8 @@ impl Gateway {
         if r.status == 400 {
             // After a framing or header error the connection's state is suspect.
             session.set_keepalive(None);
+        } else if !session.is_body_done() {
+            keep_alive_past_unread_body(session, r.status).await;
         }
         self.respond(session, ctx, r.status, r.body(), &r.headers)
             .await
@@ -565,6 +567,30 @@ fn settle(ctx: &mut RequestCtx) -> Option<Usage> {
         r.settle(used);
     }
     usage
+}
+
+/// Bodies up to this size are read and discarded after an early refusal, so
+/// a throttled client keeps its connection instead of reconnecting per 429.
+const DRAIN_LIMIT: u64 = 64 * 1024;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Drains a small unread body so the connection stays reusable; anything
+/// larger, chunked, too slow or itself refused closes the connection.
+async fn keep_alive_past_unread_body(session: &mut Session, status: u16) {
+    let declared = session
+        .req_header()
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    let drainable = !matches!(status, 408 | 413) && declared.is_some_and(|n| n <= DRAIN_LIMIT);
+    let drained = drainable
+        && matches!(
+            tokio::time::timeout(DRAIN_TIMEOUT, session.drain_request_body()).await,
+            Ok(Ok(()))
+        );
+    if !drained {
+        session.set_keepalive(None);
+    }
 }
 
 /// Removes the client's trusted headers, sets the signed context, and

@@ -303,3 +303,27 @@ async fn a_full_gateway_sheds_load_while_health_answers() {
         .await;
     assert_eq!(r.status, 200, "capacity came back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_client_keeps_its_connection() {
+    use tokio::net::TcpStream;
+    let gw = Gateway::start().await;
+    let token = gw.keys.token("tiny"); // burst 3
+    let body = chat_body().to_string();
+    let req = format!(
+        "POST {CHAT} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (status, close) = read_keep_alive(&mut s)
+            .await
+            .expect("the connection was closed");
+        assert!(!close, "the gateway asked to close the connection");
+        statuses.push(status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use portcullis::mock_router::{MockOptions, MockRouter};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const CHAT: &str = "/v1/chat/completions";
@@ -62,40 +62,6 @@ fn serve_daemon(conf: &Path, upgrade: bool) {
         .status()
         .expect("run portcullis");
     assert!(status.success(), "portcullis {args:?} failed to start");
-}
-
-/// Reads one response with a Content-Length body; returns (status, close).
-async fn read_one(s: &mut TcpStream) -> Option<(u16, bool)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut headers);
-        if let Ok(httparse::Status::Complete(head)) = resp.parse(&buf) {
-            let get = |name: &str| {
-                resp.headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case(name))
-                    .map(|h| String::from_utf8_lossy(h.value).to_string())
-            };
-            let len: usize = get("content-length")?.trim().parse().ok()?;
-            let close = get("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
-            let status = resp.code?;
-            while buf.len() < head + len {
-                let n = s.read(&mut chunk).await.ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            return Some((status, close));
-        }
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 #[derive(Default)]
@@ -204,7 +170,7 @@ signing_key_file = "context.key"
                     continue;
                 };
                 let answer = match s.write_all(req.as_bytes()).await {
-                    Ok(()) => read_one(s).await,
+                    Ok(()) => read_keep_alive(s).await,
                     Err(_) => None,
                 };
                 match answer {

@@ -594,6 +594,41 @@ pub async fn send(addr: SocketAddr, raw: &[u8]) -> std::io::Result<Response> {
     })
 }
 
+/// Reads one Content-Length response from a kept-alive connection;
+/// returns its status and whether the server asked to close.
+pub async fn read_keep_alive(s: &mut TcpStream) -> Option<(u16, bool)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(head)) = resp.parse(&buf) {
+            let get = |name: &str| {
+                resp.headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| String::from_utf8_lossy(h.value).to_string())
+            };
+            let len: usize = get("content-length")?.trim().parse().ok()?;
+            let close = get("connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
+            let status = resp.code?;
+            while buf.len() < head + len {
+                let n = s.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return Some((status, close));
+        }
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 fn dechunk(mut raw: &[u8]) -> std::io::Result<Vec<u8>> {
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunked body");
     let mut out = Vec::new();
