@@ -1,35 +1,66 @@
-//! One JSON line per request, written through `tracing` under the target
-//! `access`. It names the tenant, route, model, status, reject code,
-//! latencies and tokens: never a prompt, key or token.
+//! One JSON line per request under the target `access`: time, request id,
+//! tenant, route, model, method, status, reject code, latencies and tokens;
+//! never a prompt, key or token.
+//!
+//! The line is serialised straight into the non-blocking log writer rather
+//! than through `tracing`'s formatter, which costs several times more per
+//! request. It is written when the `access` target is enabled at `info`
+//! (`PORTCULLIS_LOG=warn` turns it off).
+
+use std::io::Write;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::logging;
 
 /// What one finished request looked like.
+#[derive(Serialize)]
 pub struct AccessRecord<'a> {
     pub request_id: &'a str,
     pub tenant: &'a str,
     pub route: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<&'a str>,
     pub method: &'a str,
     pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reject_code: Option<&'a str>,
     pub gateway_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub completion_tokens: Option<u64>,
 }
 
+#[derive(Serialize)]
+struct Line<'a> {
+    timestamp: String,
+    level: &'static str,
+    target: &'static str,
+    #[serde(flatten)]
+    record: &'a AccessRecord<'a>,
+}
+
 pub fn write(r: &AccessRecord<'_>) {
-    tracing::info!(
+    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        return;
+    }
+    let Some(mut out) = logging::writer() else {
+        return;
+    };
+    let line = Line {
+        timestamp: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+        level: "INFO",
         target: "access",
-        request_id = r.request_id,
-        tenant = r.tenant,
-        route = r.route,
-        model = r.model,
-        method = r.method,
-        status = r.status,
-        reject_code = r.reject_code,
-        gateway_ms = r.gateway_ms,
-        upstream_ms = r.upstream_ms,
-        prompt_tokens = r.prompt_tokens,
-        completion_tokens = r.completion_tokens,
-    );
+        record: r,
+    };
+    let mut buf = Vec::with_capacity(320);
+    if serde_json::to_writer(&mut buf, &line).is_ok() {
+        buf.push(b'\n');
+        // The writer drops lines rather than block when its queue is full.
+        let _ = out.write_all(&buf);
+    }
 }

@@ -7,10 +7,17 @@ use std::sync::OnceLock;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 
 /// Keeps the writer's thread alive for the life of the process.
 static GUARD: OnceLock<WorkerGuard> = OnceLock::new();
+/// The writer itself, for lines serialised outside `tracing` (the access log).
+static WRITER: OnceLock<NonBlocking> = OnceLock::new();
+
+/// The shared non-blocking writer, once logging is up.
+pub fn writer() -> Option<NonBlocking> {
+    WRITER.get().cloned()
+}
 
 /// Installs the subscriber once the server runs: Pingora daemonises in
 /// `run_forever`, and the writer's thread must start after the fork.
@@ -26,10 +33,14 @@ impl BackgroundService for LoggingService {
 }
 
 fn init() {
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // The writer thread drains everything queued, then flushes: a buffer
+    // turns a burst of lines into one write instead of one per line.
+    let out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking(out);
     if GUARD.set(guard).is_err() {
         return;
     }
+    let _ = WRITER.set(writer.clone());
     let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
