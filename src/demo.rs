@@ -24,7 +24,7 @@ pub struct DemoArgs {
 /// Writes the demo's configuration, starts the mock router and serves.
 pub fn run(args: &DemoArgs) -> Result<(), String> {
     let dir = demo_dir();
-    let files = dev::write_dev_credentials(&dir, &dir.join("jwks.json"))?;
+    let files = dev::write_dev_credentials(&dir, &dir.join("jwks.json"), &[])?;
     let key = api_key::generate();
     std::fs::write(
         dir.join("tenants.toml"),

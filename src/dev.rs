@@ -87,16 +87,123 @@ pub struct DevFiles {
     pub jwt_key: PathBuf,
     pub jwks: PathBuf,
     pub context_key: PathBuf,
+    /// Every certificate written, with its key beside it (`.key`).
+    pub certificates: Vec<PathBuf>,
 }
 
-/// Generates a JWT key, its JWKS and a context key into `out` (JWKS at `jwks`).
-pub fn write_dev_credentials(out: &Path, jwks: &Path) -> Result<DevFiles, String> {
+/// A dev certificate to issue from the dev CA.
+struct Leaf<'a> {
+    name: &'a str,
+    common_name: &'a str,
+    /// DNS names and IP addresses.
+    hosts: Vec<String>,
+    uri: Option<&'a str>,
+    usage: rcgen::ExtendedKeyUsagePurpose,
+}
+
+/// Writes a dev PKI into `out`: a CA, the gateway's server certificate,
+/// the router's, the gateway's client certificate for the router, and one
+/// client certificate per `(tenant, identity)`.
+fn write_pki(out: &Path, tenants: &[(String, String)]) -> Result<Vec<PathBuf>, String> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose, SanType,
+    };
+    let err = |e: rcgen::Error| e.to_string();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Portcullis dev CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).map_err(err)?;
+    let mut written = Vec::new();
+    let mut save = |name: &str, cert: String, key: String| -> Result<(), String> {
+        let crt = out.join(format!("{name}.crt"));
+        std::fs::write(&crt, cert).map_err(|e| format!("{}: {e}", crt.display()))?;
+        let k = out.join(format!("{name}.key"));
+        write_private(&k, key.as_bytes()).map_err(|e| format!("{}: {e}", k.display()))?;
+        written.push(crt);
+        Ok(())
+    };
+    save("ca", ca.pem(), ca_key_pem)?;
+
+    let local = || vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let mut leaves = vec![
+        Leaf {
+            name: "gateway",
+            common_name: "gateway.internal",
+            hosts: [vec!["gateway.internal".to_string()], local()].concat(),
+            uri: None,
+            usage: ExtendedKeyUsagePurpose::ServerAuth,
+        },
+        Leaf {
+            name: "router",
+            common_name: "router.internal",
+            hosts: [vec!["router.internal".to_string()], local()].concat(),
+            uri: None,
+            usage: ExtendedKeyUsagePurpose::ServerAuth,
+        },
+        Leaf {
+            name: "gateway-client",
+            common_name: "portcullis-gateway",
+            hosts: vec![],
+            uri: Some("spiffe://portcullis/gateway"),
+            usage: ExtendedKeyUsagePurpose::ClientAuth,
+        },
+    ];
+    let tenant_names: Vec<String> = tenants
+        .iter()
+        .map(|(id, _)| format!("tenant-{id}"))
+        .collect();
+    for ((id, identity), name) in tenants.iter().zip(&tenant_names) {
+        leaves.push(Leaf {
+            name,
+            common_name: id,
+            hosts: vec![],
+            uri: Some(identity),
+            usage: ExtendedKeyUsagePurpose::ClientAuth,
+        });
+    }
+    for leaf in leaves {
+        let mut params = CertificateParams::new(leaf.hosts).map_err(err)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, leaf.common_name);
+        if let Some(uri) = leaf.uri {
+            let uri = uri.try_into().map_err(|e: rcgen::Error| e.to_string())?;
+            params.subject_alt_names.push(SanType::URI(uri));
+        }
+        params.extended_key_usages = vec![leaf.usage];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let key = KeyPair::generate().map_err(err)?;
+        let cert = params.signed_by(&key, &ca).map_err(err)?;
+        save(leaf.name, cert.pem(), key.serialize_pem())?;
+    }
+    Ok(written)
+}
+
+/// Generates a JWT key, its JWKS, a context key and a dev PKI into `out`
+/// (JWKS at `jwks`); `tenants` lists `(id, mTLS identity)` pairs to issue
+/// client certificates for.
+pub fn write_dev_credentials(
+    out: &Path,
+    jwks: &Path,
+    tenants: &[(String, String)],
+) -> Result<DevFiles, String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let files = DevFiles {
         jwt_key: out.join("dev-jwt.pem"),
         jwks: jwks.to_path_buf(),
         context_key: out.join("context.key"),
+        certificates: Vec::new(),
     };
+    let mut files = files;
     let key = DevJwtKey::generate(DEV_KID)?;
     let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     write_private(&files.jwt_key, key.private_pem.as_bytes()).map_err(|e| io(&files.jwt_key, e))?;
@@ -107,6 +214,7 @@ pub fn write_dev_credentials(out: &Path, jwks: &Path) -> Result<DevFiles, String
     }
     let doc = serde_json::to_vec_pretty(&key.jwks).map_err(|e| e.to_string())?;
     std::fs::write(&files.jwks, doc).map_err(|e| io(&files.jwks, e))?;
+    files.certificates = write_pki(out, tenants)?;
     Ok(files)
 }
 

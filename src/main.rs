@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use portcullis::config::diag::ConfigErrors;
+use portcullis::config::tenants;
 use portcullis::config::Snapshot;
 use portcullis::demo::{self, DemoArgs};
 use portcullis::dev::{self, MintRequest, DEV_AUDIENCE, DEV_ISSUER, DEV_KID};
@@ -120,6 +122,9 @@ enum CertsCommand {
         /// Where to write the JWKS (gateway.toml's jwks_file).
         #[arg(long, default_value = "policies/jwks.json")]
         jwks: PathBuf,
+        /// Issue a client certificate for each tenant's first mtls_identity.
+        #[arg(long, default_value = "policies/tenants.toml")]
+        tenants: PathBuf,
     },
 }
 
@@ -201,12 +206,24 @@ fn run(cmd: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Certs {
-            command: CertsCommand::Dev { out, jwks },
+            command: CertsCommand::Dev { out, jwks, tenants },
         } => {
-            let files = dev::write_dev_credentials(&out, &jwks)?;
-            println!("wrote {}", files.jwt_key.display());
-            println!("wrote {}", files.context_key.display());
-            println!("wrote {}", files.jwks.display());
+            let identities: Vec<(String, String)> = match tenants::load(&tenants, None) {
+                Ok(t) => t
+                    .list
+                    .iter()
+                    .filter_map(|t| Some((t.id.clone(), t.mtls_identities.first()?.clone())))
+                    .collect(),
+                Err(_) if !tenants.exists() => Vec::new(),
+                Err(e) => return Err(ConfigErrors(e).to_string()),
+            };
+            let files = dev::write_dev_credentials(&out, &jwks, &identities)?;
+            for f in [&files.jwt_key, &files.context_key, &files.jwks]
+                .into_iter()
+                .chain(&files.certificates)
+            {
+                println!("wrote {}", f.display());
+            }
             Ok(())
         }
         Command::MockRouter { listen, delay_ms } => {

@@ -166,6 +166,7 @@ id = "acme"
 org = "acme-corp"
 plan = "basic"
 api_keys = ["{acme_hash}"]
+mtls_identities = ["spiffe://tenants/acme"]
 [tenants.overrides]
 tokens_per_minute = 500_000
 
@@ -285,6 +286,9 @@ pub struct Options {
     pub gateway_extra: String,
     /// Write the gateway's stdout (logs at `info`) to `gateway.log` in its dir.
     pub capture_logs: bool,
+    /// Add a TLS listener with this `client_cert` mode, on a dev PKI
+    /// generated into the gateway's dir by `portcullis certs dev`.
+    pub tls: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -298,6 +302,7 @@ impl Default for Options {
             keys: None,
             gateway_extra: String::new(),
             capture_logs: false,
+            tls: None,
         }
     }
 }
@@ -309,6 +314,8 @@ pub struct Gateway {
     pub admin: SocketAddr,
     pub router: Option<MockRouter>,
     pub router_addr: SocketAddr,
+    /// The TLS listener, when `Options::tls` asked for one.
+    pub tls_addr: Option<SocketAddr>,
     pub keys: Keys,
     pub dir: tempfile::TempDir,
 }
@@ -342,6 +349,32 @@ impl Gateway {
         std::fs::write(d.join("jwks.json"), keys.jwks.to_string()).unwrap();
         std::fs::write(d.join("tenants.toml"), tenants_toml(&keys)).unwrap();
         std::fs::write(d.join("context.key"), hex::encode(&keys.context_key)).unwrap();
+        let tls_addr: Option<SocketAddr> = opts
+            .tls
+            .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap());
+        let tls_table = match (opts.tls, tls_addr) {
+            (Some(mode), Some(a)) => {
+                let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+                    .args(["certs", "dev", "--out"])
+                    .arg(d)
+                    .arg("--jwks")
+                    .arg(d.join("dev-jwks.json"))
+                    .arg("--tenants")
+                    .arg(d.join("tenants.toml"))
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "certs dev: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                format!(
+                    "[server.tls]\nlisten = [\"{a}\"]\ncert = \"gateway.crt\"\nkey = \"gateway.key\"\n\
+                     client_ca = \"ca.crt\"\nclient_cert = \"{mode}\"\n"
+                )
+            }
+            _ => String::new(),
+        };
         let upstream_lines = opts
             .upstream_lines
             .unwrap_or_else(|| format!("address = \"{router_addr}\""));
@@ -359,6 +392,7 @@ graceful_shutdown_timeout_seconds = 1
 pid_file = "{dir}/portcullis.pid"
 upgrade_sock = "{dir}/upgrade.sock"
 
+{tls_table}
 [admin]
 listen = "{admin}"
 
@@ -410,6 +444,7 @@ signing_key_file = "context.key"
             admin,
             router,
             router_addr,
+            tls_addr,
             keys,
             dir,
         };
