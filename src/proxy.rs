@@ -23,6 +23,7 @@ use crate::config::tenants::Feature;
 use crate::config::{SharedSnapshot, Snapshot};
 use crate::forward::upstream::Upstream;
 use crate::forward::{self, TrustedContext};
+use crate::identity::mtls::CertIdentity;
 use crate::identity::{self, Identity};
 use crate::inbound;
 use crate::limits::guard::{Admission, AuthFailures, Overload};
@@ -118,10 +119,11 @@ impl Gateway {
         if let Some(ip) = &ip {
             self.auth_failures.check(ip)?;
         }
-        let cred = identity::credential(&req.headers)?;
-        let who = snap
-            .auth
-            .authenticate(&snap.tenants, cred, unix_now())
+        let cert = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|s| s.extension.get::<CertIdentity>());
+        let who = identity::resolve(&snap.auth, &snap.tenants, &req.headers, cert, unix_now())
             .inspect_err(|r| {
                 if let (401, Some(ip)) = (r.status, &ip) {
                     self.auth_failures.record_failure(ip);

@@ -13,7 +13,8 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
-use pingora::tls::ssl::{SslVerifyMode, SslVersion};
+use pingora::tls::ssl::{SslFiletype, SslVerifyMode, SslVersion};
+use pingora::tls::x509::X509Name;
 
 use crate::admin::Admin;
 use crate::config::gateway::{ClientCertMode, LimitsBackend, TlsListenerConfig};
@@ -21,6 +22,7 @@ use crate::config::reload::{ReloadService, Reloader};
 use crate::config::Snapshot;
 use crate::forward::upstream::{self, Upstream};
 use crate::identity::jwks_fetch::JwksRefreshService;
+use crate::identity::mtls::CertCallbacks;
 use crate::limits::guard::{AuthFailures, Overload};
 use crate::limits::redis::{BreakerProbe, RedisLimits};
 use crate::observe::logging::LoggingService;
@@ -131,9 +133,20 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
 /// TLS 1.2+ with Mozilla's intermediate suites, ALPN h2 and http/1.1, and
 /// client-certificate verification per `client_cert`.
 fn tls_settings(tls: &TlsListenerConfig) -> Result<TlsSettings, String> {
-    let path = |p: &Path| p.to_string_lossy().into_owned();
-    let mut settings = TlsSettings::intermediate(&path(&tls.cert), &path(&tls.key))
-        .map_err(|e| format!("[server.tls] certificate or key: {e}"))?;
+    let callbacks = Box::new(CertCallbacks {
+        required: tls.client_cert == ClientCertMode::Required,
+    });
+    let mut settings =
+        TlsSettings::with_callbacks(callbacks).map_err(|e| format!("[server.tls]: {e}"))?;
+    settings
+        .set_certificate_chain_file(&tls.cert)
+        .map_err(|e| format!("[server.tls] cert: {e}"))?;
+    settings
+        .set_private_key_file(&tls.key, SslFiletype::PEM)
+        .map_err(|e| format!("[server.tls] key: {e}"))?;
+    settings
+        .check_private_key()
+        .map_err(|e| format!("[server.tls] key does not match cert: {e}"))?;
     settings.enable_h2();
     settings
         .set_min_proto_version(Some(SslVersion::TLS1_2))
@@ -142,6 +155,10 @@ fn tls_settings(tls: &TlsListenerConfig) -> Result<TlsSettings, String> {
         settings
             .set_ca_file(ca)
             .map_err(|e| format!("[server.tls] client_ca: {e}"))?;
+        // Tell clients which CA their certificate must chain to.
+        let names = X509Name::load_client_ca_file(ca)
+            .map_err(|e| format!("[server.tls] client_ca: {e}"))?;
+        settings.set_client_ca_list(names);
     }
     match tls.client_cert {
         ClientCertMode::None => {}

@@ -11,10 +11,16 @@ use common::*;
 const CHAT: &str = "/v1/chat/completions";
 
 /// curl against the TLS listener, trusting the dev CA; prints the status
-/// line's HTTP version and code.
+/// line's HTTP version and code. An empty `auth` sends no credential.
 fn curl(gw: &Gateway, extra: &[&str], auth: &str) -> Output {
     let d = gw.dir.path();
     let url = format!("https://localhost:{}{CHAT}", gw.tls_addr.unwrap().port());
+    // An empty `auth` sends no credential at all.
+    let header = if auth.is_empty() {
+        "X-No-Credential: 1".to_string()
+    } else {
+        format!("Authorization: Bearer {auth}")
+    };
     Command::new("curl")
         .args([
             "-sS",
@@ -27,7 +33,7 @@ fn curl(gw: &Gateway, extra: &[&str], auth: &str) -> Output {
         ])
         .arg("--cacert")
         .arg(d.join("ca.crt"))
-        .args(["-H", &format!("Authorization: Bearer {auth}")])
+        .args(["-H", &header])
         .args(["-H", "Content-Type: application/json"])
         .args(["--data", &chat_body().to_string()])
         .args(extra)
@@ -46,7 +52,20 @@ fn with_cert(gw: &Gateway, name: &str) -> Vec<String> {
     ]
 }
 
-fn ok(out: &Output) -> String {
+/// A request that must succeed: its `%{http_version} %{http_code}`. A
+/// handshake error (curl exit 35) is retried once, as clients do; one was
+/// seen once in ~35 runs (an OpenSSL "asn1 EVP lib" error on the client)
+/// and is not understood yet, so it is retried rather than hidden: a second
+/// failure still fails the test.
+fn curl_ok(gw: &Gateway, extra: &[&str], auth: &str) -> String {
+    let mut out = curl(gw, extra, auth);
+    if out.status.code() == Some(35) {
+        eprintln!(
+            "retrying a TLS handshake error: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out = curl(gw, extra, auth);
+    }
     assert!(
         out.status.success(),
         "curl failed: {}",
@@ -73,7 +92,7 @@ async fn required_client_certificates_are_enforced_in_the_handshake() {
     // A certificate from the dev CA: the request goes through.
     let cert = with_cert(&gw, "tenant-acme");
     let cert: Vec<&str> = cert.iter().map(String::as_str).collect();
-    assert!(ok(&curl(&gw, &cert, &key)).ends_with(" 200"));
+    assert!(curl_ok(&gw, &cert, &key).ends_with(" 200"));
     // TLS below 1.2 is refused.
     let mut old = cert.clone();
     old.extend(["--tlsv1.1", "--tls-max", "1.1"]);
@@ -92,7 +111,7 @@ async fn optional_mode_accepts_no_certificate_but_refuses_a_bad_one() {
     })
     .await;
     let key = gw.keys.acme_key.clone();
-    assert!(ok(&curl(&gw, &[], &key)).ends_with(" 200"));
+    assert!(curl_ok(&gw, &[], &key).ends_with(" 200"));
     // A certificate from another CA fails the handshake, even on optional.
     let other = Gateway::start_with(Options {
         tls: Some("none"),
@@ -117,9 +136,35 @@ async fn http2_works_end_to_end_over_tls() {
     })
     .await;
     let token = gw.keys.token("acme");
-    assert_eq!(ok(&curl(&gw, &["--http2"], &token)), "2 200");
-    assert_eq!(ok(&curl(&gw, &["--http1.1"], &token)), "1.1 200");
+    assert_eq!(curl_ok(&gw, &["--http2"], &token), "2 200");
+    assert_eq!(curl_ok(&gw, &["--http1.1"], &token), "1.1 200");
     let rec = gw.router().requests().pop().unwrap();
     assert_eq!(rec.header("x-tenant-id"), Some("acme"));
     assert_eq!(rec.header("x-forwarded-proto"), Some("https"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_a_tenant_identity() {
+    let gw = Gateway::start_with(Options {
+        tls: Some("required"),
+        ..Options::default()
+    })
+    .await;
+    let acme = with_cert(&gw, "tenant-acme");
+    let acme: Vec<&str> = acme.iter().map(String::as_str).collect();
+    // The certificate alone authenticates acme (SAN URI spiffe://tenants/acme).
+    assert!(curl_ok(&gw, &acme, "").ends_with(" 200"));
+    let rec = gw.router().requests().pop().unwrap();
+    assert_eq!(rec.header("x-tenant-id"), Some("acme"));
+    // Certificate and credential agree: fine.
+    assert!(curl_ok(&gw, &acme, &gw.keys.token("acme")).ends_with(" 200"));
+    // They disagree: 403 identity_mismatch, nothing forwarded.
+    let before = gw.router_count();
+    assert!(curl_ok(&gw, &acme, &gw.keys.token("globex")).ends_with(" 403"));
+    // A verified certificate that names no tenant, on a required listener.
+    let unknown = with_cert(&gw, "gateway-client");
+    let unknown: Vec<&str> = unknown.iter().map(String::as_str).collect();
+    assert!(curl_ok(&gw, &unknown, "").ends_with(" 403"));
+    assert!(curl_ok(&gw, &unknown, &gw.keys.token("acme")).ends_with(" 403"));
+    assert_eq!(gw.router_count(), before, "a refused request was forwarded");
 }

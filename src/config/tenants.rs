@@ -160,11 +160,17 @@ pub struct Tenants {
     pub list: Vec<Arc<Tenant>>,
     by_id: HashMap<String, usize>,
     by_api_key: HashMap<[u8; 32], usize>,
+    by_mtls: HashMap<String, usize>,
 }
 
 impl Tenants {
     pub fn by_id(&self, id: &str) -> Option<&Arc<Tenant>> {
         self.by_id.get(id).map(|&i| &self.list[i])
+    }
+
+    /// Looks a tenant up by a name from a verified client certificate.
+    pub fn by_mtls_identity(&self, name: &str) -> Option<&Arc<Tenant>> {
+        self.by_mtls.get(name).map(|&i| &self.list[i])
     }
 
     /// Looks a tenant up by the SHA-256 digest of a presented API key.
@@ -267,6 +273,7 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
 
     let mut out = Tenants::default();
     let mut seen_mtls: HashMap<String, String> = HashMap::new();
+    let mut by_mtls = HashMap::new();
     for t in raw.tenants {
         let id = t.id.get_ref().clone();
         if !valid_id(&id) {
@@ -335,6 +342,7 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
             }
         }
         for ident in &t.mtls_identities {
+            by_mtls.insert(ident.get_ref().clone(), index);
             if let Some(other) = seen_mtls.insert(ident.get_ref().clone(), id.clone()) {
                 errs.push(src.at(
                     Some(ident.span()),
@@ -377,6 +385,7 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
         out.list.push(Arc::new(tenant));
     }
 
+    out.by_mtls = by_mtls;
     if errs.is_empty() {
         Ok(out)
     } else {

@@ -8,6 +8,7 @@ pub mod api_key;
 pub mod jwks;
 pub mod jwks_fetch;
 pub mod jwt;
+pub mod mtls;
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ use jwt::{JwtVerifier, TokenError, VerifiedToken};
 pub enum IdentityKind {
     Jwt,
     ApiKey,
+    Mtls,
 }
 
 impl IdentityKind {
@@ -31,6 +33,7 @@ impl IdentityKind {
         match self {
             IdentityKind::Jwt => "jwt",
             IdentityKind::ApiKey => "api_key",
+            IdentityKind::Mtls => "mtls",
         }
     }
 }
@@ -104,6 +107,50 @@ pub fn credential(headers: &HeaderMap) -> Result<Credential<'_>, Reject> {
 
 fn missing(msg: &'static str) -> Reject {
     Reject::unauthorized("missing_credentials", msg)
+}
+
+/// Resolves the request's identity from its credential and, on TLS, its
+/// client certificate. A certificate naming a tenant authenticates on its
+/// own; with a credential as well, both must name the same tenant.
+pub fn resolve(
+    auth: &Authenticator,
+    tenants: &Tenants,
+    headers: &HeaderMap,
+    cert: Option<&mtls::CertIdentity>,
+    now: u64,
+) -> Result<Identity, Reject> {
+    let Some(cert) = cert else {
+        return auth.authenticate(tenants, credential(headers)?, now);
+    };
+    let by_cert = cert.names.iter().find_map(|n| tenants.by_mtls_identity(n));
+    let has_credential = headers.contains_key(AUTHORIZATION) || headers.contains_key("x-api-key");
+    match (by_cert, has_credential) {
+        (Some(tenant), true) => {
+            let who = auth.authenticate(tenants, credential(headers)?, now)?;
+            if who.tenant.id != tenant.id {
+                return Err(Reject::forbidden(
+                    "identity_mismatch",
+                    "the client certificate and the credential name different tenants",
+                ));
+            }
+            Ok(who)
+        }
+        (Some(tenant), false) => Ok(Identity {
+            kind: IdentityKind::Mtls,
+            subject: cert.names.first().cloned(),
+            tenant: tenant.clone(),
+            token: None,
+        }),
+        (None, _) if cert.required => Err(Reject::forbidden(
+            "unknown_tenant",
+            "the client certificate names no configured tenant",
+        )),
+        (None, true) => auth.authenticate(tenants, credential(headers)?, now),
+        (None, false) => Err(Reject::unauthorized(
+            "unknown_tenant",
+            "the client certificate names no configured tenant",
+        )),
+    }
 }
 
 /// The verifiers built for one configuration snapshot.
