@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_BODY: usize = 32 * 1024 * 1024;
@@ -95,6 +95,7 @@ impl MockRouter {
                 let state = state.clone();
                 let opts = opts.clone();
                 tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
                     // A broken connection only ends that connection.
                     let _ = serve_connection(stream, &state, &opts).await;
                 });
@@ -116,6 +117,12 @@ impl MockRouter {
             .unwrap_or_default()
     }
 
+    /// Serves one already-accepted connection (a test's TLS listener uses
+    /// this after its handshake), recording like any other.
+    pub async fn serve(&self, stream: impl Conn, opts: &MockOptions) -> std::io::Result<()> {
+        serve_connection(stream, &self.state, opts).await
+    }
+
     /// Connections that carried at least one byte (health checks, which
     /// connect and close, do not count).
     pub fn connections(&self) -> usize {
@@ -123,12 +130,15 @@ impl MockRouter {
     }
 }
 
+/// Any byte stream the mock can serve HTTP/1.1 on (TCP, or TLS over it).
+pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
 async fn serve_connection(
-    mut stream: TcpStream,
+    mut stream: impl Conn,
     state: &State,
     opts: &MockOptions,
 ) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(8192);
     if read_more(&mut stream, &mut buf).await? == 0 {
         return Ok(());
@@ -192,7 +202,7 @@ async fn serve_connection(
 
 /// Reads one request; `None` on a clean close before a new request.
 async fn read_request(
-    stream: &mut TcpStream,
+    stream: &mut impl Conn,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<Option<(Recorded, bool)>> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
@@ -255,14 +265,14 @@ async fn read_request(
     }
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+async fn read_more(stream: &mut impl Conn, buf: &mut Vec<u8>) -> std::io::Result<usize> {
     let mut chunk = [0u8; 16 * 1024];
     let n = stream.read(&mut chunk).await?;
     buf.extend_from_slice(&chunk[..n]);
     Ok(n)
 }
 
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> std::io::Result<()> {
+async fn fill(stream: &mut impl Conn, buf: &mut Vec<u8>, len: usize) -> std::io::Result<()> {
     while buf.len() < len {
         if read_more(stream, buf).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
@@ -271,7 +281,7 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> std::io:
     Ok(())
 }
 
-async fn read_chunked(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Vec<u8>> {
+async fn read_chunked(stream: &mut impl Conn, buf: &mut Vec<u8>) -> std::io::Result<Vec<u8>> {
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk");
     let mut body = Vec::new();
     loop {
