@@ -5,6 +5,10 @@ wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "application/json"
+if os.getenv("CLOSE") == "1" then
+  -- A new connection (and so a full TLS handshake) for every request.
+  wrk.headers["Connection"] = "close"
+end
 local token = os.getenv("TOKEN")
 if token and #token > 0 then
   wrk.headers["Authorization"] = "Bearer " .. token
