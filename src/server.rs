@@ -22,7 +22,7 @@ use crate::config::reload::{ReloadService, Reloader};
 use crate::config::Snapshot;
 use crate::forward::upstream::{self, Upstream};
 use crate::identity::jwks_fetch::JwksRefreshService;
-use crate::identity::mtls::CertCallbacks;
+use crate::identity::mtls::{CertCallbacks, TlsMaterial};
 use crate::limits::guard::{AuthFailures, Overload};
 use crate::limits::redis::{BreakerProbe, RedisLimits};
 use crate::observe::logging::LoggingService;
@@ -89,8 +89,18 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
         }
     };
 
+    // Listener certificates live outside the snapshot: the reloader swaps
+    // them in for new connections when their files change.
+    let tls_material = match &gw.server.tls {
+        Some(t) => Some(Arc::new(ArcSwap::from_pointee(TlsMaterial::load(
+            &t.cert,
+            &t.key,
+            t.client_ca.as_deref(),
+        )?))),
+        None => None,
+    };
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-    let reloader = Arc::new(Reloader::new(path, shared.clone()));
+    let reloader = Arc::new(Reloader::new(path, shared.clone(), tls_material.clone()));
     server.add_service(background_service(
         "config reload",
         ReloadService(reloader.clone()),
@@ -114,9 +124,13 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     for addr in &gw.server.listen {
         proxy.add_tcp(&addr.to_string());
     }
-    if let Some(tls) = &gw.server.tls {
+    if let (Some(tls), Some(material)) = (&gw.server.tls, &tls_material) {
         for addr in &tls.listen {
-            proxy.add_tls_with_settings(&addr.to_string(), None, tls_settings(tls)?);
+            proxy.add_tls_with_settings(
+                &addr.to_string(),
+                None,
+                tls_settings(tls, material.clone())?,
+            );
         }
     }
     server.add_service(proxy);
@@ -132,9 +146,13 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
 
 /// TLS 1.2+ with Mozilla's intermediate suites, ALPN h2 and http/1.1, and
 /// client-certificate verification per `client_cert`.
-fn tls_settings(tls: &TlsListenerConfig) -> Result<TlsSettings, String> {
+fn tls_settings(
+    tls: &TlsListenerConfig,
+    material: Arc<ArcSwap<TlsMaterial>>,
+) -> Result<TlsSettings, String> {
     let callbacks = Box::new(CertCallbacks {
         required: tls.client_cert == ClientCertMode::Required,
+        material,
     });
     let mut settings =
         TlsSettings::with_callbacks(callbacks).map_err(|e| format!("[server.tls]: {e}"))?;

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
@@ -167,4 +168,97 @@ async fn a_client_certificate_is_a_tenant_identity() {
     assert!(curl_ok(&gw, &unknown, "").ends_with(" 403"));
     assert!(curl_ok(&gw, &unknown, &gw.keys.token("acme")).ends_with(" 403"));
     assert_eq!(gw.router_count(), before, "a refused request was forwarded");
+}
+
+/// A request with explicit trust and client files: `(http_code, curl ok)`.
+fn curl_files(gw: &Gateway, ca: &Path, cert: &Path) -> (String, bool) {
+    let key = cert.with_extension("key");
+    let url = format!("https://localhost:{}{CHAT}", gw.tls_addr.unwrap().port());
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("--cacert")
+        .arg(ca)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            &chat_body().to_string(),
+        ])
+        .arg(url)
+        .output()
+        .expect("curl");
+    (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        out.status.success(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_certificates_and_client_ca_apply_to_new_connections() {
+    let gw = Gateway::start_with(Options {
+        tls: Some("required"),
+        ..Options::default()
+    })
+    .await;
+    let d = gw.dir.path();
+    // Keep the first PKI aside, and make a second one.
+    let old = tempfile::tempdir().unwrap();
+    for f in ["ca.crt", "tenant-acme.crt", "tenant-acme.key"] {
+        std::fs::copy(d.join(f), old.path().join(f)).unwrap();
+    }
+    let new = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["certs", "dev", "--out"])
+        .arg(new.path())
+        .arg("--jwks")
+        .arg(new.path().join("jwks.json"))
+        .arg("--tenants")
+        .arg(d.join("tenants.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (old_ca, old_acme) = (
+        old.path().join("ca.crt"),
+        old.path().join("tenant-acme.crt"),
+    );
+    let (new_ca, new_acme) = (
+        new.path().join("ca.crt"),
+        new.path().join("tenant-acme.crt"),
+    );
+    assert_eq!(curl_files(&gw, &old_ca, &old_acme), ("200".into(), true));
+
+    // Rotate the server certificate, its key and the client CA, by rename.
+    for f in ["gateway.key", "gateway.crt", "ca.crt"] {
+        std::fs::copy(new.path().join(f), d.join(format!("{f}.new"))).unwrap();
+        std::fs::rename(d.join(format!("{f}.new")), d.join(f)).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while curl_files(&gw, &new_ca, &new_acme) != ("200".into(), true) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificates never took effect"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The old server certificate is gone, and the old client CA no longer trusted.
+    assert!(
+        !curl_files(&gw, &old_ca, &old_acme).1,
+        "still serving the old certificate"
+    );
+    assert!(
+        !curl_files(&gw, &new_ca, &old_acme).1,
+        "a client certificate from the old CA was accepted"
+    );
 }

@@ -38,13 +38,18 @@ fn signal(pid: i32, sig: &str) {
     let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
 }
 
-/// Stops whatever daemon the pid file names when the test ends.
+/// Stops the daemons the pid files name when the test ends.
 struct Daemons<'a>(&'a Path);
 
 impl Drop for Daemons<'_> {
     fn drop(&mut self) {
-        if let Some(p) = pid(self.0) {
-            signal(p, "-KILL");
+        for file in ["portcullis.pid", "portcullis.pid.old"] {
+            let p = std::fs::read_to_string(self.0.join(file))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok());
+            if let Some(p) = p {
+                signal(p, "-KILL");
+            }
         }
     }
 }
@@ -54,11 +59,16 @@ fn serve_daemon(conf: &Path, upgrade: bool) {
     if upgrade {
         args.push("-u");
     }
+    // The daemon must not inherit the test's output: a pipe held open by a
+    // surviving daemon would keep the test runner's reader waiting.
     let status = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(&args)
         .arg("-c")
         .arg(conf)
         .env("PORTCULLIS_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()
         .expect("run portcullis");
     assert!(status.success(), "portcullis {args:?} failed to start");
@@ -203,14 +213,19 @@ signing_key_file = "context.key"
     signal(old, "-QUIT");
     serve_daemon(&d.join("gateway.toml"), true);
     let upgraded = Instant::now();
-    while pid(d) == Some(old) {
-        assert!(
-            upgraded.elapsed() < Duration::from_secs(10),
-            "the new process did not take over"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let new = pid(d).unwrap();
+    // The pid file is renamed aside before the new process writes its own.
+    let new = loop {
+        match pid(d) {
+            Some(p) if p != old => break p,
+            _ => {
+                assert!(
+                    upgraded.elapsed() < Duration::from_secs(10),
+                    "the new process did not take over"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
     let streamed = in_flight
         .await
         .unwrap()

@@ -18,8 +18,12 @@ use notify::{RecursiveMode, Watcher};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
+use arc_swap::ArcSwap;
+
+use super::diag::{ConfigErrors, Diagnostic};
 use super::gateway::JwksSource;
 use super::{SharedSnapshot, Snapshot};
+use crate::identity::mtls::TlsMaterial;
 use crate::observe::metrics::METRICS;
 
 /// Quiet time after the last file event before reloading.
@@ -30,10 +34,16 @@ pub struct Reloader {
     gateway_path: PathBuf,
     shared: SharedSnapshot,
     generation: AtomicU64,
+    /// The TLS listeners' certificates, reloaded with the snapshot.
+    tls: Option<Arc<ArcSwap<TlsMaterial>>>,
 }
 
 impl Reloader {
-    pub fn new(gateway_path: &Path, shared: SharedSnapshot) -> Self {
+    pub fn new(
+        gateway_path: &Path,
+        shared: SharedSnapshot,
+        tls: Option<Arc<ArcSwap<TlsMaterial>>>,
+    ) -> Self {
         METRICS.config_generation.set(1);
         // Export both series from the start, so "no errors yet" reads as 0.
         for result in ["ok", "error"] {
@@ -43,6 +53,7 @@ impl Reloader {
             gateway_path: gateway_path.to_path_buf(),
             shared,
             generation: AtomicU64::new(1),
+            tls,
         }
     }
 
@@ -52,10 +63,29 @@ impl Reloader {
     }
 
     /// Loads a new snapshot and swaps it in; an invalid one changes nothing.
-    pub fn reload(&self) -> Result<u64, super::diag::ConfigErrors> {
+    pub fn reload(&self) -> Result<u64, ConfigErrors> {
         let previous = self.shared.load_full();
-        match Snapshot::load_after(&self.gateway_path, Some(&previous)) {
-            Ok(next) => {
+        let loaded = Snapshot::load_after(&self.gateway_path, Some(&previous)).and_then(|next| {
+            // New certificates are part of the change: all valid, or none applied.
+            let material = match (&self.tls, &next.gateway.server.tls) {
+                (Some(_), Some(t)) => Some(
+                    TlsMaterial::load(&t.cert, &t.key, t.client_ca.as_deref()).map_err(|m| {
+                        ConfigErrors(vec![Diagnostic {
+                            file: t.cert.clone(),
+                            line: None,
+                            message: m,
+                        }])
+                    })?,
+                ),
+                _ => None,
+            };
+            Ok((next, material))
+        });
+        match loaded {
+            Ok((next, material)) => {
+                if let (Some(slot), Some(m)) = (&self.tls, material) {
+                    slot.store(Arc::new(m));
+                }
                 self.shared.store(Arc::new(next));
                 let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 METRICS.config_generation.set(generation as i64);
@@ -79,6 +109,10 @@ impl Reloader {
         let g = &snap.gateway;
         let mut files = BTreeSet::from([self.gateway_path.clone(), g.policy.tenants.clone()]);
         files.extend(g.policy.rego.clone());
+        if let Some(t) = &g.server.tls {
+            files.extend([t.cert.clone(), t.key.clone()]);
+            files.extend(t.client_ca.clone());
+        }
         if let Some(JwksSource::File(p)) = g.jwt.as_ref().map(|j| &j.jwks) {
             files.insert(p.clone());
         }

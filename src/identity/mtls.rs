@@ -1,14 +1,73 @@
-//! Identity from a client certificate: the TLS stack has already verified
-//! the chain against `client_ca`; this captures the names the certificate
-//! carries once the handshake completes, for the request to map to a tenant.
+//! The TLS listener's handshake callbacks: serve the current certificate
+//! (so a rotated one takes effect for new connections without a restart)
+//! and, once the client's certificate has been verified against
+//! `client_ca`, capture the names it carries for the request to map to a
+//! tenant.
 
 use std::any::Any;
+use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
+use pingora::tls::ext;
 use pingora::tls::nid::Nid;
+use pingora::tls::pkey::{PKey, Private};
+use pingora::tls::x509::store::{X509Store, X509StoreBuilder};
+use pingora::tls::x509::X509;
+
+/// The certificate chain, key and client CA a listener serves with.
+pub struct TlsMaterial {
+    chain: Vec<X509>,
+    key: PKey<Private>,
+    client_ca: Option<X509Store>,
+}
+
+impl TlsMaterial {
+    /// Loads and checks the files; an error leaves the current material.
+    pub fn load(cert: &Path, key_file: &Path, client_ca: Option<&Path>) -> Result<Self, String> {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let chain =
+            X509::stack_from_pem(&read(cert)?).map_err(|e| format!("{}: {e}", cert.display()))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| format!("{}: no certificate", cert.display()))?;
+        let key = PKey::private_key_from_pem(&read(key_file)?)
+            .map_err(|e| format!("{}: {e}", key_file.display()))?;
+        let matches = leaf
+            .public_key()
+            .map(|public| public.public_eq(&key))
+            .unwrap_or(false);
+        if !matches {
+            return Err(format!(
+                "{} is not the key of {}",
+                key_file.display(),
+                cert.display()
+            ));
+        }
+        let client_ca = match client_ca {
+            None => None,
+            Some(p) => {
+                let mut store = X509StoreBuilder::new().map_err(|e| e.to_string())?;
+                for ca in
+                    X509::stack_from_pem(&read(p)?).map_err(|e| format!("{}: {e}", p.display()))?
+                {
+                    store
+                        .add_cert(ca)
+                        .map_err(|e| format!("{}: {e}", p.display()))?;
+                }
+                Some(store.build())
+            }
+        };
+        Ok(TlsMaterial {
+            chain,
+            key,
+            client_ca,
+        })
+    }
+}
 
 /// The names in a verified client certificate, most specific first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -23,10 +82,28 @@ pub struct CertIdentity {
 /// Pingora handshake callbacks for one TLS listener.
 pub struct CertCallbacks {
     pub required: bool,
+    /// Swapped by the reloader when the files change.
+    pub material: Arc<ArcSwap<TlsMaterial>>,
 }
 
 #[async_trait]
 impl TlsAccept for CertCallbacks {
+    async fn certificate_callback(&self, ssl: &mut TlsRef) {
+        let m = self.material.load();
+        let Some((leaf, rest)) = m.chain.split_first() else {
+            return;
+        };
+        // A failure leaves the listener's configured certificate in place.
+        let _ = ext::ssl_use_certificate(ssl, leaf);
+        for c in rest {
+            let _ = ext::ssl_add_chain_cert(ssl, c);
+        }
+        let _ = ext::ssl_use_private_key(ssl, &m.key);
+        if let Some(store) = &m.client_ca {
+            let _ = ext::ssl_set_verify_cert_store(ssl, store);
+        }
+    }
+
     async fn handshake_complete_callback(
         &self,
         tls: &TlsRef,
