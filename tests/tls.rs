@@ -219,16 +219,7 @@ async fn rotated_certificates_and_client_ca_apply_to_new_connections() {
         std::fs::copy(d.join(f), old.path().join(f)).unwrap();
     }
     let new = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["certs", "dev", "--out"])
-        .arg(new.path())
-        .arg("--jwks")
-        .arg(new.path().join("jwks.json"))
-        .arg("--tenants")
-        .arg(d.join("tenants.toml"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    dev_pki(new.path(), &d.join("tenants.toml"));
     let (old_ca, old_acme) = (
         old.path().join("ca.crt"),
         old.path().join("tenant-acme.crt"),

@@ -6,31 +6,12 @@ mod common;
 
 use std::path::Path;
 use std::pin::Pin;
-use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
 use pingora::tls::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod, SslVerifyMode};
 use portcullis::mock_router::{MockOptions, MockRouter};
 use tokio_openssl::SslStream;
-
-/// A dev PKI from `portcullis certs dev`, in `dir`.
-fn pki(dir: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["certs", "dev", "--out"])
-        .arg(dir)
-        .arg("--jwks")
-        .arg(dir.join("jwks.json"))
-        .arg("--tenants")
-        .arg(dir.join("none.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The mock router behind TLS that demands a client certificate from `ca`.
 async fn tls_router(dir: &Path) -> (MockRouter, std::net::SocketAddr) {
@@ -86,7 +67,7 @@ fn upstream(dir: &Path, addr: std::net::SocketAddr, sni: &str, with_client_cert:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_gets_the_gateways_client_certificate() {
     let pki_dir = tempfile::tempdir().unwrap();
-    pki(pki_dir.path());
+    dev_pki(pki_dir.path(), &pki_dir.path().join("none.toml"));
     let (router, addr) = tls_router(pki_dir.path()).await;
     let gw = Gateway::start_with(Options {
         upstream_lines: Some(upstream(pki_dir.path(), addr, "router.internal", true)),
@@ -111,7 +92,7 @@ async fn the_router_gets_the_gateways_client_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_without_our_client_certificate_or_with_the_wrong_name_gets_nothing() {
     let pki_dir = tempfile::tempdir().unwrap();
-    pki(pki_dir.path());
+    dev_pki(pki_dir.path(), &pki_dir.path().join("none.toml"));
     let (router, addr) = tls_router(pki_dir.path()).await;
     for (sni, client_cert) in [("wrong.internal", true), ("router.internal", false)] {
         let gw = Gateway::start_with(Options {

@@ -354,20 +354,7 @@ impl Gateway {
             .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap());
         let tls_table = match (opts.tls, tls_addr) {
             (Some(mode), Some(a)) => {
-                let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-                    .args(["certs", "dev", "--out"])
-                    .arg(d)
-                    .arg("--jwks")
-                    .arg(d.join("dev-jwks.json"))
-                    .arg("--tenants")
-                    .arg(d.join("tenants.toml"))
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "certs dev: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                dev_pki(d, &d.join("tenants.toml"));
                 format!(
                     "[server.tls]\nlisten = [\"{a}\"]\ncert = \"gateway.crt\"\nkey = \"gateway.key\"\n\
                      client_ca = \"ca.crt\"\nclient_cert = \"{mode}\"\n"
@@ -540,6 +527,25 @@ impl Drop for Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Writes a dev PKI into `dir` with `portcullis certs dev`, with a client
+/// certificate for each tenant in `tenants` that has an mTLS identity.
+pub fn dev_pki(dir: &Path, tenants: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["certs", "dev", "--out"])
+        .arg(dir)
+        .arg("--jwks")
+        .arg(dir.join("dev-jwks.json"))
+        .arg("--tenants")
+        .arg(tenants)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "certs dev: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A parsed HTTP/1.1 response.
