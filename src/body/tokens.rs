@@ -3,7 +3,7 @@
 //! A real BPE pass costs far more than the rest of the body stage, so the
 //! gateway estimates from character classes instead, erring high: the
 //! estimate gates quota reservations and `max_prompt_tokens`, where
-//! undercounting would let a tenant overspend. `tests/token_estimate.rs`
+//! undercounting would let a tenant overspend. `tests/it/token_estimate.rs`
 //! checks it against cl100k on English, code, CJK and emoji.
 
 use serde_json::Value;

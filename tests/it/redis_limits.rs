@@ -1,11 +1,9 @@
 //! The Redis limits backend with a real `redis-server`: quotas shared by
 //! two gateway instances, and the configured behaviour when Redis dies.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use portcullis::mock_router::MockOptions;
 
 const CHAT: &str = "/v1/chat/completions";

@@ -2,11 +2,9 @@
 //! schema and policy, normalisation, and the invariant that a rejected body
 //! never reaches the router, below and above Pingora's 64 KiB replay buffer.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

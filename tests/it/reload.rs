@@ -2,13 +2,11 @@
 //! requests within a second, a broken file changes nothing, and reloading
 //! under load loses no request.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const CHAT: &str = "/v1/chat/completions";
 const GLOBEX: &str = "id = \"globex\"\norg = \"globex-inc\"\nplan = \"gold\"\n";

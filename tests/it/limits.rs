@@ -3,11 +3,9 @@
 //! settled, rate-limit headers, and the limits that apply before a tenant
 //! is known.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use portcullis::mock_router::MockOptions;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,11 +1,9 @@
 //! The access log: one JSON line per request with the documented fields,
 //! and never a prompt, a key or a token.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

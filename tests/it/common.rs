@@ -1,6 +1,5 @@
 //! Integration-test harness: the real `portcullis` binary on ephemeral
 //! ports, in front of the recording mock router, driven over raw sockets.
-#![allow(dead_code)] // each test binary uses a different part of the harness
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

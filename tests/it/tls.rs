@@ -2,12 +2,10 @@
 //! dev PKI from `portcullis certs dev`: protocol floor, client-certificate
 //! modes, and HTTP/2 over TLS.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 
 const CHAT: &str = "/v1/chat/completions";
 

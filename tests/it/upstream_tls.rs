@@ -2,13 +2,11 @@
 //! gateway's client certificate, and a router certificate for the wrong
 //! name is refused before anything is sent.
 
-mod common;
-
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use pingora::tls::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod, SslVerifyMode};
 use portcullis::mock_router::{MockOptions, MockRouter};
 use tokio_openssl::SslStream;

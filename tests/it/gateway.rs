@@ -1,11 +1,9 @@
 //! The gateway core end to end: identity, header policy, forwarding, errors.
 //! Every rejection also proves that the router received nothing.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hmac::{Hmac, Mac};
 use jsonwebtoken::Algorithm;
 use portcullis::mock_router::MockOptions;

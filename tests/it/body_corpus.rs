@@ -1,9 +1,7 @@
 //! A JSONTestSuite-style corpus of hostile and malformed bodies. Each has
 //! its expected status and code, and none may reach the router.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 const CHAT: &str = "/v1/chat/completions";
 

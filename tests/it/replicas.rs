@@ -1,11 +1,9 @@
 //! Router replicas: round-robin across healthy ones, dead ones skipped by
 //! health checks, readiness that follows the routers.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use portcullis::mock_router::{MockOptions, MockRouter};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

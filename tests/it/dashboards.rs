@@ -1,11 +1,9 @@
 //! The shipped Grafana dashboard and Prometheus alerts reference only
 //! metrics the gateway exports.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::*;
+use crate::common::*;
 
 /// Every `portcullis_*` metric name in `text`, histogram suffixes removed.
 fn referenced(text: &str) -> BTreeSet<String> {

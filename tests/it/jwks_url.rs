@@ -1,14 +1,12 @@
 //! JWKS from a URL: background refresh, rotation, bounded refresh on
 //! unknown `kid`s, and the last good key set kept when the IdP fails.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use portcullis::dev::DevJwtKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

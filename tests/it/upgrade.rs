@@ -2,15 +2,13 @@
 //! gateway under continuous load (new connections and keep-alive) is
 //! replaced by a new process with `-u`; no request may fail.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use portcullis::mock_router::{MockOptions, MockRouter};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;

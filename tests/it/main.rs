@@ -1,0 +1,20 @@
+//! All integration tests in one binary: one link instead of one per file
+//! keeps a clean build fast and small. Each module is one feature area.
+
+mod common;
+
+mod access_log;
+mod body;
+mod body_corpus;
+mod cli;
+mod dashboards;
+mod gateway;
+mod jwks_url;
+mod limits;
+mod redis_limits;
+mod reload;
+mod replicas;
+mod tls;
+mod token_estimate;
+mod upgrade;
+mod upstream_tls;
