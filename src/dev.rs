@@ -101,13 +101,14 @@ struct Leaf<'a> {
     usage: rcgen::ExtendedKeyUsagePurpose,
 }
 
-/// Writes a dev PKI into `out`: a CA, the gateway's server certificate,
+/// Writes a dev PKI into `out`: a CA with an empty CRL, the gateway's server certificate,
 /// the router's, the gateway's client certificate for the router, and one
 /// client certificate per `(tenant, identity)`.
 fn write_pki(out: &Path, tenants: &[(String, String)]) -> Result<Vec<PathBuf>, String> {
     use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-        IsCa, KeyPair, KeyUsagePurpose, SanType,
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+        DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
+        SerialNumber,
     };
     let err = |e: rcgen::Error| e.to_string();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
@@ -119,6 +120,19 @@ fn write_pki(out: &Path, tenants: &[(String, String)]) -> Result<Vec<PathBuf>, S
     let ca_key = KeyPair::generate().map_err(err)?;
     let ca_key_pem = ca_key.serialize_pem();
     let ca = CertifiedIssuer::self_signed(ca_params, ca_key).map_err(err)?;
+    // An empty revocation list, so `[server.tls] crl` can be tried at once.
+    let now = time::OffsetDateTime::now_utc();
+    let crl = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + time::Duration::days(30),
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: Vec::new(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca)
+    .and_then(|crl| crl.pem())
+    .map_err(err)?;
     let mut written = Vec::new();
     let mut save = |name: &str, cert: String, key: String| -> Result<(), String> {
         let crt = out.join(format!("{name}.crt"));
@@ -185,6 +199,9 @@ fn write_pki(out: &Path, tenants: &[(String, String)]) -> Result<Vec<PathBuf>, S
         let cert = params.signed_by(&key, &ca).map_err(err)?;
         save(leaf.name, cert.pem(), key.serialize_pem())?;
     }
+    let crl_path = out.join("ca.crl");
+    std::fs::write(&crl_path, crl).map_err(|e| format!("{}: {e}", crl_path.display()))?;
+    written.push(crl_path);
     Ok(written)
 }
 

@@ -17,15 +17,16 @@ use pingora::tls::ssl::{SslFiletype, SslVerifyMode, SslVersion};
 use pingora::tls::x509::X509Name;
 
 use crate::admin::Admin;
-use crate::config::gateway::{ClientCertMode, LimitsBackend, TlsListenerConfig};
+use crate::config::gateway::{ClientCertMode, LimitsBackend, TlsListenerConfig, UpstreamConfig};
 use crate::config::reload::{ReloadService, Reloader};
 use crate::config::Snapshot;
 use crate::forward::upstream::{self, Upstream};
 use crate::identity::jwks_fetch::JwksRefreshService;
-use crate::identity::mtls::{CertCallbacks, TlsMaterial};
+use crate::identity::mtls::{client_verify_store, CertCallbacks, TlsMaterial};
 use crate::limits::guard::{AuthFailures, Overload};
 use crate::limits::redis::{BreakerProbe, RedisLimits};
 use crate::observe::logging::LoggingService;
+use crate::observe::metrics::METRICS;
 use crate::proxy::Gateway;
 
 /// Pingora's process-level flags, as `portcullis serve` accepts them.
@@ -60,7 +61,11 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
-    server.add_service(background_service("logging", LoggingService));
+    let warnings = insecure_settings(&gw.upstream);
+    for w in &warnings {
+        eprintln!("WARNING: {w}");
+    }
+    server.add_service(background_service("logging", LoggingService { warnings }));
 
     let health = background_service("router health checks", upstream::balancer(&gw.upstream)?);
     let balancer = health.task();
@@ -92,11 +97,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     // Listener certificates live outside the snapshot: the reloader swaps
     // them in for new connections when their files change.
     let tls_material = match &gw.server.tls {
-        Some(t) => Some(Arc::new(ArcSwap::from_pointee(TlsMaterial::load(
-            &t.cert,
-            &t.key,
-            t.client_ca.as_deref(),
-        )?))),
+        Some(t) => Some(Arc::new(ArcSwap::from_pointee(TlsMaterial::load(t)?))),
         None => None,
     };
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
@@ -144,6 +145,23 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     server.run_forever()
 }
 
+/// Settings that weaken security: each is printed on stderr at start, logged
+/// at WARN once logging is up, and visible as a metric for alerting.
+fn insecure_settings(upstream: &UpstreamConfig) -> Vec<String> {
+    let insecure = upstream.tls && !upstream.verify;
+    METRICS.upstream_insecure.set(i64::from(insecure));
+    if insecure {
+        let routers: Vec<String> = upstream.addresses.iter().map(|a| a.to_string()).collect();
+        vec![format!(
+            "[upstream] insecure = true: the router's certificate is NOT verified; anyone \
+             who can intercept the connection to {} receives every prompt",
+            routers.join(", ")
+        )]
+    } else {
+        Vec::new()
+    }
+}
+
 /// TLS 1.2+ with Mozilla's intermediate suites, ALPN h2 and http/1.1, and
 /// client-certificate verification per `client_cert`.
 fn tls_settings(
@@ -170,8 +188,10 @@ fn tls_settings(
         .set_min_proto_version(Some(SslVersion::TLS1_2))
         .map_err(|e| format!("[server.tls]: {e}"))?;
     if let Some(ca) = &tls.client_ca {
+        // The certificate callback swaps in the current store per
+        // connection; this one, identical at start, is the fallback.
         settings
-            .set_ca_file(ca)
+            .set_verify_cert_store(client_verify_store(ca, tls.crl.as_deref())?)
             .map_err(|e| format!("[server.tls] client_ca: {e}"))?;
         // Tell clients which CA their certificate must chain to.
         let names = X509Name::load_client_ca_file(ca)

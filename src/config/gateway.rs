@@ -82,6 +82,8 @@ struct RawTls {
     cert: Spanned<String>,
     key: Spanned<String>,
     client_ca: Option<Spanned<String>>,
+    /// PEM certificate revocation lists for the client CA(s).
+    crl: Option<Spanned<String>>,
     #[serde(default)]
     client_cert: ClientCertMode,
 }
@@ -119,6 +121,8 @@ struct RawUpstream {
     ca: Option<Spanned<String>>,
     client_cert: Option<Spanned<String>>,
     client_key: Option<Spanned<String>>,
+    verify: Option<Spanned<bool>>,
+    insecure: Option<Spanned<bool>>,
     #[serde(default = "default_connect_timeout")]
     connect_timeout_ms: u64,
     #[serde(default = "default_read_timeout")]
@@ -279,6 +283,9 @@ pub struct TlsListenerConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
+    /// When set, every client certificate is checked against these CRLs;
+    /// one without a current CRL from its issuer is refused.
+    pub crl: Option<PathBuf>,
     pub client_cert: ClientCertMode,
 }
 
@@ -290,6 +297,9 @@ pub struct UpstreamConfig {
     pub ca: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// Whether the router's certificate chain and name are checked. Off
+    /// only with the explicit `insecure = true`, logged at every start.
+    pub verify: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub health_check_interval: Duration,
@@ -359,11 +369,19 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
                 "[server.tls] client_cert = \"optional\" or \"required\" needs client_ca",
             ));
         }
+        let crl = t.crl.as_ref().map(|p| existing_file(&src, p, &mut errs));
+        if crl.is_some() && client_ca.is_none() {
+            errs.push(src.at(
+                t.crl.as_ref().map(Spanned::span),
+                "[server.tls] crl needs client_ca: it revokes client certificates",
+            ));
+        }
         TlsListenerConfig {
             listen: socket_addrs(&src, &t.listen, &mut errs),
             cert: existing_file(&src, &t.cert, &mut errs),
             key: existing_file(&src, &t.key, &mut errs),
             client_ca,
+            crl,
             client_cert: t.client_cert,
         }
     });
@@ -414,11 +432,32 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
         } else {
             None
         },
+        verify: up.verify.as_ref().is_none_or(|v| *v.get_ref()),
         connect_timeout: Duration::from_millis(up.connect_timeout_ms.max(1)),
         read_timeout: Duration::from_millis(up.read_timeout_ms.max(1)),
         health_check_interval: Duration::from_millis(up.health_check_interval_ms.max(100)),
     };
-    if upstream.tls && upstream.sni.is_empty() {
+    let insecure = up.insecure.as_ref().is_some_and(|v| *v.get_ref());
+    let span = |v: &Option<Spanned<bool>>| v.as_ref().map(Spanned::span);
+    match (upstream.verify, insecure) {
+        (false, false) => errs.push(src.at(
+            span(&up.verify),
+            "[upstream] verify = false sends prompts to a router nobody authenticated; \
+             add insecure = true to accept that (it is logged at every start)",
+        )),
+        (true, true) => errs.push(src.at(
+            span(&up.insecure),
+            "[upstream] insecure = true only acknowledges verify = false; remove it",
+        )),
+        _ => {}
+    }
+    if !upstream.tls && !upstream.verify {
+        errs.push(src.at(
+            span(&up.verify),
+            "[upstream] verify applies only with tls = true",
+        ));
+    }
+    if upstream.tls && upstream.verify && upstream.sni.is_empty() {
         errs.push(src.at(
             None,
             "[upstream] tls = true needs sni: an empty SNI disables certificate verification",

@@ -68,15 +68,13 @@ impl Reloader {
         let loaded = Snapshot::load_after(&self.gateway_path, Some(&previous)).and_then(|next| {
             // New certificates are part of the change: all valid, or none applied.
             let material = match (&self.tls, &next.gateway.server.tls) {
-                (Some(_), Some(t)) => Some(
-                    TlsMaterial::load(&t.cert, &t.key, t.client_ca.as_deref()).map_err(|m| {
-                        ConfigErrors(vec![Diagnostic {
-                            file: t.cert.clone(),
-                            line: None,
-                            message: m,
-                        }])
-                    })?,
-                ),
+                (Some(_), Some(t)) => Some(TlsMaterial::load(t).map_err(|m| {
+                    ConfigErrors(vec![Diagnostic {
+                        file: t.cert.clone(),
+                        line: None,
+                        message: m,
+                    }])
+                })?),
                 _ => None,
             };
             Ok((next, material))
@@ -112,6 +110,7 @@ impl Reloader {
         if let Some(t) = &g.server.tls {
             files.extend([t.cert.clone(), t.key.clone()]);
             files.extend(t.client_ca.clone());
+            files.extend(t.crl.clone());
         }
         if let Some(JwksSource::File(p)) = g.jwt.as_ref().map(|j| &j.jwks) {
             files.insert(p.clone());

@@ -83,8 +83,8 @@ impl Upstream {
         peer.options.read_timeout = Some(self.cfg.read_timeout);
         peer.options.write_timeout = Some(self.cfg.read_timeout);
         if self.cfg.tls {
-            peer.options.verify_cert = true;
-            peer.options.verify_hostname = true;
+            peer.options.verify_cert = self.cfg.verify;
+            peer.options.verify_hostname = self.cfg.verify;
             peer.options.ca = self.ca.clone();
             peer.client_cert_key = self.client.clone();
         }

@@ -12,11 +12,16 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::listeners::TlsAccept;
 use pingora::protocols::tls::TlsRef;
+use pingora::tls::error::ErrorStack;
 use pingora::tls::ext;
 use pingora::tls::nid::Nid;
 use pingora::tls::pkey::{PKey, Private};
-use pingora::tls::x509::store::{X509Store, X509StoreBuilder};
-use pingora::tls::x509::X509;
+use pingora::tls::ssl::SslFiletype;
+use pingora::tls::x509::store::{X509Lookup, X509Store, X509StoreBuilder};
+use pingora::tls::x509::verify::X509VerifyFlags;
+use pingora::tls::x509::{X509Crl, X509PurposeId, X509};
+
+use crate::config::gateway::TlsListenerConfig;
 
 /// The certificate chain, key and client CA a listener serves with.
 pub struct TlsMaterial {
@@ -26,16 +31,16 @@ pub struct TlsMaterial {
 }
 
 impl TlsMaterial {
-    /// Loads and checks the files; an error leaves the current material.
-    pub fn load(cert: &Path, key_file: &Path, client_ca: Option<&Path>) -> Result<Self, String> {
-        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-        let chain =
-            X509::stack_from_pem(&read(cert)?).map_err(|e| format!("{}: {e}", cert.display()))?;
+    /// Loads and checks the listener's files; an error leaves the current
+    /// material in force.
+    pub fn load(tls: &TlsListenerConfig) -> Result<Self, String> {
+        let chain = X509::stack_from_pem(&read(&tls.cert)?)
+            .map_err(|e| format!("{}: {e}", tls.cert.display()))?;
         let leaf = chain
             .first()
-            .ok_or_else(|| format!("{}: no certificate", cert.display()))?;
-        let key = PKey::private_key_from_pem(&read(key_file)?)
-            .map_err(|e| format!("{}: {e}", key_file.display()))?;
+            .ok_or_else(|| format!("{}: no certificate", tls.cert.display()))?;
+        let key = PKey::private_key_from_pem(&read(&tls.key)?)
+            .map_err(|e| format!("{}: {e}", tls.key.display()))?;
         let matches = leaf
             .public_key()
             .map(|public| public.public_eq(&key))
@@ -43,23 +48,13 @@ impl TlsMaterial {
         if !matches {
             return Err(format!(
                 "{} is not the key of {}",
-                key_file.display(),
-                cert.display()
+                tls.key.display(),
+                tls.cert.display()
             ));
         }
-        let client_ca = match client_ca {
+        let client_ca = match &tls.client_ca {
             None => None,
-            Some(p) => {
-                let mut store = X509StoreBuilder::new().map_err(|e| e.to_string())?;
-                for ca in
-                    X509::stack_from_pem(&read(p)?).map_err(|e| format!("{}: {e}", p.display()))?
-                {
-                    store
-                        .add_cert(ca)
-                        .map_err(|e| format!("{}: {e}", p.display()))?;
-                }
-                Some(store.build())
-            }
+            Some(ca) => Some(client_verify_store(ca, tls.crl.as_deref())?),
         };
         Ok(TlsMaterial {
             chain,
@@ -67,6 +62,48 @@ impl TlsMaterial {
             client_ca,
         })
     }
+}
+
+/// Prefixes an OpenSSL error with the file it came from.
+fn err(p: &Path) -> impl Fn(ErrorStack) -> String + '_ {
+    move |e| format!("{}: {e}", p.display())
+}
+
+fn read(p: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// The store client certificates are verified against: the client CA,
+/// the clientAuth purpose (a serverAuth-only certificate is refused), and,
+/// with a CRL file, revocation of the leaf. With CRL checking on, OpenSSL
+/// refuses a certificate whose issuer has no current CRL in the file: an
+/// expired CRL fails closed.
+pub fn client_verify_store(ca: &Path, crl: Option<&Path>) -> Result<X509Store, String> {
+    let mut store = X509StoreBuilder::new().map_err(|e| e.to_string())?;
+    let cas = X509::stack_from_pem(&read(ca)?).map_err(err(ca))?;
+    if cas.is_empty() {
+        return Err(format!("{}: no certificate", ca.display()));
+    }
+    for cert in cas {
+        store.add_cert(cert).map_err(err(ca))?;
+    }
+    store
+        .set_purpose(X509PurposeId::SSL_CLIENT)
+        .map_err(err(ca))?;
+    if let Some(crl) = crl {
+        // Parse first: a file without a CRL is a configuration error, not
+        // an empty revocation list.
+        X509Crl::from_pem(&read(crl)?).map_err(err(crl))?;
+        store
+            .add_lookup(X509Lookup::file())
+            .map_err(err(crl))?
+            .load_crl_file(crl, SslFiletype::PEM)
+            .map_err(err(crl))?;
+        store
+            .set_flags(X509VerifyFlags::CRL_CHECK)
+            .map_err(err(crl))?;
+    }
+    Ok(store.build())
 }
 
 /// The names in a verified client certificate, most specific first.

@@ -21,13 +21,20 @@ pub fn writer() -> Option<NonBlocking> {
 
 /// Installs the subscriber once the server runs: Pingora daemonises in
 /// `run_forever`, and the writer's thread must start after the fork.
-pub struct LoggingService;
+pub struct LoggingService {
+    /// Configuration that weakens security, logged at WARN on every start
+    /// (found before logging is up, so held until then).
+    pub warnings: Vec<String>,
+}
 
 #[async_trait]
 impl BackgroundService for LoggingService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         init();
         tracing::info!(pid = std::process::id(), "portcullis serving");
+        for w in &self.warnings {
+            tracing::warn!(insecure = true, "{w}");
+        }
         let _ = shutdown.changed().await;
     }
 }

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub config_generation: IntGauge,
     pub config_reloads: IntCounterVec,
     pub limiter_backend_errors: IntCounter,
+    pub upstream_insecure: IntGauge,
 }
 
 /// Registration fails only on a duplicate name, which is a programming error
@@ -86,6 +87,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "Calls to the shared limits backend (Redis) that failed or timed out"
     )
     .expect("register portcullis_limiter_backend_errors_total"),
+    upstream_insecure: register_int_gauge!(
+        "portcullis_upstream_insecure",
+        "1 when the router's certificate is not verified ([upstream] insecure = true)"
+    )
+    .expect("register portcullis_upstream_insecure"),
 });
 
 /// The text exposition of every registered metric.

@@ -157,6 +157,39 @@ fn check_reports_missing_files_and_bad_values() {
 }
 
 #[test]
+fn check_refuses_unverified_router_tls_without_the_insecure_acknowledgement() {
+    let with_upstream = |lines: &str| {
+        let dir = valid_dir();
+        let text = GATEWAY.replace(
+            "address = \"127.0.0.1:18998\"\n",
+            &format!(
+                "address = \"127.0.0.1:18998\"\ntls = true\nsni = \"router.internal\"\n{lines}"
+            ),
+        );
+        std::fs::write(dir.path().join("gateway.toml"), text).unwrap();
+        dir
+    };
+    let err = check_fails(with_upstream("verify = false\n").path());
+    assert!(
+        err.contains("gateway.toml:9: [upstream] verify = false")
+            && err.contains("insecure = true"),
+        "{err}"
+    );
+    let err = check_fails(with_upstream("insecure = true\n").path());
+    assert!(
+        err.contains("gateway.toml:9: [upstream] insecure = true only acknowledges verify = false"),
+        "{err}"
+    );
+    let dir = with_upstream("verify = false\ninsecure = true\n");
+    let out = portcullis(&["check", "-c", "gateway.toml"], dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn keys_new_prints_a_key_once_with_its_hash_entry() {
     let dir = tempfile::tempdir().unwrap();
     let out = portcullis(&["keys", "new"], dir.path());

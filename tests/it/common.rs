@@ -288,6 +288,8 @@ pub struct Options {
     /// Add a TLS listener with this `client_cert` mode, on a dev PKI
     /// generated into the gateway's dir by `portcullis certs dev`.
     pub tls: Option<&'static str>,
+    /// Extra lines for the `[server.tls]` table (such as `crl = "ca.crl"`).
+    pub tls_extra: &'static str,
 }
 
 impl Default for Options {
@@ -302,6 +304,7 @@ impl Default for Options {
             gateway_extra: String::new(),
             capture_logs: false,
             tls: None,
+            tls_extra: "",
         }
     }
 }
@@ -356,7 +359,8 @@ impl Gateway {
                 dev_pki(d, &d.join("tenants.toml"));
                 format!(
                     "[server.tls]\nlisten = [\"{a}\"]\ncert = \"gateway.crt\"\nkey = \"gateway.key\"\n\
-                     client_ca = \"ca.crt\"\nclient_cert = \"{mode}\"\n"
+                     client_ca = \"ca.crt\"\nclient_cert = \"{mode}\"\n{}\n",
+                    opts.tls_extra
                 )
             }
             _ => String::new(),

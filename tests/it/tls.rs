@@ -1,11 +1,16 @@
 //! TLS on the tenant side with real handshakes (curl as the client) on a
 //! dev PKI from `portcullis certs dev`: protocol floor, client-certificate
-//! modes, and HTTP/2 over TLS.
+//! modes and checks (expiry, usage, revocation), HTTP/2 over TLS, rotation.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use crate::common::*;
+use rcgen::{
+    CertificateParams, CertificateRevocationListParams, DnType, ExtendedKeyUsagePurpose, Issuer,
+    KeyIdMethod, KeyPair, RevocationReason, RevokedCertParams, SanType, SerialNumber,
+};
+use time::OffsetDateTime;
 
 const CHAT: &str = "/v1/chat/completions";
 
@@ -250,4 +255,121 @@ async fn rotated_certificates_and_client_ca_apply_to_new_connections() {
         !curl_files(&gw, &new_ca, &old_acme).1,
         "a client certificate from the old CA was accepted"
     );
+}
+
+/// Issues a client certificate for acme (`spiffe://tenants/acme`) from the
+/// gateway's dev CA into `<name>.crt` and `<name>.key` in `dir`.
+fn issue(
+    dir: &Path,
+    name: &str,
+    serial: u64,
+    usage: ExtendedKeyUsagePurpose,
+    valid: std::ops::Range<OffsetDateTime>,
+) -> PathBuf {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "acme");
+    params
+        .subject_alt_names
+        .push(SanType::URI("spiffe://tenants/acme".try_into().unwrap()));
+    params.extended_key_usages = vec![usage];
+    params.serial_number = Some(SerialNumber::from(serial));
+    params.not_before = valid.start;
+    params.not_after = valid.end;
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &dev_ca(dir)).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    let crt = dir.join(format!("{name}.crt"));
+    std::fs::write(&crt, cert.pem()).unwrap();
+    crt
+}
+
+/// The dev CA that `portcullis certs dev` wrote into `dir`.
+fn dev_ca(dir: &Path) -> Issuer<'static, KeyPair> {
+    let pem = std::fs::read_to_string(dir.join("ca.crt")).unwrap();
+    let key = KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).unwrap()).unwrap();
+    Issuer::from_ca_cert_pem(&pem, key).unwrap()
+}
+
+/// Replaces `ca.crl` in `dir`, by rename, with a CRL revoking `serials`.
+fn publish_crl(dir: &Path, number: u64, serials: &[u64]) {
+    let now = OffsetDateTime::now_utc();
+    let crl = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + time::Duration::days(1),
+        crl_number: SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|s| RevokedCertParams {
+                serial_number: SerialNumber::from(*s),
+                revocation_time: now,
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&dev_ca(dir))
+    .unwrap();
+    std::fs::write(dir.join("ca.crl.new"), crl.pem().unwrap()).unwrap();
+    std::fs::rename(dir.join("ca.crl.new"), dir.join("ca.crl")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_server_only_and_revoked_client_certificates_fail_the_handshake() {
+    let gw = Gateway::start_with(Options {
+        tls: Some("required"),
+        tls_extra: "crl = \"ca.crl\"",
+        ..Options::default()
+    })
+    .await;
+    let d = gw.dir.path();
+    let ca = d.join("ca.crt");
+    let now = OffsetDateTime::now_utc();
+    let year = time::Duration::days(365);
+    let client = ExtendedKeyUsagePurpose::ClientAuth;
+    let good = issue(d, "good", 1001, client.clone(), now - year..now + year);
+    let expired = issue(
+        d,
+        "expired",
+        1002,
+        client.clone(),
+        now - 2 * year..now - year,
+    );
+    let server_only = issue(
+        d,
+        "server-only",
+        1003,
+        ExtendedKeyUsagePurpose::ServerAuth,
+        now - year..now + year,
+    );
+    let doomed = issue(d, "doomed", 1004, client, now - year..now + year);
+
+    // The dev CA's empty CRL: the valid certificates pass.
+    assert_eq!(curl_files(&gw, &ca, &good), ("200".into(), true));
+    assert_eq!(curl_files(&gw, &ca, &doomed), ("200".into(), true));
+    for (what, cert) in [
+        ("an expired", &expired),
+        ("a serverAuth-only", &server_only),
+    ] {
+        assert_eq!(
+            curl_files(&gw, &ca, cert),
+            ("000".into(), false),
+            "{what} certificate was accepted"
+        );
+    }
+    assert_eq!(gw.router_count(), 2);
+
+    // Revoke one: new connections with it fail once the new CRL is read.
+    publish_crl(d, 2, &[1004]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while curl_files(&gw, &ca, &doomed).1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked certificate is still accepted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(curl_files(&gw, &ca, &doomed), ("000".into(), false));
+    assert_eq!(curl_files(&gw, &ca, &good), ("200".into(), true));
 }

@@ -114,3 +114,40 @@ async fn a_router_without_our_client_certificate_or_with_the_wrong_name_gets_not
     assert_eq!(router.connections(), 0, "bytes reached the router");
     assert!(router.requests().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_insecure_router_works_but_is_announced() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    dev_pki(pki_dir.path(), &pki_dir.path().join("none.toml"));
+    let (router, addr) = tls_router(pki_dir.path()).await;
+    // A router name that would fail verification: with verification off
+    // (and acknowledged), the request goes through.
+    let mut lines = upstream(pki_dir.path(), addr, "wrong.internal", true);
+    lines.push_str("verify = false\ninsecure = true\n");
+    let gw = Gateway::start_with(Options {
+        upstream_lines: Some(lines),
+        capture_logs: true,
+        ..Options::default()
+    })
+    .await;
+    let r = gw
+        .send(
+            &post("/v1/chat/completions", &chat_body())
+                .bearer(&gw.keys.token("acme"))
+                .build(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(router.requests().len(), 1);
+    let metrics = send(gw.admin, &get("/metrics").build()).await.unwrap();
+    assert!(String::from_utf8_lossy(&metrics.body).contains("portcullis_upstream_insecure 1"));
+    let log = std::fs::read_to_string(gw.dir.path().join("gateway.log")).unwrap();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("\"insecure\":true"))
+        .expect("no insecure warning in the log");
+    assert!(
+        warning.contains("\"level\":\"WARN\"") && warning.contains("NOT verified"),
+        "{warning}"
+    );
+}
