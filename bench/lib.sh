@@ -77,7 +77,8 @@ TOML
 token() { "$BIN" token mint --tenant "$1" --key "$WORK/certs/dev-jwt.pem" --ttl 86400; }
 
 # gateway NAME PORT ADMIN_PORT [EXTRA_TOML]: writes its config, starts it
-# pinned to PROXY_CPU, waits until it serves; sets GW_PID.
+# pinned to PROXY_CPU, waits until it serves; sets GW_PID. POLICY_EXTRA
+# adds lines to its [policy] table.
 gateway() {
   local name=$1 port=$2 admin=$3 extra=${4:-}
   cat > "$WORK/$name.toml" <<TOML
@@ -103,6 +104,7 @@ jwks_file = "jwks.json"
 
 [policy]
 tenants = "tenants.toml"
+${POLICY_EXTRA:-}
 
 [context]
 signing_key_file = "certs/context.key"

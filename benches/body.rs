@@ -10,40 +10,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use portcullis::authz::Route;
 use portcullis::body::schema::Schemas;
 use portcullis::body::{judge, BodyConfig};
-use portcullis::config::tenants::{Feature, FeatureSet, Limits, Tenant};
 use serde_json::{json, Value};
 
-fn tenant() -> Tenant {
-    let limits = Limits {
-        requests_per_second: 1000.0,
-        burst: 1000,
-        tokens_per_minute: u64::MAX,
-        tokens_per_day: u64::MAX,
-        max_concurrency: 1000,
-        max_body_bytes: 1 << 30,
-        max_prompt_tokens: 10_000_000,
-        max_output_tokens: 4096,
-    };
-    let mut features = FeatureSet::default();
-    for f in [Feature::Chat, Feature::Stream] {
-        features.insert(f);
-    }
-    Tenant {
-        limiter: std::sync::Arc::new(portcullis::limits::TenantLimiter::new(&limits)),
-        id: "bench".into(),
-        org: "bench-org".into(),
-        plan: "bench".into(),
-        suspended: false,
-        limits_header: limits.header_value(),
-        limits,
-        models: vec!["m-small".into()],
-        features,
-        regions: None,
-        forbidden_fields: vec![],
-        jwt_subjects: vec![],
-        mtls_identities: vec![],
-    }
-}
+mod common;
+use common::tenant;
 
 /// A realistic chat body of about `size` bytes: a system prompt and a
 /// conversation of user and assistant turns.

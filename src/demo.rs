@@ -21,6 +21,9 @@ pub struct DemoArgs {
     pub router: SocketAddr,
 }
 
+/// The shipped Rego policy (policies/authz.rego), so the demo runs it too.
+const SHIPPED_POLICY: &str = include_str!("../policies/authz.rego");
+
 /// Writes the demo's configuration, starts the mock router and serves.
 pub fn run(args: &DemoArgs) -> Result<(), String> {
     let dir = demo_dir();
@@ -31,6 +34,8 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
         tenants_toml(&api_key::hash_entry(&key)),
     )
     .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let policy = dir.join("authz.rego");
+    std::fs::write(&policy, SHIPPED_POLICY).map_err(|e| format!("{}: {e}", policy.display()))?;
     let gateway = dir.join("gateway.toml");
     std::fs::write(&gateway, gateway_toml(args, &dir))
         .map_err(|e| format!("{}: {e}", gateway.display()))?;
@@ -47,6 +52,7 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
             audience: DEV_AUDIENCE,
             kid: DEV_KID,
             ttl_seconds: 24 * 3600,
+            scope: dev::DEV_SCOPE,
         },
     )?;
     let url = format!("http://{}/v1/chat/completions", args.listen);
@@ -133,6 +139,7 @@ leeway_seconds = 30
 
 [policy]
 tenants = "tenants.toml"
+rego = "authz.rego"
 
 [context]
 signing_key_file = "context.key"

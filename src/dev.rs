@@ -44,7 +44,12 @@ pub struct MintRequest<'a> {
     pub audience: &'a str,
     pub kid: &'a str,
     pub ttl_seconds: u64,
+    /// The `scope` claim.
+    pub scope: &'a str,
 }
+
+/// The scope dev tokens carry: what the shipped policy asks of a caller.
+pub const DEV_SCOPE: &str = "inference:write";
 
 /// Signs a token with an Ed25519 PKCS#8 PEM key.
 pub fn mint(private_pem: &[u8], req: &MintRequest<'_>) -> Result<String, String> {
@@ -55,7 +60,7 @@ pub fn mint(private_pem: &[u8], req: &MintRequest<'_>) -> Result<String, String>
         .as_secs();
     let claims = serde_json::json!({
         "iss": req.issuer, "aud": req.audience, "sub": req.subject,
-        "tenant": req.tenant, "iat": now, "exp": now + req.ttl_seconds,
+        "tenant": req.tenant, "iat": now, "exp": now + req.ttl_seconds, "scope": req.scope,
     });
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(req.kid.to_string());
@@ -252,6 +257,7 @@ mod tests {
                 audience: DEV_AUDIENCE,
                 kid: "k1",
                 ttl_seconds: 60,
+                scope: DEV_SCOPE,
             },
         )
         .unwrap();

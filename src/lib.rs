@@ -17,6 +17,7 @@ pub mod inbound;
 pub mod limits;
 pub mod mock_router;
 pub mod observe;
+pub mod policy;
 pub mod proxy;
 pub mod reject;
 pub mod response;

@@ -110,6 +110,10 @@ enum TokenCommand {
         audience: String,
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+        /// The OAuth `scope` claim (space-separated); the shipped Rego
+        /// policy requires `inference:write`.
+        #[arg(long, default_value = dev::DEV_SCOPE)]
+        scope: String,
     },
 }
 
@@ -182,6 +186,7 @@ fn run(cmd: Command) -> Result<(), String> {
                     issuer,
                     audience,
                     ttl,
+                    scope,
                 },
         } => {
             let key = key.unwrap_or_else(|| demo::demo_dir().join("dev-jwt.pem"));
@@ -200,6 +205,7 @@ fn run(cmd: Command) -> Result<(), String> {
                     audience: &audience,
                     kid: &kid,
                     ttl_seconds: ttl,
+                    scope: &scope,
                 },
             )?;
             println!("{token}");

@@ -31,6 +31,7 @@ use crate::limits::redis::{Decision, RedisLimits, RemoteReservation, RemoteSlot}
 use crate::limits::{Reservation, Slot};
 use crate::observe::access_log::{self, AccessRecord};
 use crate::observe::metrics::METRICS;
+use crate::policy::{self, PolicyHeaders, PolicyRequest};
 use crate::reject::Reject;
 use crate::response::{StreamTap, Usage, UsageTap};
 
@@ -64,6 +65,8 @@ pub struct RequestCtx {
     upstream_started: Option<Instant>,
     upstream_elapsed: Option<Duration>,
     judged: Option<Judged>,
+    /// Headers the policy stage adds for the router.
+    policy_headers: PolicyHeaders,
     /// The judged body, until it is handed to the upstream.
     forward_body: Option<Bytes>,
     /// The client's body outgrew Pingora's replay buffer.
@@ -150,11 +153,12 @@ impl Gateway {
         session: &mut Session,
         ctx: &RequestCtx,
         status: u16,
-        body: Vec<u8>,
+        content_type: &str,
+        body: Bytes,
         extra: &[(&'static str, String)],
     ) -> Result<()> {
         let mut resp = ResponseHeader::build(status, Some(10 + extra.len()))?;
-        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-type", content_type)?;
         resp.insert_header("content-length", body.len().to_string())?;
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         rate_limit_headers(ctx, &mut resp)?;
@@ -165,9 +169,7 @@ impl Gateway {
             resp.insert_header(*name, value.as_str())?;
         }
         session.write_response_header(Box::new(resp), false).await?;
-        session
-            .write_response_body(Some(Bytes::from(body)), true)
-            .await
+        session.write_response_body(Some(body), true).await
     }
 
     async fn reject(&self, session: &mut Session, ctx: &mut RequestCtx, r: &Reject) -> Result<()> {
@@ -178,7 +180,8 @@ impl Gateway {
         } else if !session.is_body_done() {
             keep_alive_past_unread_body(session, r.status).await;
         }
-        self.respond(session, ctx, r.status, r.body(), &r.headers)
+        let (content_type, body) = r.content();
+        self.respond(session, ctx, r.status, content_type, body, &r.headers)
             .await
     }
 
@@ -235,6 +238,9 @@ impl Gateway {
         }
 
         let judged = body::judge(route, &tenant, cfg, &snap.schemas, &raw)?;
+        ctx.policy_headers = self
+            .authorize(session, ctx, route, &judged, raw.len())
+            .await?;
         // The prompt estimate plus every output token the request may use.
         let reserve = judged
             .prompt_tokens
@@ -261,6 +267,69 @@ impl Gateway {
         });
         ctx.judged = Some(judged);
         Ok(Admitted::Proxy)
+    }
+
+    /// The policy stage: Rego, then the external authorizer. Returns the
+    /// headers they add for the router.
+    async fn authorize(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        route: Route,
+        judged: &Judged,
+        body_bytes: usize,
+    ) -> Result<PolicyHeaders, Reject> {
+        let snap = &ctx.snapshot;
+        let (Some(who), true) = (
+            &ctx.identity,
+            snap.rego.is_some() || snap.ext_authz.is_some(),
+        ) else {
+            return Ok(PolicyHeaders::new());
+        };
+        let req = session.req_header();
+        // The route's own feature (chat, embeddings) with those the body uses.
+        let mut features = judged.features;
+        if let Some(f) = route.feature() {
+            features.insert(f);
+        }
+        let preq = PolicyRequest {
+            identity: who,
+            method: req.method.as_str(),
+            route,
+            model: &judged.model,
+            features,
+            region: &snap.gateway.server.region,
+            body_bytes,
+            prompt_tokens: judged.prompt_tokens,
+        };
+        let mut headers = PolicyHeaders::new();
+        if let Some(rego) = &snap.rego {
+            let started = Instant::now();
+            let now_ns = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+            let input = preq.rego_input(&snap.gateway.policy.jwt_claims, now_ns);
+            let verdict = rego
+                .eval(input)
+                .and_then(|v| policy::rego_verdict(&v))
+                .map_err(|e| policy::policy_error("rego", &e));
+            METRICS
+                .policy_duration
+                .with_label_values(&["rego"])
+                .observe(started.elapsed().as_secs_f64());
+            headers = verdict??;
+        }
+        if let Some(ext) = &snap.ext_authz {
+            let started = Instant::now();
+            let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+            let verdict = ext.check(&preq, &req.headers, path, &ctx.request_id).await;
+            METRICS
+                .policy_duration
+                .with_label_values(&["ext_authz"])
+                .observe(started.elapsed().as_secs_f64());
+            headers.extend(verdict?);
+        }
+        Ok(headers)
     }
 
     /// Sends a judged body too large for Pingora's replay buffer to the
@@ -366,6 +435,7 @@ impl ProxyHttp for Gateway {
             upstream_started: None,
             upstream_elapsed: None,
             judged: None,
+            policy_headers: PolicyHeaders::new(),
             forward_body: None,
             forward_directly: false,
             usage_tap: None,
@@ -398,7 +468,8 @@ impl ProxyHttp for Gateway {
                 Ok(false)
             }
             Ok(Admitted::Respond(body)) => {
-                self.respond(session, ctx, 200, body, &[]).await?;
+                self.respond(session, ctx, 200, "application/json", body.into(), &[])
+                    .await?;
                 Ok(true)
             }
             Err(r) => {
@@ -622,6 +693,14 @@ fn forward_head(session: &Session, ctx: &RequestCtx, head: &mut RequestHeader) -
         model: ctx.judged.as_ref().map(|j| j.model.as_str()),
         client_ip: &client_ip,
         proto,
+        policy: &ctx.policy_headers,
+        strip: ctx
+            .snapshot
+            .gateway
+            .policy
+            .ext_authz
+            .as_ref()
+            .map_or(&[], |e| e.allowed_upstream_headers.as_slice()),
     };
     forward::apply(head, &trusted, &ctx.snapshot.signer, unix_now())?;
     if let Some(body) = &ctx.forward_body {

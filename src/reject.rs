@@ -6,6 +6,8 @@
 
 use std::borrow::Cow;
 
+use bytes::Bytes;
+
 /// Why a request was refused, in the OpenAI error shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reject {
@@ -16,6 +18,10 @@ pub struct Reject {
     pub param: Option<String>,
     /// Extra response headers, such as `Allow` on a 405.
     pub headers: Vec<(&'static str, String)>,
+    /// A body relayed as is (an external authorizer's denial) instead of
+    /// the OpenAI shape, with its content type.
+    /// Boxed: it is rare, and `Reject` travels in every stage's `Result`.
+    pub raw_body: Option<Box<(Option<String>, Bytes)>>,
 }
 
 impl Reject {
@@ -26,7 +32,13 @@ impl Reject {
             message: message.into(),
             param: None,
             headers: Vec::new(),
+            raw_body: None,
         }
+    }
+
+    pub fn with_raw_body(mut self, content_type: Option<String>, body: Bytes) -> Self {
+        self.raw_body = Some(Box::new((content_type, body)));
+        self
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
@@ -53,6 +65,17 @@ impl Reject {
             429 => "rate_limit_error",
             500..=599 => "server_error",
             _ => "invalid_request_error",
+        }
+    }
+
+    /// The content type and body to send.
+    pub fn content(&self) -> (&str, Bytes) {
+        match self.raw_body.as_deref() {
+            Some((ct, body)) => (
+                ct.as_deref().unwrap_or("application/octet-stream"),
+                body.clone(),
+            ),
+            None => ("application/json", Bytes::from(self.body())),
         }
     }
 

@@ -61,6 +61,10 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
+    // Exported at zero from the start, so an alert on them has a series.
+    for engine in ["rego", "ext_authz"] {
+        METRICS.policy_errors.with_label_values(&[engine]);
+    }
     let warnings = insecure_settings(&gw.upstream);
     for w in &warnings {
         eprintln!("WARNING: {w}");

@@ -11,7 +11,7 @@ use crate::config::tenants::{Feature, Tenant};
 use crate::reject::Reject;
 
 /// The routes the gateway serves, following the OpenAI API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Route {
     ChatCompletions,
     Completions,

@@ -243,6 +243,25 @@ struct RawPolicy {
     tenants: Spanned<String>,
     schemas: Option<Spanned<String>>,
     rego: Option<Spanned<String>>,
+    rego_timeout_ms: Option<u64>,
+    jwt_claims: Option<Vec<String>>,
+    ext_authz: Option<RawExtAuthz>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExtAuthz {
+    url: Spanned<String>,
+    ca: Option<Spanned<String>>,
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    failure_mode_allow: bool,
+    #[serde(default)]
+    allowed_headers: Vec<Spanned<String>>,
+    #[serde(default)]
+    allowed_upstream_headers: Vec<Spanned<String>>,
+    cache_ttl_ms: Option<u64>,
+    cache_entries: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,7 +279,7 @@ pub struct GatewayConfig {
     pub upstream: UpstreamConfig,
     pub jwt: Option<JwtConfig>,
     pub limits: LimitsConfig,
-    pub policy: PolicyPaths,
+    pub policy: PolicyConfig,
     pub context_key_file: PathBuf,
     pub body: BodyConfig,
 }
@@ -339,10 +358,37 @@ pub struct LimitsConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct PolicyPaths {
+pub struct PolicyConfig {
     pub tenants: PathBuf,
     pub schemas: Option<PathBuf>,
+    /// A `.rego` file, or a folder of them.
     pub rego: Option<PathBuf>,
+    /// The most one Rego evaluation may take; beyond it, `policy_error`.
+    pub rego_timeout: Duration,
+    /// JWT claims a policy may read (`input.identity.claims`); others stay hidden.
+    pub jwt_claims: Vec<String>,
+    pub ext_authz: Option<ExtAuthzConfig>,
+}
+
+/// An Envoy-compatible HTTP external authorizer.
+#[derive(Debug, Clone)]
+pub struct ExtAuthzConfig {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    /// The URL's host: the `Host` header, and the name verified over TLS.
+    pub host: String,
+    /// The URL's path, prefixed to the request's path.
+    pub path_prefix: String,
+    pub ca: Option<PathBuf>,
+    pub timeout: Duration,
+    pub failure_mode_allow: bool,
+    /// Client request headers passed to the authorizer (lower case).
+    pub allowed_headers: Vec<String>,
+    /// Authorizer response headers passed to the router on an allow.
+    pub allowed_upstream_headers: Vec<String>,
+    /// Zero disables the decision cache.
+    pub cache_ttl: Duration,
+    pub cache_entries: usize,
 }
 
 /// Parses and validates `gateway.toml`, collecting every problem found.
@@ -491,7 +537,12 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
         errs.push(src.at(None, "[limits] backend = \"redis\" needs redis_url"));
     }
 
-    let policy = PolicyPaths {
+    let ext_authz = raw
+        .policy
+        .ext_authz
+        .as_ref()
+        .and_then(|e| ext_authz(&src, e, &mut errs));
+    let policy = PolicyConfig {
         tenants: existing_file(&src, &raw.policy.tenants, &mut errs),
         schemas: raw.policy.schemas.as_ref().map(|p| {
             let path = src.resolve(p.get_ref());
@@ -503,7 +554,23 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
             }
             path
         }),
-        rego: opt_file(&raw.policy.rego, &mut errs),
+        rego: raw.policy.rego.as_ref().map(|p| {
+            let path = src.resolve(p.get_ref());
+            if !path.exists() {
+                errs.push(src.at(
+                    Some(p.span()),
+                    format!("rego file or folder {} does not exist", path.display()),
+                ));
+            }
+            path
+        }),
+        rego_timeout: Duration::from_millis(raw.policy.rego_timeout_ms.unwrap_or(5).max(1)),
+        jwt_claims: raw
+            .policy
+            .jwt_claims
+            .clone()
+            .unwrap_or_else(|| vec!["scope".into(), "scp".into()]),
+        ext_authz,
     };
     let context_key_file = existing_file(&src, &raw.context.signing_key_file, &mut errs);
     let defaults = BodyConfig::default();
@@ -633,6 +700,103 @@ fn socket_addrs(
     list.iter()
         .filter_map(|s| socket_addr(src, s, errs))
         .collect()
+}
+
+/// Headers the gateway owns: an authorizer may neither see the client's
+/// (they are stripped first) nor set them for the router.
+fn reserved_header(name: &str) -> bool {
+    (crate::forward::is_trusted_header(name) && !name.starts_with("x-tenant-policy-"))
+        || matches!(
+            name,
+            "host"
+                | "content-length"
+                | "transfer-encoding"
+                | "connection"
+                | "keep-alive"
+                | "upgrade"
+                | "te"
+                | "trailer"
+                | "proxy-connection"
+        )
+}
+
+fn ext_authz(
+    src: &SourceFile,
+    raw: &RawExtAuthz,
+    errs: &mut Vec<Diagnostic>,
+) -> Option<ExtAuthzConfig> {
+    let at = |span: std::ops::Range<usize>, m: String| src.at(Some(span), m);
+    let uri: http::Uri = match raw.url.get_ref().parse() {
+        Ok(u) => u,
+        Err(e) => {
+            errs.push(at(raw.url.span(), format!("[policy.ext_authz] url: {e}")));
+            return None;
+        }
+    };
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
+            errs.push(at(
+                raw.url.span(),
+                "[policy.ext_authz] url must be http:// or https://".into(),
+            ));
+            return None;
+        }
+    };
+    let host = uri.host().unwrap_or_default().to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    // Resolved once, at load: the request path never waits on DNS.
+    let addr = match std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .ok()
+        .and_then(|mut a| a.next())
+    {
+        Some(a) => a,
+        None => {
+            errs.push(at(
+                raw.url.span(),
+                format!("[policy.ext_authz] url: cannot resolve {host}:{port}"),
+            ));
+            return None;
+        }
+    };
+    if uri.query().is_some() {
+        errs.push(at(
+            raw.url.span(),
+            "[policy.ext_authz] url must not have a query".into(),
+        ));
+    }
+    let header_list = |list: &[Spanned<String>], errs: &mut Vec<Diagnostic>| {
+        list.iter()
+            .filter_map(|h| {
+                let name = h.get_ref().to_ascii_lowercase();
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() || reserved_header(&name)
+                {
+                    errs.push(at(
+                        h.span(),
+                        format!("[policy.ext_authz] {name} cannot be passed: the gateway owns it or it is not a header name"),
+                    ));
+                    return None;
+                }
+                Some(name)
+            })
+            .collect::<Vec<_>>()
+    };
+    let allowed_headers = header_list(&raw.allowed_headers, errs);
+    let allowed_upstream_headers = header_list(&raw.allowed_upstream_headers, errs);
+    Some(ExtAuthzConfig {
+        addr,
+        tls,
+        host,
+        path_prefix: uri.path().trim_end_matches('/').to_string(),
+        ca: raw.ca.as_ref().map(|p| existing_file(src, p, errs)),
+        timeout: Duration::from_millis(raw.timeout_ms.unwrap_or(200).max(1)),
+        failure_mode_allow: raw.failure_mode_allow,
+        allowed_headers,
+        allowed_upstream_headers,
+        cache_ttl: Duration::from_millis(raw.cache_ttl_ms.unwrap_or(5000)),
+        cache_entries: raw.cache_entries.unwrap_or(10_000).max(1),
+    })
 }
 
 fn existing_file(src: &SourceFile, p: &Spanned<String>, errs: &mut Vec<Diagnostic>) -> PathBuf {

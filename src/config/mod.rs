@@ -20,6 +20,8 @@ use crate::identity::jwks::KeySet;
 use crate::identity::jwks_fetch::JwksRefresh;
 use crate::identity::jwt::JwtVerifier;
 use crate::identity::Authenticator;
+use crate::policy::ext_authz::ExtAuthz;
+use crate::policy::rego::RegoPolicy;
 use diag::{ConfigErrors, Diagnostic};
 use gateway::{GatewayConfig, JwksSource};
 use tenants::Tenants;
@@ -31,6 +33,10 @@ pub struct Snapshot {
     pub auth: Authenticator,
     pub signer: ContextSigner,
     pub schemas: Schemas,
+    /// The prepared Rego policy, when `[policy] rego` is set.
+    pub rego: Option<RegoPolicy>,
+    /// The external authorizer client (and its decision cache).
+    pub ext_authz: Option<ExtAuthz>,
 }
 
 /// The live snapshot, swapped atomically on reload.
@@ -114,6 +120,16 @@ impl Snapshot {
         };
 
         let schemas = Schemas::load(gateway.policy.schemas.as_deref()).map_err(|e| errs.extend(e));
+        let rego = gateway.policy.rego.as_deref().and_then(|p| {
+            RegoPolicy::load(p, gateway.policy.rego_timeout)
+                .map_err(|e| errs.extend(e))
+                .ok()
+        });
+        let ext_authz = gateway.policy.ext_authz.as_ref().and_then(|cfg| {
+            ExtAuthz::new(cfg)
+                .map_err(|m| errs.push(gateway_diag(&gateway, m)))
+                .ok()
+        });
 
         match (signer, schemas) {
             (Ok(signer), Ok(schemas)) if errs.is_empty() => Ok(Snapshot {
@@ -122,6 +138,8 @@ impl Snapshot {
                 auth,
                 signer,
                 schemas,
+                rego,
+                ext_authz,
             }),
             (Err(d), _) => {
                 errs.push(d);

@@ -101,12 +101,17 @@ impl Reloader {
         }
     }
 
-    /// The files whose change means a reload, and the schema directory.
-    fn watched(&self) -> (BTreeSet<PathBuf>, Option<PathBuf>) {
+    /// The files whose change means a reload, and the directories (schemas,
+    /// a Rego folder) where any change does.
+    fn watched(&self) -> (BTreeSet<PathBuf>, Vec<PathBuf>) {
         let snap = self.shared.load();
         let g = &snap.gateway;
         let mut files = BTreeSet::from([self.gateway_path.clone(), g.policy.tenants.clone()]);
-        files.extend(g.policy.rego.clone());
+        let mut trees: Vec<PathBuf> = g.policy.schemas.iter().cloned().collect();
+        match &g.policy.rego {
+            Some(r) if r.is_dir() => trees.push(r.clone()),
+            r => files.extend(r.clone()),
+        }
         if let Some(t) = &g.server.tls {
             files.extend([t.cert.clone(), t.key.clone()]);
             files.extend(t.client_ca.clone());
@@ -116,7 +121,7 @@ impl Reloader {
             files.insert(p.clone());
         }
         let files = files.into_iter().map(|f| absolute(&f)).collect();
-        (files, g.policy.schemas.as_deref().map(absolute))
+        (files, trees.iter().map(|t| absolute(t)).collect())
     }
 }
 
@@ -130,12 +135,12 @@ pub struct ReloadService(pub Arc<Reloader>);
 #[async_trait]
 impl BackgroundService for ReloadService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let (files, schemas) = self.0.watched();
+        let (files, trees) = self.0.watched();
         // One pending signal is enough: a burst collapses into one reload.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
         let relevant = {
-            let (files, schemas) = (files.clone(), schemas.clone());
-            move |p: &Path| files.contains(p) || schemas.as_ref().is_some_and(|s| p.starts_with(s))
+            let (files, trees) = (files.clone(), trees.clone());
+            move |p: &Path| files.contains(p) || trees.iter().any(|t| p.starts_with(t))
         };
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(event) = res {
@@ -156,10 +161,13 @@ impl BackgroundService for ReloadService {
         let dirs: BTreeSet<PathBuf> = files
             .iter()
             .filter_map(|f| f.parent().map(Path::to_path_buf))
-            .chain(schemas)
             .collect();
-        for dir in &dirs {
-            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+        let watches = dirs
+            .iter()
+            .map(|d| (d, RecursiveMode::NonRecursive))
+            .chain(trees.iter().map(|t| (t, RecursiveMode::Recursive)));
+        for (dir, mode) in watches {
+            if let Err(e) = watcher.watch(dir, mode) {
                 tracing::error!(dir = %dir.display(), error = %e, "cannot watch directory");
             }
         }

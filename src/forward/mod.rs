@@ -41,6 +41,11 @@ pub struct TrustedContext<'a> {
     pub model: Option<&'a str>,
     pub client_ip: &'a str,
     pub proto: &'static str,
+    /// Headers from the policy stage, signed with the rest.
+    pub policy: &'a [(String, String)],
+    /// Header names only the external authorizer may set: the client's
+    /// are removed even when the authorizer sets none.
+    pub strip: &'a [String],
 }
 
 /// Removes the client's trusted headers and sets the gateway's, signed.
@@ -53,7 +58,7 @@ pub fn apply(
     let doomed: Vec<HeaderName> = req
         .headers
         .keys()
-        .filter(|n| is_trusted_header(n.as_str()))
+        .filter(|n| is_trusted_header(n.as_str()) || ctx.strip.iter().any(|s| s == n.as_str()))
         .cloned()
         .collect();
     for name in &doomed {
@@ -61,8 +66,7 @@ pub fn apply(
     }
 
     let t = ctx.tenant;
-    // Sorted by name: this order is the signed order.
-    let all: [Option<(&str, &str)>; 6] = [
+    let fixed: [Option<(&'static str, &str)>; 6] = [
         Some(("x-request-id", ctx.request_id)),
         Some(("x-tenant-id", &t.id)),
         Some(("x-tenant-limits", &t.limits_header)),
@@ -70,14 +74,21 @@ pub fn apply(
         Some(("x-tenant-org", &t.org)),
         Some(("x-tenant-plan", &t.plan)),
     ];
-    let signed: Vec<(&str, &str)> = all.into_iter().flatten().collect();
+    let fixed: Vec<(&'static str, &str)> = fixed.into_iter().flatten().collect();
+    let mut signed: Vec<(&str, &str)> = fixed.clone();
+    signed.extend(ctx.policy.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+    // Sorted by name: this order is the signed order.
+    signed.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let path = req
         .uri
         .path_and_query()
         .map_or_else(|| req.uri.path(), |p| p.as_str());
     let signature = signer.sign(now, req.method.as_str(), path, &signed);
-    for (name, value) in signed {
+    for (name, value) in fixed {
         req.insert_header(name, value)?;
+    }
+    for (name, value) in ctx.policy {
+        req.insert_header(name.clone(), value.as_str())?;
     }
     req.insert_header("x-tenant-signature", signature)?;
     req.insert_header("x-forwarded-for", ctx.client_ip)?;

@@ -1,6 +1,7 @@
 //! The router replicas: load-balanced, health-checked, and reached over
 //! (m)TLS when configured.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use pingora::lb::health_check::TcpHealthCheck;
@@ -33,21 +34,20 @@ pub fn balancer(cfg: &UpstreamConfig) -> std::result::Result<LoadBalancer<RoundR
     Ok(lb)
 }
 
+/// A PEM CA bundle in the form Pingora's peers take.
+pub fn load_ca(path: &Path) -> std::result::Result<Arc<Box<[X509]>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs = X509::stack_from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Arc::new(certs.into_boxed_slice()))
+}
+
 impl Upstream {
     /// Loads the CA and client certificate once, for every connection.
     pub fn new(
         cfg: &UpstreamConfig,
         balancer: Arc<LoadBalancer<RoundRobin>>,
     ) -> std::result::Result<Self, String> {
-        let ca = match &cfg.ca {
-            Some(p) => {
-                let pem = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
-                let certs =
-                    X509::stack_from_pem(&pem).map_err(|e| format!("{}: {e}", p.display()))?;
-                Some(Arc::new(certs.into_boxed_slice()))
-            }
-            None => None,
-        };
+        let ca = cfg.ca.as_deref().map(load_ca).transpose()?;
         let client = match (&cfg.client_cert, &cfg.client_key) {
             (Some(c), Some(k)) => {
                 let cert_pem = std::fs::read(c).map_err(|e| format!("{}: {e}", c.display()))?;

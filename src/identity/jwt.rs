@@ -190,6 +190,7 @@ mod tests {
             audience: "aud",
             kid: "k",
             ttl_seconds: ttl,
+            scope: "",
         };
         mint(dev.private_pem.as_bytes(), &req).unwrap()
     }

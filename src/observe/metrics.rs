@@ -28,11 +28,15 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub limiter_backend_errors: IntCounter,
     pub upstream_insecure: IntGauge,
+    pub policy_errors: IntCounterVec,
+    pub policy_duration: HistogramVec,
+    pub ext_authz_calls: IntCounterVec,
 }
 
 /// Registration fails only on a duplicate name, which is a programming error
 /// caught by the first test that touches metrics.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    Metrics {
     requests: register_int_counter_vec!(
         "portcullis_requests_total",
         "Requests by tenant, route and final status",
@@ -92,6 +96,26 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "1 when the router's certificate is not verified ([upstream] insecure = true)"
     )
     .expect("register portcullis_upstream_insecure"),
+    policy_errors: register_int_counter_vec!(
+        "portcullis_policy_errors_total",
+        "Policy evaluations that failed (error, timeout, malformed result) and so denied, by engine",
+        &["engine"]
+    )
+    .expect("register portcullis_policy_errors_total"),
+    policy_duration: register_histogram_vec!(
+        "portcullis_policy_duration_seconds",
+        "Time spent in the policy stage, by engine (rego, ext_authz)",
+        &["engine"],
+        BUCKETS.to_vec()
+    )
+    .expect("register portcullis_policy_duration_seconds"),
+    ext_authz_calls: register_int_counter_vec!(
+        "portcullis_ext_authz_total",
+        "External authorizer decisions by source: called, cache_hit, failed_closed, failed_open",
+        &["result"]
+    )
+    .expect("register portcullis_ext_authz_total"),
+}
 });
 
 /// The text exposition of every registered metric.

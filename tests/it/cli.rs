@@ -224,6 +224,7 @@ fn dev_credentials_mint_tokens_the_shipped_config_accepts() {
         "policies/schemas/chat_completions.json",
         "policies/schemas/completions.json",
         "policies/schemas/embeddings.json",
+        "policies/authz.rego",
     ] {
         std::fs::copy(root.join(f), dir.path().join(f)).unwrap();
     }

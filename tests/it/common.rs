@@ -290,6 +290,10 @@ pub struct Options {
     pub tls: Option<&'static str>,
     /// Extra lines for the `[server.tls]` table (such as `crl = "ca.crl"`).
     pub tls_extra: &'static str,
+    /// Extra lines for the `[policy]` table (such as `rego = "..."`).
+    pub policy_extra: String,
+    /// Files written into the gateway's dir before it starts.
+    pub files: Vec<(&'static str, String)>,
 }
 
 impl Default for Options {
@@ -305,6 +309,8 @@ impl Default for Options {
             capture_logs: false,
             tls: None,
             tls_extra: "",
+            policy_extra: String::new(),
+            files: Vec::new(),
         }
     }
 }
@@ -351,6 +357,9 @@ impl Gateway {
         std::fs::write(d.join("jwks.json"), keys.jwks.to_string()).unwrap();
         std::fs::write(d.join("tenants.toml"), tenants_toml(&keys)).unwrap();
         std::fs::write(d.join("context.key"), hex::encode(&keys.context_key)).unwrap();
+        for (name, text) in &opts.files {
+            std::fs::write(d.join(name), text).unwrap();
+        }
         let tls_addr: Option<SocketAddr> = opts
             .tls
             .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap());
@@ -401,6 +410,7 @@ leeway_seconds = 30
 
 [policy]
 tenants = "tenants.toml"
+{policy_extra}
 
 [context]
 signing_key_file = "context.key"
@@ -408,6 +418,7 @@ signing_key_file = "context.key"
 {gateway_extra}
 "#,
             gateway_extra = opts.gateway_extra,
+            policy_extra = opts.policy_extra,
             dir = d.display(),
             read_timeout = opts.read_timeout_ms,
             jwt_extra = opts.jwt_extra,
@@ -804,4 +815,60 @@ pub fn assert_rejected(gw: &Gateway, r: &Response, status: u16, code: &str) {
         0,
         "a rejected request reached the router"
     );
+}
+
+/// The context headers every forwarded request carries, in signed order.
+pub const CONTEXT_HEADERS: [&str; 6] = [
+    "x-request-id",
+    "x-tenant-id",
+    "x-tenant-limits",
+    "x-tenant-model",
+    "x-tenant-org",
+    "x-tenant-plan",
+];
+
+/// Recomputes `x-tenant-signature` independently, as a router would.
+/// `names` are the signed headers expected in `h`, in order.
+pub fn verify_signature(
+    key: &[u8],
+    method: &str,
+    path: &str,
+    rec: &portcullis::mock_router::Recorded,
+    names: &[&str],
+) {
+    let sig = rec.header("x-tenant-signature").expect("signature header");
+    let parts: std::collections::HashMap<&str, &str> =
+        sig.split(',').filter_map(|p| p.split_once('=')).collect();
+    let t: u64 = parts["t"].parse().unwrap();
+    assert!(t.abs_diff(now()) < 60, "timestamp is current");
+    let signed: Vec<&str> = parts["h"].split(';').collect();
+    assert_eq!(signed, names);
+    let mut canonical = format!("portcullis-context-v1\n{t}\n{method}\n{path}\n");
+    for n in names {
+        canonical.push_str(&format!("{n}:{}\n", rec.header(n).unwrap()));
+    }
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key).unwrap();
+    hmac::Mac::update(&mut mac, canonical.as_bytes());
+    assert_eq!(
+        parts["v1"],
+        hex::encode(hmac::Mac::finalize(mac).into_bytes())
+    );
+}
+
+/// The value of the first metric line starting with `line_prefix` (0 when
+/// the series does not exist yet).
+pub async fn metric(gw: &Gateway, line_prefix: &str) -> u64 {
+    let r = send(gw.admin, &get("/metrics").build()).await.unwrap();
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Replaces a file by rename, as editors and config managers do.
+pub fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }

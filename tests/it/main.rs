@@ -11,6 +11,7 @@ mod dashboards;
 mod gateway;
 mod jwks_url;
 mod limits;
+mod policy;
 mod redis_limits;
 mod reload;
 mod replicas;

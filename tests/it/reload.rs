@@ -13,9 +13,7 @@ const GLOBEX: &str = "id = \"globex\"\norg = \"globex-inc\"\nplan = \"gold\"\n";
 
 /// Replaces tenants.toml the way config managers do: write aside, rename.
 fn replace(gw: &Gateway, text: &str) {
-    let dir = gw.dir.path();
-    std::fs::write(dir.join("tenants.toml.new"), text).unwrap();
-    std::fs::rename(dir.join("tenants.toml.new"), dir.join("tenants.toml")).unwrap();
+    replace_file(&gw.dir.path().join("tenants.toml"), text);
 }
 
 fn current(gw: &Gateway) -> String {
@@ -29,15 +27,6 @@ async fn generation(gw: &Gateway) -> u64 {
         .nth(1)
         .and_then(|g| g.trim().parse().ok())
         .unwrap_or_else(|| panic!("no generation in {body:?}"))
-}
-
-async fn metric(gw: &Gateway, line_prefix: &str) -> u64 {
-    let r = send(gw.admin, &get("/metrics").build()).await.unwrap();
-    String::from_utf8_lossy(&r.body)
-        .lines()
-        .find_map(|l| l.strip_prefix(line_prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

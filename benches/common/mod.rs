@@ -1,0 +1,36 @@
+//! What the benches share: a tenant to act for.
+
+use portcullis::config::tenants::{Feature, FeatureSet, Limits, Tenant};
+
+/// A tenant that no limit stops, on a plan with chat and streaming.
+pub fn tenant() -> Tenant {
+    let limits = Limits {
+        requests_per_second: 1000.0,
+        burst: 1000,
+        tokens_per_minute: u64::MAX,
+        tokens_per_day: u64::MAX,
+        max_concurrency: 1000,
+        max_body_bytes: 1 << 30,
+        max_prompt_tokens: 10_000_000,
+        max_output_tokens: 4096,
+    };
+    let mut features = FeatureSet::default();
+    for f in [Feature::Chat, Feature::Stream] {
+        features.insert(f);
+    }
+    Tenant {
+        limiter: std::sync::Arc::new(portcullis::limits::TenantLimiter::new(&limits)),
+        id: "bench".into(),
+        org: "bench-org".into(),
+        plan: "bench".into(),
+        suspended: false,
+        limits_header: limits.header_value(),
+        limits,
+        models: vec!["m-small".into()],
+        features,
+        regions: None,
+        forbidden_fields: vec![],
+        jwt_subjects: vec![],
+        mtls_identities: vec![],
+    }
+}

@@ -1,0 +1,240 @@
+//! An external authorizer with Envoy's HTTP `ext_authz` semantics: the
+//! gateway sends the request's method and path (after the URL's path
+//! prefix), the configured client headers and the tenant context, with no
+//! body. A 2xx answer allows and may add the configured headers for the
+//! router; any other answer denies with its status and body. Errors and
+//! timeouts deny (`policy_error`) unless `failure_mode_allow` is set.
+//!
+//! Decisions are cached for `cache_ttl_ms`, keyed by tenant, route, model
+//! and feature set; errors are never cached.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+use pingora::tls::x509::X509;
+use pingora::upstreams::peer::HttpPeer;
+use quick_cache::sync::Cache;
+
+use crate::authz::Route;
+use crate::config::gateway::ExtAuthzConfig;
+use crate::forward::upstream::load_ca;
+use crate::observe::metrics::METRICS;
+use crate::policy::{policy_error, PolicyHeaders, PolicyRequest};
+use crate::reject::Reject;
+
+/// The most of a denial's body the gateway relays.
+const MAX_DENY_BODY: usize = 8 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    tenant: String,
+    route: Route,
+    model: String,
+    features: Vec<&'static str>,
+}
+
+/// What the authorizer said.
+#[derive(Debug, Clone)]
+enum Answer {
+    Allow(PolicyHeaders),
+    Deny {
+        status: u16,
+        content_type: Option<String>,
+        body: Bytes,
+    },
+}
+
+/// The authorizer client for one configuration snapshot.
+pub struct ExtAuthz {
+    cfg: ExtAuthzConfig,
+    connector: Connector,
+    ca: Option<Arc<Box<[X509]>>>,
+    cache: Option<Cache<CacheKey, (Instant, Arc<Answer>)>>,
+}
+
+impl ExtAuthz {
+    pub fn new(cfg: &ExtAuthzConfig) -> Result<Self, String> {
+        Ok(ExtAuthz {
+            cfg: cfg.clone(),
+            connector: Connector::new(None),
+            ca: cfg.ca.as_deref().map(load_ca).transpose()?,
+            cache: (!cfg.cache_ttl.is_zero()).then(|| Cache::new(cfg.cache_entries)),
+        })
+    }
+
+    /// Asks the authorizer (or the cache) about one request.
+    pub async fn check(
+        &self,
+        req: &PolicyRequest<'_>,
+        client: &HeaderMap,
+        path_and_query: &str,
+        request_id: &str,
+    ) -> Result<PolicyHeaders, Reject> {
+        let key = CacheKey {
+            tenant: req.identity.tenant.id.clone(),
+            route: req.route,
+            model: req.model.to_string(),
+            features: req.feature_names().collect(),
+        };
+        let cached = self.cache.as_ref().and_then(|c| {
+            c.get(&key)
+                .filter(|(expires, _)| *expires > Instant::now())
+                .map(|(_, a)| a)
+        });
+        let answer = match cached {
+            Some(a) => {
+                METRICS
+                    .ext_authz_calls
+                    .with_label_values(&["cache_hit"])
+                    .inc();
+                a
+            }
+            None => {
+                let call = self.call(req, client, path_and_query, request_id);
+                match tokio::time::timeout(self.cfg.timeout, call).await {
+                    Ok(Ok(answer)) => {
+                        METRICS.ext_authz_calls.with_label_values(&["called"]).inc();
+                        let answer = Arc::new(answer);
+                        if let Some(c) = &self.cache {
+                            c.insert(key, (Instant::now() + self.cfg.cache_ttl, answer.clone()));
+                        }
+                        answer
+                    }
+                    failed => {
+                        let detail = match failed {
+                            Ok(Err(e)) => e,
+                            _ => format!("no answer within {:?}", self.cfg.timeout),
+                        };
+                        if self.cfg.failure_mode_allow {
+                            METRICS
+                                .ext_authz_calls
+                                .with_label_values(&["failed_open"])
+                                .inc();
+                            tracing::warn!(
+                                error = detail,
+                                "external authorizer failed; allowing (failure_mode_allow)"
+                            );
+                            return Ok(PolicyHeaders::new());
+                        }
+                        METRICS
+                            .ext_authz_calls
+                            .with_label_values(&["failed_closed"])
+                            .inc();
+                        return Err(policy_error("ext_authz", &detail));
+                    }
+                }
+            }
+        };
+        match &*answer {
+            Answer::Allow(headers) => Ok(headers.clone()),
+            Answer::Deny {
+                status,
+                content_type,
+                body,
+            } => {
+                let r = Reject::new(
+                    *status,
+                    "ext_authz_denied",
+                    "denied by the external authorizer",
+                );
+                Err(if body.is_empty() {
+                    r
+                } else {
+                    r.with_raw_body(content_type.clone(), body.clone())
+                })
+            }
+        }
+    }
+
+    async fn call(
+        &self,
+        req: &PolicyRequest<'_>,
+        client: &HeaderMap,
+        path_and_query: &str,
+        request_id: &str,
+    ) -> Result<Answer, String> {
+        let e = |e: Box<pingora::Error>| e.to_string();
+        let path = format!("{}{path_and_query}", self.cfg.path_prefix);
+        let mut head = RequestHeader::build(req.method, path.as_bytes(), None).map_err(e)?;
+        head.insert_header("host", &self.cfg.host).map_err(e)?;
+        head.insert_header("content-length", "0").map_err(e)?;
+        for name in &self.cfg.allowed_headers {
+            for value in client.get_all(name.as_str()) {
+                head.append_header(name.clone(), value).map_err(e)?;
+            }
+        }
+        let t = &req.identity.tenant;
+        let features = req.feature_names().collect::<Vec<_>>().join(",");
+        for (name, value) in [
+            ("x-request-id", request_id),
+            ("x-tenant-id", &t.id),
+            ("x-tenant-org", &t.org),
+            ("x-tenant-plan", &t.plan),
+            ("x-tenant-model", req.model),
+            ("x-tenant-features", &features),
+            ("x-tenant-identity", req.identity.kind.as_str()),
+        ] {
+            head.insert_header(name, value).map_err(e)?;
+        }
+
+        let mut peer = HttpPeer::new(self.cfg.addr, self.cfg.tls, self.cfg.host.clone());
+        peer.options.connection_timeout = Some(self.cfg.timeout);
+        if self.cfg.tls {
+            peer.options.verify_cert = true;
+            peer.options.verify_hostname = true;
+            peer.options.ca = self.ca.clone();
+        }
+        let (mut session, _reused) = self.connector.get_http_session(&peer).await.map_err(e)?;
+        session
+            .write_request_header(Box::new(head))
+            .await
+            .map_err(e)?;
+        session.finish_request_body().await.map_err(e)?;
+        session.read_response_header().await.map_err(e)?;
+        let resp = session
+            .response_header()
+            .cloned()
+            .ok_or("the authorizer sent no response head")?;
+        let status = resp.status.as_u16();
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session.read_response_body().await.map_err(e)? {
+            if body.len() + chunk.len() > MAX_DENY_BODY {
+                return Err(format!(
+                    "the authorizer's body exceeds {MAX_DENY_BODY} bytes"
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        self.connector
+            .release_http_session(session, &peer, peer.options.idle_timeout)
+            .await;
+        match status {
+            200..=299 => {
+                let mut headers = PolicyHeaders::new();
+                for name in &self.cfg.allowed_upstream_headers {
+                    if let Some(v) = resp.headers.get(name.as_str()) {
+                        let v = v
+                            .to_str()
+                            .map_err(|_| format!("the authorizer's {name} is not text"))?;
+                        headers.push((name.clone(), v.to_string()));
+                    }
+                }
+                Ok(Answer::Allow(headers))
+            }
+            300..=599 => Ok(Answer::Deny {
+                status,
+                content_type: resp
+                    .headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                body: body.freeze(),
+            }),
+            other => Err(format!("the authorizer answered status {other}")),
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The policy stage: contractual rules a plan table cannot express.
+//!
+//! It runs after the body stage, so the model and features are known, and
+//! before any quota is reserved: embedded Rego first, then the optional
+//! external authorizer. Both fail closed unless configured otherwise.
+
+pub mod ext_authz;
+pub mod rego;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{LazyLock, Mutex};
+
+use regorus::Value;
+
+use crate::authz::Route;
+use crate::config::tenants::{Feature, FeatureSet};
+use crate::identity::Identity;
+use crate::observe::metrics::METRICS;
+use crate::reject::Reject;
+
+/// What the policy stage knows about a request.
+pub struct PolicyRequest<'a> {
+    pub identity: &'a Identity,
+    pub method: &'a str,
+    pub route: Route,
+    pub model: &'a str,
+    pub features: FeatureSet,
+    /// The gateway's own region (`[server] region`).
+    pub region: &'a str,
+    pub body_bytes: usize,
+    pub prompt_tokens: u64,
+}
+
+impl PolicyRequest<'_> {
+    pub fn feature_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        Feature::ALL
+            .into_iter()
+            .filter(|f| self.features.contains(*f))
+            .map(Feature::name)
+    }
+
+    /// The Rego input document (documented in README, "Policies"), built
+    /// as regorus values directly: no JSON in between.
+    pub fn rego_input(&self, jwt_claims: &[String], unix_ns: i64) -> Value {
+        let t = &self.identity.tenant;
+        let l = &t.limits;
+        let claims: Vec<(&str, Value)> = match &self.identity.token {
+            Some(tok) => jwt_claims
+                .iter()
+                .filter_map(|c| {
+                    tok.claims
+                        .get(c)
+                        .map(|v| (c.as_str(), Value::from(v.clone())))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        object([
+            (
+                "tenant",
+                object([
+                    ("id", Value::from(t.id.as_str())),
+                    ("org", Value::from(t.org.as_str())),
+                    ("plan", Value::from(t.plan.as_str())),
+                    (
+                        "limits",
+                        object([
+                            ("requests_per_second", Value::from(l.requests_per_second)),
+                            ("burst", Value::from(l.burst)),
+                            ("tokens_per_minute", Value::from(l.tokens_per_minute)),
+                            ("tokens_per_day", Value::from(l.tokens_per_day)),
+                            ("max_concurrency", Value::from(l.max_concurrency)),
+                            ("max_body_bytes", Value::from(l.max_body_bytes)),
+                            ("max_prompt_tokens", Value::from(l.max_prompt_tokens)),
+                            ("max_output_tokens", Value::from(l.max_output_tokens)),
+                        ]),
+                    ),
+                ]),
+            ),
+            (
+                "identity",
+                object([
+                    ("kind", Value::from(self.identity.kind.as_str())),
+                    (
+                        "subject",
+                        self.identity
+                            .subject
+                            .as_deref()
+                            .map_or(Value::Null, Value::from),
+                    ),
+                    ("claims", object(claims)),
+                ]),
+            ),
+            (
+                "request",
+                object([
+                    ("method", Value::from(self.method)),
+                    ("route", Value::from(self.route.path())),
+                    ("model", Value::from(self.model)),
+                    (
+                        "features",
+                        Value::from(self.feature_names().map(Value::from).collect::<Vec<_>>()),
+                    ),
+                    ("region", Value::from(self.region)),
+                    ("body_bytes", Value::from(self.body_bytes)),
+                    ("prompt_tokens", Value::from(self.prompt_tokens)),
+                ]),
+            ),
+            ("time", object([("unix_ns", Value::from(unix_ns))])),
+        ])
+    }
+}
+
+fn object<'k>(pairs: impl IntoIterator<Item = (&'k str, Value)>) -> Value {
+    Value::from(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (Value::from(k), v))
+            .collect::<BTreeMap<_, _>>(),
+    )
+}
+
+/// Headers a policy adds for the router; names start `x-tenant-policy-`.
+pub type PolicyHeaders = Vec<(String, String)>;
+
+const MAX_HEADERS: usize = 16;
+const MAX_MESSAGE: usize = 256;
+
+/// Reads the entry point's value: deny wins (the lowest code, so the
+/// answer does not depend on set order); otherwise the headers. Anything
+/// malformed is an error, and the caller fails closed.
+pub fn rego_verdict(result: &Value) -> Result<Result<PolicyHeaders, Reject>, String> {
+    if *result == Value::Undefined {
+        return Err("the policy's result is undefined".into());
+    }
+    let deny = &result["deny"];
+    let denials: Vec<&Value> = match deny {
+        Value::Undefined => Vec::new(),
+        Value::Set(s) => s.iter().collect(),
+        Value::Array(a) => a.iter().collect(),
+        _ => return Err("result.deny must be a set or an array".into()),
+    };
+    let mut first: Option<(&str, &str)> = None;
+    for d in denials {
+        let code = d["code"]
+            .as_string()
+            .map_err(|_| "every denial needs a string code")?;
+        let message = match &d["message"] {
+            Value::Undefined => "denied by policy",
+            m => m
+                .as_string()
+                .map_err(|_| "a denial's message must be a string")?,
+        };
+        if first.is_none_or(|(c, _)| code.as_ref() < c) {
+            first = Some((code, message));
+        }
+    }
+    if let Some((code, message)) = first {
+        let code = intern_code(code)?;
+        let message: String = message
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_MESSAGE)
+            .collect();
+        return Ok(Err(Reject::forbidden(code, message)));
+    }
+    let mut headers = PolicyHeaders::new();
+    match &result["headers"] {
+        Value::Undefined => {}
+        Value::Object(map) => {
+            if map.len() > MAX_HEADERS {
+                return Err(format!("more than {MAX_HEADERS} policy headers"));
+            }
+            for (name, value) in map.iter() {
+                let name = name.as_string().map_err(|_| "header names are strings")?;
+                let value = value
+                    .as_string()
+                    .map_err(|_| format!("header {name} must have a string value"))?;
+                headers.push(policy_header(name, value)?);
+            }
+        }
+        _ => return Err("result.headers must be an object".into()),
+    }
+    Ok(Ok(headers))
+}
+
+/// Checks one policy header: its name in the `x-tenant-policy-` namespace
+/// (stripped from clients, signed for the router), a short visible value.
+pub fn policy_header(name: &str, value: &str) -> Result<(String, String), String> {
+    let name = name.to_ascii_lowercase();
+    let suffix = name.strip_prefix("x-tenant-policy-").unwrap_or_default();
+    let name_ok = !suffix.is_empty()
+        && name.len() <= 64
+        && suffix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !name_ok {
+        return Err(format!(
+            "policy header {name:?} must be x-tenant-policy-<a-z0-9->"
+        ));
+    }
+    let value_ok =
+        value.len() <= MAX_MESSAGE && value.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+    if !value_ok {
+        return Err(format!(
+            "policy header {name} has a value that cannot be sent"
+        ));
+    }
+    Ok((name, value.to_string()))
+}
+
+/// Policy codes become metric labels and `reject_code`s, which must stay a
+/// small set: the first 64 distinct valid codes are kept for the life of
+/// the process, later ones report as `policy_denied`.
+fn intern_code(code: &str) -> Result<&'static str, String> {
+    static CODES: LazyLock<Mutex<HashSet<&'static str>>> =
+        LazyLock::new(|| Mutex::new(HashSet::new()));
+    let valid = (1..=64).contains(&code.len())
+        && code.starts_with(|c: char| c.is_ascii_lowercase())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !valid {
+        return Err(format!(
+            "denial code {code:?} must match [a-z][a-z0-9_]{{0,63}}"
+        ));
+    }
+    let mut codes = CODES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = codes.get(code) {
+        return Ok(c);
+    }
+    if codes.len() >= 64 {
+        return Ok("policy_denied");
+    }
+    let leaked: &'static str = Box::leak(code.to_string().into_boxed_str());
+    codes.insert(leaked);
+    Ok(leaked)
+}
+
+/// The answer for a policy that could not be evaluated: deny, counted.
+pub fn policy_error(engine: &'static str, detail: &str) -> Reject {
+    METRICS.policy_errors.with_label_values(&[engine]).inc();
+    tracing::error!(engine, error = detail, "policy evaluation failed; denying");
+    Reject::forbidden(
+        "policy_error",
+        "the request could not be authorized by policy",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(json: &str) -> Result<Result<PolicyHeaders, Reject>, String> {
+        rego_verdict(&Value::from_json_str(json).unwrap())
+    }
+
+    #[test]
+    fn deny_wins_with_the_lowest_code() {
+        let r = eval(r#"{"deny": [{"code": "zeta", "message": "z"}, {"code": "alpha", "message": "a"}], "headers": {"x-tenant-policy-a": "1"}}"#)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!((r.status, r.code, r.message.as_ref()), (403, "alpha", "a"));
+    }
+
+    #[test]
+    fn allow_carries_only_well_formed_policy_headers() {
+        let h = eval(r#"{"deny": [], "headers": {"X-Tenant-Policy-Tier": "low"}}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h, vec![("x-tenant-policy-tier".into(), "low".into())]);
+        for bad in [
+            r#"{"headers": {"x-tenant-id": "other"}}"#,
+            r#"{"headers": {"x-tenant-policy-": "v"}}"#,
+            r#"{"headers": {"x-tenant-policy-a": "line\nbreak"}}"#,
+            r#"{"headers": {"x-tenant-policy-a": 1}}"#,
+            r#"{"deny": [{"code": "Bad Code"}]}"#,
+            r#"{"deny": [{"message": "no code"}]}"#,
+            r#"{"deny": "yes"}"#,
+        ] {
+            assert!(eval(bad).is_err(), "{bad}");
+        }
+        assert!(rego_verdict(&Value::Undefined).is_err());
+    }
+}
