@@ -1,16 +1,90 @@
 //! Sanity checks on the raw request head, before any identity work.
 //!
+//! The head must fit its limits (414, 431), name its Host, and carry a
+//! canonical path: percent-encoding, `.`/`..` segments, empty segments,
+//! backslashes and upper case are refused (400 `invalid_path`) rather
+//! than normalised, so RBAC and routing decide on exactly the path that is
+//! forwarded and no router can read it differently.
+//!
 //! Pingora accepts a request with both Content-Length and Transfer-Encoding;
 //! behind it, a router that reads the other framing would see a second,
 //! smuggled request. Such requests are refused here, as are header names
 //! that would read as trusted headers once `_` is folded into `-`.
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::HeaderMap;
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, Version};
+use pingora::http::RequestHeader;
+
+use crate::config::gateway::HeadLimits;
 
 use crate::forward::spoofs_trusted_header;
 use crate::reject::Reject;
+
+/// Checks the head's size, Host and path; the first problem found is returned.
+pub fn check_head(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Reject> {
+    if req.raw_path().len() > limits.max_request_target {
+        return Err(Reject::new(
+            414,
+            "uri_too_long",
+            format!(
+                "the request target exceeds {} bytes",
+                limits.max_request_target
+            ),
+        ));
+    }
+    if req.headers.len() > limits.max_headers {
+        return Err(Reject::new(
+            431,
+            "headers_too_large",
+            format!("more than {} header fields", limits.max_headers),
+        ));
+    }
+    let header_bytes: usize = req
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    if header_bytes > limits.max_header_bytes {
+        return Err(Reject::new(
+            431,
+            "headers_too_large",
+            format!("the headers exceed {} bytes", limits.max_header_bytes),
+        ));
+    }
+    // HTTP/1.1 requires Host (RFC 9112 3.2); HTTP/2 carries :authority.
+    if req.version == Version::HTTP_11 && req.headers.get_all(HOST).iter().count() != 1 {
+        return Err(Reject::bad_request(
+            "invalid_request",
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    if !canonical_path(req.uri.path()) {
+        return Err(Reject::bad_request(
+            "invalid_path",
+            "the path is not canonical: no percent-encoding, dot or empty segments, backslashes or upper case",
+        ));
+    }
+    Ok(())
+}
+
+/// `/` followed by non-empty segments of `[a-z0-9._~-]`, none of them `.`
+/// or `..`.
+pub fn canonical_path(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    rest.split('/').all(|seg| {
+        !seg.is_empty()
+            && seg != "."
+            && seg != ".."
+            && seg.bytes().all(|b| {
+                b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || matches!(b, b'.' | b'_' | b'~' | b'-')
+            })
+    })
+}
 
 /// Checks framing and header names; the first problem found is returned.
 ///
@@ -108,6 +182,70 @@ mod tests {
             ))
         };
         assert!(check(&te, clean).is_ok());
+    }
+
+    #[test]
+    fn only_canonical_paths_pass() {
+        for ok in ["/v1/chat/completions", "/v1/models", "/a.b/c_d~e-f"] {
+            assert!(canonical_path(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "v1/models",
+            "/",
+            "/v1//models",
+            "/v1/models/",
+            "/v1/./models",
+            "/v1/models/../chat/completions",
+            "/v1/chat%2Fcompletions",
+            "/v1/%2e%2e/models",
+            "/V1/chat/completions",
+            "/v1\\models",
+            "/v1/models;x",
+            "/v1/mod\u{e9}ls",
+        ] {
+            assert!(!canonical_path(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn head_limits_and_host_are_enforced() {
+        let limits = HeadLimits {
+            max_request_target: 32,
+            max_header_bytes: 64,
+            max_headers: 3,
+        };
+        let req = |path: &str, headers: &[(&'static str, &str)]| {
+            let mut r = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
+            for (n, v) in headers {
+                r.append_header(*n, *v).unwrap();
+            }
+            r
+        };
+        let host = [("host", "gw")];
+        assert!(check_head(&req("/v1/models", &host), &limits).is_ok());
+        let code = |r: RequestHeader| check_head(&r, &limits).map_err(|e| (e.status, e.code));
+        assert_eq!(
+            code(req(&format!("/v1/models?{}", "a".repeat(32)), &host)),
+            Err((414, "uri_too_long"))
+        );
+        assert_eq!(
+            code(req(
+                "/v1/models",
+                &[("host", "gw"), ("a", "1"), ("b", "2"), ("c", "3")]
+            )),
+            Err((431, "headers_too_large"))
+        );
+        assert_eq!(
+            code(req("/v1/models", &[("host", "gw"), ("x", &"v".repeat(64))])),
+            Err((431, "headers_too_large"))
+        );
+        assert_eq!(code(req("/v1/models", &[])), Err((400, "invalid_request")));
+        assert_eq!(
+            code(req("/v1/models", &[("host", "a"), ("host", "b")])),
+            Err((400, "invalid_request"))
+        );
+        assert_eq!(code(req("/v1/./models", &host)), Err((400, "invalid_path")));
     }
 
     #[test]

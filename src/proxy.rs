@@ -110,6 +110,7 @@ impl Gateway {
     fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<Admitted, Reject> {
         ctx.admission = Some(self.overload.admit()?);
         let req = session.req_header();
+        inbound::check_head(req, &ctx.snapshot.gateway.server.head_limits)?;
         inbound::check(&req.headers, || {
             let down = session.as_downstream();
             down.as_http1().map(|_| down.to_h1_raw())

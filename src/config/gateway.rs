@@ -56,6 +56,9 @@ struct RawServer {
     pid_file: String,
     #[serde(default = "default_upgrade_sock")]
     upgrade_sock: String,
+    max_request_target_bytes: Option<usize>,
+    max_header_bytes: Option<usize>,
+    max_headers: Option<usize>,
     tls: Option<RawTls>,
 }
 
@@ -293,7 +296,29 @@ pub struct ServerConfig {
     pub graceful_shutdown_timeout_seconds: u64,
     pub pid_file: String,
     pub upgrade_sock: String,
+    pub head_limits: HeadLimits,
     pub tls: Option<TlsListenerConfig>,
+}
+
+/// Bounds on a request head, checked before anything else reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// The request target (path and query): 414 above it.
+    pub max_request_target: usize,
+    /// All header names and values together: 431 above it.
+    pub max_header_bytes: usize,
+    /// Header fields: 431 above it.
+    pub max_headers: usize,
+}
+
+impl Default for HeadLimits {
+    fn default() -> Self {
+        HeadLimits {
+            max_request_target: 8 * 1024,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -599,6 +624,17 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
             graceful_shutdown_timeout_seconds: raw.server.graceful_shutdown_timeout_seconds,
             pid_file: src.resolve(&raw.server.pid_file).display().to_string(),
             upgrade_sock: src.resolve(&raw.server.upgrade_sock).display().to_string(),
+            head_limits: {
+                let d = HeadLimits::default();
+                HeadLimits {
+                    max_request_target: raw
+                        .server
+                        .max_request_target_bytes
+                        .unwrap_or(d.max_request_target),
+                    max_header_bytes: raw.server.max_header_bytes.unwrap_or(d.max_header_bytes),
+                    max_headers: raw.server.max_headers.unwrap_or(d.max_headers),
+                }
+            },
             tls,
         },
         admin,

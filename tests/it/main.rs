@@ -4,6 +4,7 @@
 mod common;
 
 mod access_log;
+mod adversarial;
 mod body;
 mod body_corpus;
 mod cli;

@@ -1,0 +1,315 @@
+//! Hostile request heads over raw sockets: path tricks, oversized and
+//! malformed heads, smuggling framings and spoofed identity headers. Each
+//! has its expected status and code, and none may reach the router.
+//! `docs/SECURITY.md` says what each group defends against.
+
+use crate::common::*;
+
+/// One hostile request: what it tries, the raw bytes, and the answer.
+struct Case {
+    what: String,
+    raw: Vec<u8>,
+    status: u16,
+    /// `None` where Pingora's parser refuses the head before the gateway
+    /// sees it (no JSON body then).
+    code: Option<&'static str>,
+}
+
+fn head(method: &str, target: &str, headers: &str, body: &str) -> Vec<u8> {
+    format!("{method} {target} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n{body}").into_bytes()
+}
+
+fn cases(key: &str) -> Vec<Case> {
+    let auth = format!("Host: gw\r\nx-api-key: {key}\r\n");
+    let json = "Content-Type: application/json\r\n";
+    let body = r#"{"model":"m-small","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut out = Vec::new();
+    let mut add = |what: &str, raw: Vec<u8>, status: u16, code: Option<&'static str>| {
+        out.push(Case {
+            what: what.to_string(),
+            raw,
+            status,
+            code,
+        })
+    };
+
+    // Paths: every spelling that a router might normalise differently.
+    for path in [
+        "/v1/models/../chat/completions",
+        "/v1/chat%2Fcompletions",
+        "/v1/chat%2fcompletions",
+        "/V1/chat/completions",
+        "/v1/Chat/Completions",
+        "/v1//chat/completions",
+        "//v1/chat/completions",
+        "/v1/./chat/completions",
+        "/v1/chat/completions/",
+        "/v1/chat/completions/.",
+        "/v1/%2e%2e/v1/chat/completions",
+        "/v1/%2E%2E/chat/completions",
+        "/v1/chat/completions%00",
+        "/v1/chat/completions%20",
+        "/v1\\chat\\completions",
+        "/v1/chat/completions;jsessionid=1",
+        "/v1/chat/%63ompletions",
+        "/v1/models/%2e%2e/chat/completions",
+        "/./v1/chat/completions",
+        "/v1/chat/completions/..",
+        "/%76%31/chat/completions",
+        "/v1/chat//completions",
+        "/v1/embeddings/..",
+        "/v1/%2e/chat/completions",
+        "/v1/chat/completions%2f",
+    ] {
+        let len = body.len();
+        add(
+            &format!("path {path}"),
+            head(
+                "POST",
+                path,
+                &format!("{auth}{json}Content-Length: {len}\r\n"),
+                body,
+            ),
+            400,
+            Some("invalid_path"),
+        );
+    }
+    // Absolute-form targets with tricks in the path.
+    add(
+        "absolute-form with dot segments",
+        head("GET", "http://gw/v1/x/../models", &auth, ""),
+        400,
+        Some("invalid_path"),
+    );
+
+    // Oversized and malformed heads.
+    add(
+        "request target over 8 KiB",
+        head(
+            "GET",
+            &format!("/v1/models?{}", "a".repeat(9000)),
+            &auth,
+            "",
+        ),
+        414,
+        Some("uri_too_long"),
+    );
+    add(
+        "one 40 KiB header",
+        head(
+            "GET",
+            "/v1/models",
+            &format!("{auth}X-Big: {}\r\n", "a".repeat(40_000)),
+            "",
+        ),
+        431,
+        Some("headers_too_large"),
+    );
+    add(
+        "101 header fields",
+        head(
+            "GET",
+            "/v1/models",
+            &format!(
+                "{auth}{}",
+                (0..101)
+                    .map(|i| format!("X-H{i}: v\r\n"))
+                    .collect::<String>()
+            ),
+            "",
+        ),
+        431,
+        Some("headers_too_large"),
+    );
+    add(
+        "300 header fields (Pingora's parser limit)",
+        head(
+            "GET",
+            "/v1/models",
+            &format!(
+                "{auth}{}",
+                (0..300)
+                    .map(|i| format!("X-H{i}: v\r\n"))
+                    .collect::<String>()
+            ),
+            "",
+        ),
+        400,
+        None,
+    );
+    add(
+        "obs-fold continuation line",
+        head("GET", "/v1/models", &format!("{auth}X-A: a\r\n b\r\n"), ""),
+        400,
+        None,
+    );
+    add(
+        "no Host",
+        head("GET", "/v1/models", &format!("x-api-key: {key}\r\n"), ""),
+        400,
+        Some("invalid_request"),
+    );
+    add(
+        "two Host headers (Pingora refuses them)",
+        head("GET", "/v1/models", &format!("{auth}Host: other\r\n"), ""),
+        400,
+        None,
+    );
+
+    // Request smuggling: framings a router behind us could read otherwise.
+    let len = body.len();
+    // Pingora's parser refuses some itself (no JSON body); the gateway
+    // refuses the rest.
+    for (what, framing, code) in [
+        (
+            "Content-Length with Transfer-Encoding",
+            format!("Content-Length: {len}\r\nTransfer-Encoding: chunked\r\n"),
+            Some("invalid_request"),
+        ),
+        (
+            "Transfer-Encoding with Content-Length",
+            format!("Transfer-Encoding: chunked\r\nContent-Length: {len}\r\n"),
+            Some("invalid_request"),
+        ),
+        (
+            "two different Content-Lengths",
+            format!("Content-Length: {len}\r\nContent-Length: 5\r\n"),
+            None,
+        ),
+        (
+            "two equal Content-Lengths",
+            format!("Content-Length: {len}\r\nContent-Length: {len}\r\n"),
+            Some("invalid_request"),
+        ),
+        (
+            "Transfer-Encoding gzip, chunked",
+            "Transfer-Encoding: gzip, chunked\r\n".to_string(),
+            Some("invalid_request"),
+        ),
+        (
+            "Transfer-Encoding identity",
+            "Transfer-Encoding: identity\r\n".to_string(),
+            None,
+        ),
+        (
+            "two Transfer-Encoding headers",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n".to_string(),
+            Some("invalid_request"),
+        ),
+    ] {
+        let chunked = format!("{len:x}\r\n{body}\r\n0\r\n\r\n");
+        add(
+            what,
+            head(
+                "POST",
+                "/v1/chat/completions",
+                &format!("{auth}{json}{framing}"),
+                &chunked,
+            ),
+            400,
+            code,
+        );
+    }
+
+    // Identity headers: spoofed context and credential confusion.
+    for name in [
+        "x_tenant_id",
+        "X_Tenant_Plan",
+        "x-tenant_org",
+        "x_forwarded_for",
+        "x_api_key",
+        "x_request_id",
+        "x_tenant_policy_tier",
+    ] {
+        add(
+            &format!("underscore header {name}"),
+            head("GET", "/v1/models", &format!("{auth}{name}: acme\r\n"), ""),
+            400,
+            Some("invalid_request"),
+        );
+    }
+    add(
+        "two Authorization headers",
+        head(
+            "GET",
+            "/v1/models",
+            "Host: gw\r\nAuthorization: Bearer a.b.c\r\nAuthorization: Bearer d.e.f\r\n",
+            "",
+        ),
+        400,
+        Some("invalid_request"),
+    );
+    add(
+        "two x-api-key headers",
+        head(
+            "GET",
+            "/v1/models",
+            &format!("{auth}x-api-key: {key}\r\n"),
+            "",
+        ),
+        400,
+        Some("invalid_request"),
+    );
+    add(
+        "API key and bearer token together",
+        head(
+            "GET",
+            "/v1/models",
+            &format!("{auth}Authorization: Bearer a.b.c\r\n"),
+            "",
+        ),
+        400,
+        Some("invalid_request"),
+    );
+    add(
+        "token in the query string only",
+        head("GET", "/v1/models?access_token=a.b.c", "Host: gw\r\n", ""),
+        401,
+        Some("missing_credentials"),
+    );
+    add(
+        "Basic credentials",
+        head(
+            "GET",
+            "/v1/models",
+            "Host: gw\r\nAuthorization: Basic YWNtZTpwdw==\r\n",
+            "",
+        ),
+        401,
+        Some("missing_credentials"),
+    );
+    out
+}
+
+/// The error code in a body, or what the body was when it has none.
+fn code_of(r: &Response) -> String {
+    serde_json::from_slice::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("(no code: {:?})", String::from_utf8_lossy(&r.body)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_heads_get_their_code_and_reach_nothing() {
+    let gw = Gateway::start().await;
+    let cases = cases(&gw.keys.acme_key);
+    assert!(cases.len() >= 50, "{} cases", cases.len());
+    let mut wrong = Vec::new();
+    for c in &cases {
+        let r = send(gw.addr, &c.raw).await;
+        let got = match &r {
+            Ok(r) => (r.status, c.code.map(|_| code_of(r))),
+            Err(e) => {
+                wrong.push(format!("{}: no answer ({e})", c.what));
+                continue;
+            }
+        };
+        let want = (c.status, c.code.map(str::to_string));
+        if got != want {
+            wrong.push(format!("{}: got {got:?}, want {want:?}", c.what));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert_eq!(gw.router_count(), 0, "a hostile request reached the router");
+    assert_eq!(gw.router().connections(), 0);
+}
