@@ -120,4 +120,129 @@ mod tests {
         assert!(spoofs_trusted_header("x_forwarded_for"));
         assert!(!spoofs_trusted_header("x_custom"));
     }
+
+    use crate::config::tenants::{FeatureSet, Limits, Tenant};
+    use crate::limits::TenantLimiter;
+    use crate::reject::Reject;
+    use proptest::prelude::*;
+
+    fn tenant() -> Tenant {
+        let limits = Limits {
+            requests_per_second: 1.0,
+            burst: 1,
+            tokens_per_minute: 1,
+            tokens_per_day: 1,
+            max_concurrency: 1,
+            max_body_bytes: 1,
+            max_prompt_tokens: 1,
+            max_output_tokens: 1,
+        };
+        Tenant {
+            limiter: std::sync::Arc::new(TenantLimiter::new(&limits)),
+            id: "acme".into(),
+            org: "acme-corp".into(),
+            plan: "free".into(),
+            suspended: false,
+            limits_header: limits.header_value(),
+            limits,
+            models: vec![],
+            features: FeatureSet::default(),
+            regions: None,
+            forbidden_fields: vec![],
+            jwt_subjects: vec![],
+            mtls_identities: vec![],
+        }
+    }
+
+    /// Header names a client might try: trusted ones in any case and with
+    /// `_` for `-`, near misses, and arbitrary tokens.
+    fn client_name() -> impl Strategy<Value = String> {
+        let trusted = prop::sample::select(vec![
+            "x-tenant-id",
+            "x-tenant-plan",
+            "x-tenant-org",
+            "x-tenant-limits",
+            "x-tenant-model",
+            "x-tenant-signature",
+            "x-tenant-policy-tier",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-request-id",
+            "x-real-ip",
+            "forwarded",
+            "authorization",
+            "x-api-key",
+        ]);
+        // Underscores are rare: a head with one is refused outright, and
+        // the property is about the heads that pass.
+        let spelled =
+            (trusted, prop::collection::vec(any::<(bool, u8)>(), 24)).prop_map(|(name, flips)| {
+                name.chars()
+                    .zip(flips.iter().cycle())
+                    .map(|(c, (upper, roll))| match c {
+                        '-' if *roll < 8 => '_',
+                        c if *upper => c.to_ascii_uppercase(),
+                        c => c,
+                    })
+                    .collect::<String>()
+            });
+        prop_oneof![spelled, "[a-zA-Z][a-zA-Z0-9_-]{0,20}"]
+    }
+
+    /// What a router behind the gateway trusts, written out independently
+    /// of `is_trusted_header` so the property checks it.
+    fn router_trusts(name: &str) -> bool {
+        name.starts_with("x-tenant-")
+            || name.starts_with("x-forwarded-")
+            || matches!(
+                name,
+                "x-real-ip"
+                    | "forwarded"
+                    | "x-request-id"
+                    | "authorization"
+                    | "proxy-authorization"
+                    | "x-api-key"
+            )
+    }
+
+    proptest! {
+        /// Whatever headers a client sends, either the head check refuses
+        /// them, or no client value survives in a header the router trusts.
+        #[test]
+        fn no_client_header_reaches_the_router_as_trusted(
+            headers in prop::collection::vec((client_name(), 0u32..1000), 0..12),
+        ) {
+            let mut req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+            let mut map = http::HeaderMap::new();
+            for (name, n) in &headers {
+                let value = format!("EVIL{n}");
+                req.append_header(name.clone(), value.as_str()).unwrap();
+                map.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+            }
+            let refused: Result<(), Reject> = crate::inbound::check(&map, || None);
+            prop_assume!(refused.is_ok());
+            let t = tenant();
+            let signer = ContextSigner::from_bytes(&[7u8; 32]).unwrap();
+            let ctx = TrustedContext {
+                tenant: &t,
+                request_id: "rid",
+                model: Some("m"),
+                client_ip: "192.0.2.1",
+                proto: "https",
+                policy: &[],
+                strip: &[],
+            };
+            apply(&mut req, &ctx, &signer, 1).unwrap();
+            for (name, value) in req.headers.iter() {
+                let folded = name.as_str().replace('_', "-");
+                if router_trusts(&folded) {
+                    prop_assert!(
+                        !value.to_str().unwrap_or("").contains("EVIL"),
+                        "{name}: {value:?} survived"
+                    );
+                }
+            }
+            prop_assert_eq!(req.headers.get("x-tenant-id").unwrap(), "acme");
+        }
+    }
 }

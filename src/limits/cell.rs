@@ -197,4 +197,37 @@ mod tests {
         });
         assert_eq!(admitted, 1000);
     }
+
+    proptest::proptest! {
+        /// In any interval between two admitted requests, GCRA admits at
+        /// most the burst plus the rate times the interval (plus one for
+        /// the rounding of a unit's cost), whatever the arrival pattern.
+        #[test]
+        fn never_admits_more_than_rate_plus_burst_in_any_window(
+            per_second in 0.5f64..1000.0,
+            burst in 1u32..100,
+            gaps in proptest::collection::vec(0u64..50_000_000, 1..300),
+        ) {
+            let c = Cell::default();
+            let r = Rate::requests(per_second, burst);
+            let mut now = 1_000_000_000u64;
+            let mut admitted = Vec::new();
+            for gap in gaps {
+                now += gap;
+                if c.take(now, r.cost(1), r.capacity_ns).is_ok() {
+                    admitted.push(now);
+                }
+            }
+            for (i, start) in admitted.iter().enumerate() {
+                for (j, end) in admitted.iter().enumerate().skip(i) {
+                    let window_s = (end - start) as f64 / 1e9;
+                    let allowed = f64::from(burst) + per_second * window_s + 1.0;
+                    proptest::prop_assert!(
+                        (j - i + 1) as f64 <= allowed,
+                        "{} admitted in {window_s} s (allowed {allowed})", j - i + 1
+                    );
+                }
+            }
+        }
+    }
 }
