@@ -450,6 +450,11 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Pingora keeps an HTTP/1.1 connection alive with no idle limit.
+        if session.get_keepalive().is_some() {
+            let idle = ctx.snapshot.gateway.server.idle_timeout.as_secs();
+            session.set_keepalive(Some(idle));
+        }
         let mut admitted = self.admit(session, ctx);
         if admitted.is_ok() {
             if let Err(r) = self.limit_request(ctx).await {

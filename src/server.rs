@@ -112,6 +112,9 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     ));
     let mut options = HttpServerOptions::default();
     options.h2c = true;
+    // Pingora counts reuses after the first request.
+    options.keepalive_request_limit = Some(gw.server.max_requests_per_connection - 1);
+    options.h2_idle_timeout = Some(gw.server.idle_timeout);
     let mut proxy = ProxyServiceBuilder::new(
         &server.configuration,
         Gateway {

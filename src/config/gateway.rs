@@ -59,9 +59,19 @@ struct RawServer {
     max_request_target_bytes: Option<usize>,
     max_header_bytes: Option<usize>,
     max_headers: Option<usize>,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout_seconds: u64,
+    #[serde(default = "default_requests_per_connection")]
+    max_requests_per_connection: u32,
     tls: Option<RawTls>,
 }
 
+fn default_idle_timeout() -> u64 {
+    60
+}
+fn default_requests_per_connection() -> u32 {
+    1000
+}
 fn default_threads() -> usize {
     1
 }
@@ -297,6 +307,10 @@ pub struct ServerConfig {
     pub pid_file: String,
     pub upgrade_sock: String,
     pub head_limits: HeadLimits,
+    /// An idle keep-alive connection (HTTP/1.1 or HTTP/2) closes after this.
+    pub idle_timeout: Duration,
+    /// A connection closes after serving this many requests.
+    pub max_requests_per_connection: u32,
     pub tls: Option<TlsListenerConfig>,
 }
 
@@ -635,6 +649,8 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
                     max_headers: raw.server.max_headers.unwrap_or(d.max_headers),
                 }
             },
+            idle_timeout: Duration::from_secs(raw.server.idle_timeout_seconds.max(1)),
+            max_requests_per_connection: raw.server.max_requests_per_connection.max(1),
             tls,
         },
         admin,

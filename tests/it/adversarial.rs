@@ -3,6 +3,11 @@
 //! has its expected status and code, and none may reach the router.
 //! `docs/SECURITY.md` says what each group defends against.
 
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
 use crate::common::*;
 
 /// One hostile request: what it tries, the raw bytes, and the answer.
@@ -312,4 +317,46 @@ async fn hostile_heads_get_their_code_and_reach_nothing() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     assert_eq!(gw.router_count(), 0, "a hostile request reached the router");
     assert_eq!(gw.router().connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_and_long_lived_ones_are_closed() {
+    let gw = Gateway::start_with(Options {
+        server_extra: "idle_timeout_seconds = 1\nmax_requests_per_connection = 2",
+        ..Options::default()
+    })
+    .await;
+    let models = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: gw\r\nx-api-key: {}\r\n\r\n",
+        gw.keys.acme_key
+    );
+    // Idle: kept alive after a request, closed a second later.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(models.as_bytes()).await.unwrap();
+    assert_eq!(read_keep_alive(&mut s).await, Some((200, false)));
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "an idle connection stayed open: {closed:?}"
+    );
+
+    // A connection serves at most two requests, then closes.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut served = 0;
+    for _ in 0..5 {
+        if s.write_all(models.as_bytes()).await.is_err() {
+            break;
+        }
+        match read_keep_alive(&mut s).await {
+            Some((200, close)) => {
+                served += 1;
+                if close {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    assert_eq!(served, 2, "requests served on one connection");
 }

@@ -294,6 +294,8 @@ pub struct Options {
     pub policy_extra: String,
     /// Files written into the gateway's dir before it starts.
     pub files: Vec<(&'static str, String)>,
+    /// Extra lines for the `[server]` table.
+    pub server_extra: &'static str,
 }
 
 impl Default for Options {
@@ -311,6 +313,7 @@ impl Default for Options {
             tls_extra: "",
             policy_extra: String::new(),
             files: Vec::new(),
+            server_extra: "",
         }
     }
 }
@@ -387,6 +390,7 @@ listen = ["{addr}"]
 threads = 1
 region = "us-east-1"
 grace_period_seconds = 1
+{server_extra}
 graceful_shutdown_timeout_seconds = 1
 pid_file = "{dir}/portcullis.pid"
 upgrade_sock = "{dir}/upgrade.sock"
@@ -419,6 +423,7 @@ signing_key_file = "context.key"
 "#,
             gateway_extra = opts.gateway_extra,
             policy_extra = opts.policy_extra,
+            server_extra = opts.server_extra,
             dir = d.display(),
             read_timeout = opts.read_timeout_ms,
             jwt_extra = opts.jwt_extra,
