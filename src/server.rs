@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 use pingora::apps::HttpServerOptions;
 use pingora::connectors::http::Connector;
 use pingora::listeners::tls::TlsSettings;
+use pingora::protocols::http::v2::server::H2Options;
 use pingora::proxy::ProxyServiceBuilder;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
@@ -17,7 +18,9 @@ use pingora::tls::ssl::{SslFiletype, SslVerifyMode, SslVersion};
 use pingora::tls::x509::X509Name;
 
 use crate::admin::Admin;
-use crate::config::gateway::{ClientCertMode, LimitsBackend, TlsListenerConfig, UpstreamConfig};
+use crate::config::gateway::{
+    ClientCertMode, HeadLimits, LimitsBackend, TlsListenerConfig, UpstreamConfig,
+};
 use crate::config::reload::{ReloadService, Reloader};
 use crate::config::Snapshot;
 use crate::forward::upstream::{self, Upstream};
@@ -129,6 +132,9 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     .name("portcullis proxy")
     .server_options(options)
     .build();
+    if let Some(app) = proxy.app_logic_mut() {
+        app.h2_options = Some(h2_options(&gw.server.head_limits));
+    }
     for addr in &gw.server.listen {
         proxy.add_tcp(&addr.to_string());
     }
@@ -150,6 +156,21 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
         server.add_service(admin);
     }
     server.run_forever()
+}
+
+/// HTTP/2 limits, explicit rather than inherited: streams per connection,
+/// the decoded header block (the same bound as HTTP/1's header bytes),
+/// and the streams a client may reset before the gateway accepted them
+/// (beyond it the connection gets GOAWAY: the rapid-reset defence of
+/// CVE-2023-44487). CONTINUATION floods are bounded by the header-list
+/// limit in h2 >= 0.4.4, which Cargo.toml requires.
+fn h2_options(limits: &HeadLimits) -> H2Options {
+    let mut o = H2Options::default();
+    o.max_concurrent_streams(100)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(Some(1024));
+    o
 }
 
 /// Settings that weaken security: each is printed on stderr at start, logged

@@ -360,3 +360,80 @@ async fn idle_keep_alive_connections_and_long_lived_ones_are_closed() {
     }
     assert_eq!(served, 2, "requests served on one connection");
 }
+
+/// An h2c (prior knowledge) connection to the gateway.
+async fn h2c(
+    gw: &Gateway,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    (client, tokio::spawn(conn))
+}
+
+fn h2_chat(key: &str, extra: Option<(&str, String)>) -> http::Request<()> {
+    let mut b = http::Request::builder()
+        .method("POST")
+        .uri("http://gw/v1/chat/completions")
+        .header("x-api-key", key)
+        .header("content-type", "application/json");
+    if let Some((name, value)) = extra {
+        b = b.header(name, value);
+    }
+    b.body(()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_and_oversized_header_blocks_are_contained() {
+    let gw = Gateway::start().await;
+    let key = gw.keys.acme_key.clone();
+
+    // An oversized header block (64 KiB against the 32 KiB limit): 431.
+    let (client, _conn) = h2c(&gw).await;
+    let mut client = client.ready().await.unwrap();
+    let (resp, _) = client
+        .send_request(h2_chat(&key, Some(("x-big", "a".repeat(64 * 1024)))), true)
+        .unwrap();
+    let status = resp.await.map(|r| r.status().as_u16());
+    assert!(
+        matches!(status, Ok(431)),
+        "oversized header block: {status:?}"
+    );
+
+    // Rapid reset: open streams and cancel each at once, 1000 times.
+    let (client, conn) = h2c(&gw).await;
+    let mut client = Some(client);
+    let mut opened = 0;
+    for _ in 0..1000 {
+        let Some(Ok(mut ready)) = (match client.take() {
+            Some(c) => Some(c.ready().await),
+            None => None,
+        }) else {
+            break;
+        };
+        match ready.send_request(h2_chat(&key, None), false) {
+            Ok((_resp, mut body)) => {
+                body.send_reset(h2::Reason::CANCEL);
+                opened += 1;
+            }
+            Err(_) => break,
+        }
+        client = Some(ready);
+    }
+    // The connection either ends (GOAWAY) or stays bounded; either way the
+    // gateway answers others and nothing half-sent reached the router.
+    drop(client);
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    println!("rapid reset: {opened} streams opened and reset; connection: {ended:?}");
+    let r = gw
+        .send(
+            &post("/v1/chat/completions", &chat_body())
+                .header("x-api-key", &key)
+                .build(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(gw.router_count(), 1, "a reset stream reached the router");
+}
