@@ -1,0 +1,65 @@
+//! The body stage on arbitrary bytes, for each route: it must never panic,
+//! and what it accepts must be JSON it would accept again.
+#![no_main]
+use std::sync::{Arc, LazyLock};
+
+use libfuzzer_sys::fuzz_target;
+use portcullis::authz::Route;
+use portcullis::body::schema::Schemas;
+use portcullis::body::{judge, BodyConfig};
+use portcullis::config::tenants::{Feature, FeatureSet, Limits, Tenant};
+use portcullis::limits::TenantLimiter;
+
+static TENANT: LazyLock<Tenant> = LazyLock::new(|| {
+    let limits = Limits {
+        requests_per_second: 1000.0,
+        burst: 1000,
+        tokens_per_minute: u64::MAX,
+        tokens_per_day: u64::MAX,
+        max_concurrency: 1000,
+        max_body_bytes: 1 << 20,
+        max_prompt_tokens: 100_000,
+        max_output_tokens: 4096,
+    };
+    let mut features = FeatureSet::default();
+    for f in [
+        Feature::Chat,
+        Feature::Completions,
+        Feature::Embeddings,
+        Feature::Stream,
+    ] {
+        features.insert(f);
+    }
+    Tenant {
+        limiter: Arc::new(TenantLimiter::new(&limits)),
+        id: "fuzz".into(),
+        org: "fuzz-org".into(),
+        plan: "fuzz".into(),
+        suspended: false,
+        limits_header: limits.header_value(),
+        limits,
+        models: vec!["m-small".into(), "m-exp-*".into()],
+        features,
+        regions: None,
+        forbidden_fields: vec!["logit_bias".into()],
+        jwt_subjects: vec![],
+        mtls_identities: vec![],
+    }
+});
+static SCHEMAS: LazyLock<Schemas> =
+    LazyLock::new(|| Schemas::load(None).expect("built-in schemas"));
+
+fuzz_target!(|data: &[u8]| {
+    let cfg = BodyConfig::default();
+    for route in [
+        Route::ChatCompletions,
+        Route::Completions,
+        Route::Embeddings,
+    ] {
+        if let Ok(judged) = judge(route, &TENANT, &cfg, &SCHEMAS, data) {
+            // The normalised body is what the router gets: it must pass again.
+            let again = judge(route, &TENANT, &cfg, &SCHEMAS, &judged.body);
+            assert!(again.is_ok(), "normalised body refused: {:?}", again.err());
+        }
+    }
+});
