@@ -33,6 +33,18 @@ pub fn spoofs_trusted_header(name: &str) -> bool {
     name.contains('_') && is_trusted_header(&name.replace('_', "-"))
 }
 
+/// Whether `name` is one of the authorizer-owned `strip` names, also when
+/// spelled with `_` (which nginx and CGI stacks fold into `-`).
+fn strips(strip: &[String], name: &str) -> bool {
+    !strip.is_empty()
+        && strip.iter().any(|s| {
+            s.len() == name.len()
+                && s.bytes()
+                    .zip(name.bytes())
+                    .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+        })
+}
+
 /// The facts the router is told about a request, all from gateway state.
 pub struct TrustedContext<'a> {
     pub tenant: &'a Tenant,
@@ -58,7 +70,7 @@ pub fn apply(
     let doomed: Vec<HeaderName> = req
         .headers
         .keys()
-        .filter(|n| is_trusted_header(n.as_str()) || ctx.strip.iter().any(|s| s == n.as_str()))
+        .filter(|n| is_trusted_header(n.as_str()) || strips(ctx.strip, n.as_str()))
         .cloned()
         .collect();
     for name in &doomed {

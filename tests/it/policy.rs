@@ -322,6 +322,7 @@ async fn an_external_authorizer_allows_denies_and_its_decisions_are_cached() {
             .bearer(&token)
             .header("User-Agent", "policy-test")
             .header("x-authz-user", "mallory")
+            .header("x_authz_user", "mallory")
             .build()
     };
     let r = gw.send(&ask("m-small")).await;
@@ -331,6 +332,11 @@ async fn an_external_authorizer_allows_denies_and_its_decisions_are_cached() {
         recs[0].header("x-authz-user"),
         Some("alice"),
         "the client's value must not survive"
+    );
+    assert_eq!(
+        recs[0].header("x_authz_user"),
+        None,
+        "an underscore spelling must not survive"
     );
     assert_eq!(
         recs[0].header("x-authz-secret"),
