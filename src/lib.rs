@@ -1,6 +1,6 @@
 //! Portcullis: the edge gateway for multi-tenant LLM inference.
 //!
-//! Modules follow a request's path: [`inbound`] sanity checks, [`identity`],
+//! Modules follow a request's path: [`connection`] limits, [`inbound`] sanity checks, [`identity`],
 //! [`authz`], then [`forward`] to the router; [`config`] builds the snapshot
 //! they all read, [`observe`] records what happened, and [`proxy`] wires the
 //! stages into Pingora's hooks.
@@ -9,6 +9,7 @@ pub mod admin;
 pub mod authz;
 pub mod body;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod dev;
 pub mod forward;

@@ -208,9 +208,10 @@ impl Gateway {
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
 
         session.enable_retry_buffering();
-        let deadline = Instant::now() + cfg.read_timeout;
+        let started = Instant::now();
         let mut raw = BytesMut::new();
         loop {
+            let (deadline, by_rate) = cfg.next_read_deadline(started, raw.len());
             let left = deadline.saturating_duration_since(Instant::now());
             let chunk = match tokio::time::timeout(left, session.read_request_body()).await {
                 Err(_) => {
@@ -218,7 +219,11 @@ impl Gateway {
                     return Err(Reject::new(
                         408,
                         "request_timeout",
-                        "the request body did not arrive in time",
+                        if by_rate {
+                            "the request body arrived too slowly"
+                        } else {
+                            "the request body did not arrive in time"
+                        },
                     ));
                 }
                 Ok(Err(_)) => {

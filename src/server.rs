@@ -9,7 +9,7 @@ use pingora::apps::HttpServerOptions;
 use pingora::connectors::http::Connector;
 use pingora::listeners::tls::TlsSettings;
 use pingora::protocols::http::v2::server::H2Options;
-use pingora::proxy::ProxyServiceBuilder;
+use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -23,6 +23,7 @@ use crate::config::gateway::{
 };
 use crate::config::reload::{ReloadService, Reloader};
 use crate::config::Snapshot;
+use crate::connection::Guarded;
 use crate::forward::upstream::{self, Upstream};
 use crate::identity::jwks_fetch::JwksRefreshService;
 use crate::identity::mtls::{client_verify_store, CertCallbacks, TlsMaterial};
@@ -118,7 +119,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     // Pingora counts reuses after the first request.
     options.keepalive_request_limit = Some(gw.server.max_requests_per_connection - 1);
     options.h2_idle_timeout = Some(gw.server.idle_timeout);
-    let mut proxy = ProxyServiceBuilder::new(
+    let mut app = http_proxy(
         &server.configuration,
         Gateway {
             snapshot: shared,
@@ -128,13 +129,17 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
             overload: Overload::new(gw.limits.max_inflight),
             shared_limits,
         },
-    )
-    .name("portcullis proxy")
-    .server_options(options)
-    .build();
-    if let Some(app) = proxy.app_logic_mut() {
-        app.h2_options = Some(h2_options(&gw.server.head_limits));
-    }
+    );
+    app.server_options = Some(options);
+    app.h2_options = Some(h2_options(&gw.server.head_limits));
+    let mut proxy = Service::new(
+        "portcullis proxy".into(),
+        Guarded::new(
+            app,
+            gw.server.max_connections_per_ip,
+            gw.server.request_header_timeout,
+        ),
+    );
     for addr in &gw.server.listen {
         proxy.add_tcp(&addr.to_string());
     }

@@ -11,7 +11,7 @@ pub mod schema;
 pub mod strict_json;
 pub mod tokens;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -29,6 +29,9 @@ pub struct BodyConfig {
     pub max_body_bytes: u64,
     /// The whole body must arrive within this time of the request head.
     pub read_timeout: Duration,
+    /// After the first second, the body must keep arriving at least this
+    /// fast (bytes per second, averaged from the head); 0 turns it off.
+    pub min_bytes_per_second: u64,
     /// The deepest nesting accepted in a JSON body.
     pub max_depth: usize,
     pub max_tokens_over_cap: OverCap,
@@ -39,11 +42,34 @@ impl Default for BodyConfig {
         BodyConfig {
             max_body_bytes: 8 * 1024 * 1024,
             read_timeout: Duration::from_secs(30),
+            min_bytes_per_second: 1024,
             max_depth: 64,
             max_tokens_over_cap: OverCap::Clamp,
         }
     }
 }
+
+impl BodyConfig {
+    /// When the next body bytes must have arrived, having received
+    /// `received` since `started`, and whether the minimum rate (rather than
+    /// the whole-body timeout) sets that moment.
+    pub fn next_read_deadline(&self, started: Instant, received: usize) -> (Instant, bool) {
+        let whole = started + self.read_timeout;
+        if self.min_bytes_per_second == 0 {
+            return (whole, false);
+        }
+        let earned = Duration::from_secs_f64(received as f64 / self.min_bytes_per_second as f64);
+        let by_rate = started + RATE_GRACE + earned;
+        if by_rate < whole {
+            (by_rate, true)
+        } else {
+            (whole, false)
+        }
+    }
+}
+
+/// How long a body may take before the minimum rate applies.
+const RATE_GRACE: Duration = Duration::from_secs(1);
 
 /// An accepted body and what the later stages need to know about it.
 #[derive(Debug, Clone)]
@@ -144,4 +170,36 @@ pub fn judge(
         max_output_tokens,
         usage_requested,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_floor_tightens_the_deadline_until_the_whole_body_timeout_binds() {
+        let cfg = BodyConfig {
+            min_bytes_per_second: 1000,
+            read_timeout: Duration::from_secs(10),
+            ..BodyConfig::default()
+        };
+        let t = Instant::now();
+        assert_eq!(cfg.next_read_deadline(t, 0), (t + RATE_GRACE, true));
+        assert_eq!(
+            cfg.next_read_deadline(t, 2500),
+            (t + Duration::from_millis(3500), true)
+        );
+        assert_eq!(
+            cfg.next_read_deadline(t, 1_000_000),
+            (t + Duration::from_secs(10), false)
+        );
+        let off = BodyConfig {
+            min_bytes_per_second: 0,
+            ..cfg
+        };
+        assert_eq!(
+            off.next_read_deadline(t, 0),
+            (t + Duration::from_secs(10), false)
+        );
+    }
 }

@@ -36,6 +36,7 @@ struct RawGateway {
 struct RawBody {
     max_body_bytes: Option<u64>,
     read_timeout_ms: Option<u64>,
+    min_bytes_per_second: Option<u64>,
     max_depth: Option<usize>,
     max_tokens_over_cap: Option<OverCap>,
 }
@@ -63,7 +64,18 @@ struct RawServer {
     idle_timeout_seconds: u64,
     #[serde(default = "default_requests_per_connection")]
     max_requests_per_connection: u32,
+    #[serde(default = "default_header_timeout")]
+    request_header_timeout_ms: u64,
+    #[serde(default = "default_connections_per_ip")]
+    max_connections_per_ip: u32,
     tls: Option<RawTls>,
+}
+
+fn default_header_timeout() -> u64 {
+    10_000
+}
+fn default_connections_per_ip() -> u32 {
+    256
 }
 
 fn default_idle_timeout() -> u64 {
@@ -311,6 +323,11 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// A connection closes after serving this many requests.
     pub max_requests_per_connection: u32,
+    /// A request head must arrive whole within this of its first byte
+    /// (of the connection, for the first request): slowloris.
+    pub request_header_timeout: Duration,
+    /// Open connections from one client address (an IPv6 /64); 0 is no limit.
+    pub max_connections_per_ip: u32,
     pub tls: Option<TlsListenerConfig>,
 }
 
@@ -620,6 +637,9 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
             read_timeout: b
                 .read_timeout_ms
                 .map_or(defaults.read_timeout, |ms| Duration::from_millis(ms.max(1))),
+            min_bytes_per_second: b
+                .min_bytes_per_second
+                .unwrap_or(defaults.min_bytes_per_second),
             max_depth: b.max_depth.unwrap_or(defaults.max_depth).clamp(1, 128),
             max_tokens_over_cap: b.max_tokens_over_cap.unwrap_or_default(),
         },
@@ -651,6 +671,10 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
             },
             idle_timeout: Duration::from_secs(raw.server.idle_timeout_seconds.max(1)),
             max_requests_per_connection: raw.server.max_requests_per_connection.max(1),
+            request_header_timeout: Duration::from_millis(
+                raw.server.request_header_timeout_ms.max(100),
+            ),
+            max_connections_per_ip: raw.server.max_connections_per_ip,
             tls,
         },
         admin,

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub policy_errors: IntCounterVec,
     pub policy_duration: HistogramVec,
     pub ext_authz_calls: IntCounterVec,
+    pub connections_refused: IntCounterVec,
 }
 
 /// Registration fails only on a duplicate name, which is a programming error
@@ -115,6 +116,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["result"]
     )
     .expect("register portcullis_ext_authz_total"),
+    connections_refused: register_int_counter_vec!(
+        "portcullis_connections_refused_total",
+        "Connections closed by the connection stage: per_ip_limit, header_timeout",
+        &["reason"]
+    )
+    .expect("register portcullis_connections_refused_total"),
 }
 });
 

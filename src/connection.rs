@@ -1,0 +1,475 @@
+//! The connection stage, before Pingora parses a byte: a cap on open
+//! connections per client address, and an overall deadline for each HTTP/1
+//! request head.
+//!
+//! Pingora's own header timeout restarts on every read, so a client that
+//! sends one byte a minute (slowloris) holds its connection forever. The
+//! deadline here runs from the connection's accept (first request) or the
+//! head's first byte (later requests) to the blank line that ends the head.
+//! HTTP/2 is left to its own limits (see `server::h2_options`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv6Addr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::observe::metrics::METRICS;
+
+/// Wraps the proxy application with the connection stage.
+pub struct Guarded<A> {
+    inner: Arc<A>,
+    per_ip: PerIp,
+    header_timeout: Duration,
+}
+
+impl<A> Guarded<A> {
+    pub fn new(inner: A, max_per_ip: u32, header_timeout: Duration) -> Self {
+        Guarded {
+            inner: Arc::new(inner),
+            per_ip: PerIp::new(max_per_ip),
+            header_timeout,
+        }
+    }
+
+    pub fn inner_mut(&mut self) -> Option<&mut A> {
+        Arc::get_mut(&mut self.inner)
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let _slot = match peer {
+            Some(ip) => match self.per_ip.acquire(ip) {
+                Some(slot) => Some(slot),
+                None => {
+                    METRICS
+                        .connections_refused
+                        .with_label_values(&["per_ip_limit"])
+                        .inc();
+                    return None;
+                }
+            },
+            None => None,
+        };
+        let stream: Stream = if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            stream
+        } else {
+            Box::new(HeadDeadline::new(stream, self.header_timeout))
+        };
+        self.inner.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+/// Open connections per client address. IPv6 clients are counted per /64,
+/// the smallest block a site is usually given, so one host cannot spread
+/// its connections over its own prefix.
+struct PerIp {
+    max: u32,
+    open: Arc<Mutex<HashMap<IpAddr, u32>>>,
+}
+
+impl PerIp {
+    fn new(max: u32) -> Self {
+        PerIp {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    /// A slot for one more connection from `ip`, or `None` at the limit.
+    /// With no limit there is nothing to count.
+    fn acquire(&self, ip: IpAddr) -> Option<Option<Slot>> {
+        if self.max == 0 {
+            return Some(None);
+        }
+        let key = client_key(ip);
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Some(Slot {
+            key,
+            open: self.open.clone(),
+        }))
+    }
+}
+
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// One counted connection; dropping it (the connection ended, whichever
+/// way) gives the slot back.
+struct Slot {
+    key: IpAddr,
+    open: Arc<Mutex<HashMap<IpAddr, u32>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Where the stream is in the HTTP/1 exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the end of a request head; `armed` once the clock runs,
+    /// `lf` when the last byte seen ended a line.
+    Head { armed: bool, lf: bool },
+    /// Past the head: the body and the response, until the next response
+    /// head is written.
+    Rest,
+    /// HTTP/2 prior knowledge (h2c): not ours to time.
+    Off,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// A stream that fails its reads once a request head is overdue.
+struct HeadDeadline {
+    inner: Stream,
+    limit: Duration,
+    phase: Phase,
+    first_read: bool,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl HeadDeadline {
+    fn new(inner: Stream, limit: Duration) -> Self {
+        HeadDeadline {
+            inner,
+            limit,
+            phase: Phase::Head {
+                armed: true,
+                lf: false,
+            },
+            first_read: true,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+
+    fn overdue() -> io::Error {
+        METRICS
+            .connections_refused
+            .with_label_values(&["header_timeout"])
+            .inc();
+        io::Error::new(io::ErrorKind::TimedOut, "request head not received in time")
+    }
+
+    /// Follows the bytes just read: arms the clock on a head's first byte
+    /// and stops it at the blank line that ends the head (CRLF or bare LF,
+    /// as the parser accepts both).
+    fn observe_read(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if std::mem::take(&mut self.first_read) && bytes.starts_with(H2_PREFACE) {
+            self.phase = Phase::Off;
+            return;
+        }
+        let Phase::Head { armed, mut lf } = self.phase else {
+            return;
+        };
+        if !armed {
+            self.sleep.as_mut().reset(Instant::now() + self.limit);
+        }
+        for &b in bytes {
+            match b {
+                b'\n' if lf => {
+                    self.phase = Phase::Rest;
+                    return;
+                }
+                b'\n' => lf = true,
+                b'\r' => {}
+                _ => lf = false,
+            }
+        }
+        self.phase = Phase::Head { armed: true, lf };
+    }
+
+    /// A final response head written means the next bytes read start a new
+    /// request head; its clock starts with its first byte.
+    fn observe_write(&mut self, bytes: &[u8]) {
+        if self.phase == Phase::Rest
+            && bytes.starts_with(b"HTTP/1.")
+            && bytes.get(9).is_some_and(|&c| c != b'1')
+        {
+            self.phase = Phase::Head {
+                armed: false,
+                lf: false,
+            };
+        }
+    }
+}
+
+impl AsyncRead for HeadDeadline {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Phase::Head { armed: true, .. } = this.phase {
+            if this.sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Self::overdue()));
+            }
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if this.phase != Phase::Off {
+            this.observe_read(&buf.filled()[before..]);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for HeadDeadline {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.observe_write(buf);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            this.observe_write(first);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for HeadDeadline {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for HeadDeadline {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for HeadDeadline {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for HeadDeadline {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for HeadDeadline {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for HeadDeadline {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for HeadDeadline {
+    /// Pingora peeks for the h2c preface before reading; that wait is part
+    /// of the first head's time.
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let deadline = self.sleep.deadline();
+        match tokio::time::timeout_at(deadline, self.inner.try_peek(buf)).await {
+            Ok(peeked) => peeked,
+            Err(_) => Err(Self::overdue()),
+        }
+    }
+}
+
+impl fmt::Debug for HeadDeadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeadDeadline")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deadline() -> HeadDeadline {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        a.set_nonblocking(true).expect("nonblocking");
+        let s = tokio::net::UnixStream::from_std(a).expect("tokio stream");
+        let l4: pingora::protocols::l4::stream::Stream = s.into();
+        HeadDeadline::new(Box::new(l4), Duration::from_secs(1))
+    }
+
+    #[tokio::test]
+    async fn head_ends_at_blank_line_in_any_split() {
+        for split in 1..30 {
+            let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody";
+            let mut d = deadline();
+            for part in head.chunks(split) {
+                d.observe_read(part);
+            }
+            assert_eq!(d.phase, Phase::Rest, "split {split}");
+        }
+        let mut d = deadline();
+        d.observe_read(b"GET / HTTP/1.1\nHost: a\n\n");
+        assert_eq!(d.phase, Phase::Rest, "bare LF heads end too");
+        let mut d = deadline();
+        d.observe_read(b"GET / HTTP/1.1\r\nHost: a\r\n");
+        assert!(matches!(d.phase, Phase::Head { armed: true, .. }));
+    }
+
+    #[tokio::test]
+    async fn final_response_rearms_on_next_head_but_interim_does_not() {
+        let mut d = deadline();
+        d.observe_read(b"POST / HTTP/1.1\r\n\r\n");
+        d.observe_write(b"HTTP/1.1 100 Continue\r\n\r\n");
+        assert_eq!(d.phase, Phase::Rest);
+        d.observe_write(b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(
+            d.phase,
+            Phase::Head {
+                armed: false,
+                lf: false
+            }
+        );
+        d.observe_read(b"G");
+        assert!(matches!(d.phase, Phase::Head { armed: true, .. }));
+    }
+
+    #[tokio::test]
+    async fn h2c_preface_turns_it_off() {
+        let mut d = deadline();
+        d.observe_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert_eq!(d.phase, Phase::Off);
+    }
+
+    #[test]
+    fn per_ip_counts_and_releases() {
+        let l = PerIp::new(2);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let a = l.acquire(ip).unwrap();
+        let b = l.acquire(ip).unwrap();
+        assert!(l.acquire(ip).is_none(), "third connection refused");
+        assert!(l.acquire("10.0.0.2".parse().unwrap()).is_some());
+        drop(a);
+        assert!(
+            l.acquire(ip).is_some(),
+            "a closed connection frees its slot"
+        );
+        drop(b);
+        assert!(l.open.lock().unwrap().len() <= 1);
+    }
+
+    #[test]
+    fn ipv6_counts_per_64() {
+        let l = PerIp::new(1);
+        let _a = l.acquire("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert!(l.acquire("2001:db8:1:2::ffff".parse().unwrap()).is_none());
+        assert!(l.acquire("2001:db8:1:3::1".parse().unwrap()).is_some());
+        let _v4 = l.acquire("192.0.2.1".parse().unwrap()).unwrap();
+        assert!(
+            l.acquire("::ffff:192.0.2.1".parse().unwrap()).is_none(),
+            "a v4-mapped address is the v4 client"
+        );
+        assert!(PerIp::new(0)
+            .acquire("192.0.2.1".parse().unwrap())
+            .is_some());
+    }
+}
