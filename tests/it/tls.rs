@@ -373,3 +373,156 @@ async fn expired_server_only_and_revoked_client_certificates_fail_the_handshake(
     assert_eq!(curl_files(&gw, &ca, &doomed), ("000".into(), false));
     assert_eq!(curl_files(&gw, &ca, &good), ("200".into(), true));
 }
+
+/// A client certificate for acme from a CA the gateway never heard of.
+fn foreign(dir: &Path) -> PathBuf {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name.push(DnType::CommonName, "Dev CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key).unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, "acme");
+    leaf.subject_alt_names
+        .push(SanType::URI("spiffe://tenants/acme".try_into().unwrap()));
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join("foreign.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("foreign.crt"), cert.pem()).unwrap();
+    dir.join("foreign.crt")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_tls_clients_are_refused_in_the_handshake_and_reach_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let gw = Gateway::start_with(Options {
+        tls: Some("required"),
+        ..Options::default()
+    })
+    .await;
+    let d = gw.dir.path();
+    let key = gw.keys.acme_key.clone();
+    let now = OffsetDateTime::now_utc();
+    let year = time::Duration::days(365);
+    let client = ExtendedKeyUsagePurpose::ClientAuth;
+    let files = |p: PathBuf| {
+        vec![
+            "--cert".to_string(),
+            p.display().to_string(),
+            "--key".to_string(),
+            p.with_extension("key").display().to_string(),
+        ]
+    };
+    let good = files(d.join("tenant-acme.crt"));
+    let with = |extra: &[&str]| {
+        let mut v = good.clone();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // Each protocol and suite below is one the client can negotiate (old
+    // ones at SECLEVEL=0), so only the gateway can refuse.
+    let old = "DEFAULT@SECLEVEL=0";
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        ("no client certificate", vec![]),
+        (
+            "TLS 1.0",
+            with(&["--tlsv1.0", "--tls-max", "1.0", "--ciphers", old]),
+        ),
+        (
+            "TLS 1.1",
+            with(&["--tlsv1.1", "--tls-max", "1.1", "--ciphers", old]),
+        ),
+        (
+            "TLS 1.2 with a static-RSA CBC suite only",
+            with(&["--tls-max", "1.2", "--ciphers", "AES128-SHA"]),
+        ),
+        (
+            "TLS 1.2 with a static-RSA GCM suite only (no forward secrecy)",
+            with(&["--tls-max", "1.2", "--ciphers", "AES128-GCM-SHA256"]),
+        ),
+        ("a certificate from a foreign CA", files(foreign(d))),
+        (
+            "an expired certificate",
+            files(issue(
+                d,
+                "expired",
+                2001,
+                client.clone(),
+                now - 2 * year..now - year,
+            )),
+        ),
+        (
+            "a certificate not yet valid",
+            files(issue(
+                d,
+                "early",
+                2002,
+                client.clone(),
+                now + year..now + 2 * year,
+            )),
+        ),
+        (
+            "a serverAuth-only certificate",
+            files(issue(
+                d,
+                "server-only",
+                2003,
+                ExtendedKeyUsagePurpose::ServerAuth,
+                now - year..now + year,
+            )),
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, extra) in &cases {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let out = curl(&gw, &extra, &key);
+        let printed = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() || printed != "0 000" {
+            wrong.push(format!("{what}: accepted ({printed})"));
+        }
+    }
+
+    // Not TLS at all on the TLS port: plaintext HTTP, an SSLv2 hello,
+    // noise. The connection closes without an HTTP answer.
+    let plaintext = format!("GET /v1/models HTTP/1.1\r\nHost: gw\r\nx-api-key: {key}\r\n\r\n");
+    let sslv2_hello: &[u8] = &[
+        0x80, 0x2e, 0x01, 0x00, 0x02, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10, 0x07, 0x00, 0xc0, 0x05,
+        0x00, 0x80, 0x03, 0x00, 0x80, 0x01, 0x00, 0x80, 0x06, 0x00, 0x40, 0x04, 0x00, 0x80, 0x02,
+        0x00, 0x80, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16,
+        0x17, 0x18, 0x19,
+    ];
+    let mut truncated_hello = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01];
+    truncated_hello.extend(std::iter::repeat_n(0x41, 64));
+    truncated_hello.extend(b"\r\n\r\n");
+    for (what, raw) in [
+        ("plaintext HTTP", plaintext.as_bytes()),
+        ("an SSLv2 hello", sslv2_hello),
+        (
+            "a hello claiming 16 KiB then nonsense",
+            &truncated_hello[..],
+        ),
+        ("noise", &[0u8; 300][..]),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.tls_addr.unwrap())
+            .await
+            .unwrap();
+        let _ = s.write_all(raw).await;
+        let _ = s.shutdown().await;
+        let mut got = Vec::new();
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(65), s.read_to_end(&mut got)).await;
+        if read.is_err() || got.starts_with(b"HTTP/") {
+            wrong.push(format!("{what}: {:?}", String::from_utf8_lossy(&got)));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert_eq!(gw.router_count(), 0, "a refused client reached the router");
+
+    // The control: the same client with its valid certificate gets through.
+    let good: Vec<&str> = good.iter().map(String::as_str).collect();
+    assert!(curl_ok(&gw, &good, &key).ends_with(" 200"));
+    assert_eq!(gw.router_count(), 1);
+}
