@@ -82,6 +82,13 @@ enum Command {
         /// Delay each answer by this many milliseconds.
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Content events in a streamed answer.
+        #[arg(long, default_value_t = 3)]
+        stream_chunks: usize,
+        /// Worker threads (1: a single-threaded runtime, the cheapest
+        /// upstream for a benchmark to share a core with its load generator).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
 }
 
@@ -232,12 +239,27 @@ fn run(cmd: Command) -> Result<(), String> {
             }
             Ok(())
         }
-        Command::MockRouter { listen, delay_ms } => {
-            let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+        Command::MockRouter {
+            listen,
+            delay_ms,
+            stream_chunks,
+            threads,
+        } => {
+            let rt = if threads <= 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(threads);
+                b
+            }
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
             rt.block_on(async {
                 let opts = MockOptions {
                     delay: std::time::Duration::from_millis(delay_ms),
                     record: false,
+                    stream_chunks,
                     ..MockOptions::default()
                 };
                 let router = MockRouter::start(&listen, opts)

@@ -56,6 +56,8 @@ pub struct MockOptions {
     pub record: bool,
     /// Pause between the events of a streamed answer.
     pub event_interval: Duration,
+    /// Content events in a streamed answer (before usage and `[DONE]`).
+    pub stream_chunks: usize,
 }
 
 impl Default for MockOptions {
@@ -64,6 +66,7 @@ impl Default for MockOptions {
             delay: Duration::ZERO,
             record: true,
             event_interval: Duration::ZERO,
+            stream_chunks: 3,
         }
     }
 }
@@ -148,7 +151,18 @@ async fn serve_connection(
         let Some((req, keep_alive)) = read_request(&mut stream, &mut buf).await? else {
             return Ok(());
         };
-        let answer = answer(&req);
+        let answer = answer(&req, opts.stream_chunks);
+        // What the router saw of identity, so a benchmark can check each
+        // proxy's first answer without a recording.
+        let echo = format!(
+            "x-echo-tenant-id: {}\r\nx-echo-authorization: {}\r\n",
+            req.header("x-tenant-id").unwrap_or_default(),
+            if req.header_values("authorization").is_empty() {
+                "absent"
+            } else {
+                "present"
+            }
+        );
         if opts.record {
             if let Ok(mut r) = state.requests.lock() {
                 r.push(req);
@@ -167,7 +181,7 @@ async fn serve_connection(
         let mut out = match &answer {
             Answer::Json(status, body) => {
                 let mut out = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{close}\r\n",
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{echo}{close}\r\n",
                     body.len()
                 )
                 .into_bytes();
@@ -175,7 +189,7 @@ async fn serve_connection(
                 out
             }
             Answer::Stream(_) => format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n{close}\r\n"
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n{echo}{close}\r\n"
             )
             .into_bytes(),
         };
@@ -319,7 +333,7 @@ enum Answer {
 /// An OpenAI-shaped answer for each route; unknown routes get 404. A chat
 /// request with `stream: true` gets three content chunks, the usage-only
 /// chunk when `stream_options.include_usage` asks for it, and `[DONE]`.
-fn answer(req: &Recorded) -> Answer {
+fn answer(req: &Recorded, stream_chunks: usize) -> Answer {
     let parsed: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
     let model = parsed
         .get("model")
@@ -331,6 +345,8 @@ fn answer(req: &Recorded) -> Answer {
     if path == "/v1/chat/completions" && streaming {
         let mut events: Vec<String> = ["Hello", " from the", " mock router."]
             .iter()
+            .cycle()
+            .take(stream_chunks)
             .map(|piece| {
                 let chunk = serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
                     "model": model, "choices": [{"index": 0, "delta": {"content": piece}}]});

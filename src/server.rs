@@ -56,6 +56,10 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
         grace_period_seconds: Some(gw.server.grace_period_seconds),
         graceful_shutdown_timeout_seconds: Some(gw.server.graceful_shutdown_timeout_seconds),
         daemon: flags.daemon,
+        // One single-threaded runtime per worker thread: a proxy's tasks are
+        // short, and a work-stealing scheduler's cross-thread bookkeeping
+        // costs more per request than it balances.
+        work_stealing: false,
         ..ServerConf::default()
     };
     let opt = Opt {

@@ -19,25 +19,46 @@ const REPLY_PRIMING: u64 = 3;
 /// Estimates the tokens of `text`, in quarter tokens internally.
 pub fn estimate_text(text: &str) -> u64 {
     let mut est = Runs::default();
-    for c in text.chars() {
-        let class = if c.is_ascii_alphabetic() {
-            Class::Letter
-        } else if c.is_ascii_digit() {
-            Class::Digit
-        } else if c == ' ' || c == '\t' {
-            Class::Space
-        } else if c == '\n' || c == '\r' {
-            Class::Newline
-        } else if c.is_ascii() {
-            Class::Symbol
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    // ASCII, nearly all of most prompts, is classed by table, byte by byte;
+    // only other characters are decoded.
+    while let Some(&b) = bytes.get(i) {
+        if b.is_ascii() {
+            est.push(ASCII_CLASS[usize::from(b)], char::from(b));
+            i += 1;
         } else {
-            Class::Other
-        };
-        est.push(class, c);
+            let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) else {
+                break;
+            };
+            est.push(Class::Other, c);
+            i += c.len_utf8();
+        }
     }
     est.flush();
     est.quarters.div_ceil(4)
 }
+
+const ASCII_CLASS: [Class; 128] = {
+    let mut t = [Class::Symbol; 128];
+    let mut b = 0;
+    while b < 128 {
+        let c = b as u8;
+        t[b] = if c.is_ascii_alphabetic() {
+            Class::Letter
+        } else if c.is_ascii_digit() {
+            Class::Digit
+        } else if c == b' ' || c == b'\t' {
+            Class::Space
+        } else if c == b'\n' || c == b'\r' {
+            Class::Newline
+        } else {
+            Class::Symbol
+        };
+        b += 1;
+    }
+    t
+};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Class {

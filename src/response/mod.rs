@@ -29,13 +29,23 @@ impl Usage {
     }
 
     fn from_json(v: &Value) -> Option<Usage> {
-        let u = v.get("usage")?;
+        Usage::from_member(v.get("usage")?)
+    }
+
+    fn from_member(u: &Value) -> Option<Usage> {
         let field = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
         Some(Usage {
             prompt_tokens: field("prompt_tokens"),
             completion_tokens: field("completion_tokens"),
         })
     }
+}
+
+/// A response body read for its `usage` alone: the other members (the
+/// choices, often most of the body) are skipped, never built.
+#[derive(serde::Deserialize)]
+struct UsageMember {
+    usage: Option<Value>,
 }
 
 /// Watches one response body for its usage.
@@ -78,9 +88,9 @@ impl UsageTap {
         match self {
             UsageTap::Stream(s) => s.usage,
             UsageTap::Json { copy, overflow } if !*overflow => {
-                serde_json::from_slice::<Value>(copy)
+                serde_json::from_slice::<UsageMember>(copy)
                     .ok()
-                    .and_then(|v| Usage::from_json(&v))
+                    .and_then(|v| Usage::from_member(&v.usage?))
             }
             UsageTap::Json { .. } => None,
         }
