@@ -151,7 +151,7 @@ stop() {
   local f=$RUN/$1.pid pid
   [[ -f $f ]] || return 0
   pid=$(cat "$f"); rm -f "$f"
-  kill -TERM "$pid" 2>/dev/null || return 0
+  kill -INT "$pid" 2>/dev/null || return 0
   for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
   kill -KILL "$pid" 2>/dev/null || true
 }

@@ -35,7 +35,14 @@ impl BackgroundService for LoggingService {
         for w in &self.warnings {
             tracing::warn!(insecure = true, "{w}");
         }
-        let _ = shutdown.changed().await;
+        let mut tick = tokio::time::interval(super::access_log::FLUSH_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => super::access_log::flush(),
+                _ = shutdown.changed() => break,
+            }
+        }
+        super::access_log::flush();
     }
 }
 
