@@ -151,9 +151,10 @@ stop() {
   local f=$RUN/$1.pid pid
   [[ -f $f ]] || return 0
   pid=$(cat "$f"); rm -f "$f"
-  kill -INT "$pid" 2>/dev/null || return 0
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
 }
 NAMES="router proxy redis"
 cleanup() { for n in $NAMES; do stop "$n"; done; }
@@ -300,7 +301,7 @@ PY
 # rss CASE: resident memory before and with IDLE_CONNS idle keep-alive connections.
 rss() {
   local c=$1 before after ready
-  ulimit -n 65536
+  ulimit -n "$(ulimit -Hn)"   # the client and the proxy each hold IDLE_CONNS sockets
   setup_case "$c"
   sanity "$c" "http://127.0.0.1:$PORT/v1/chat/completions" "$TOKEN_ACME" "$WORK/body-1k.json"
   sleep 1; before=$(rss_kb proxy)

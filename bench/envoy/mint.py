@@ -66,15 +66,26 @@ def mint(a, sub=None, jti=None):
     now = int(time.time())
     claims = {"iss": a.iss, "aud": a.aud, "sub": sub or a.sub,
               TENANT_CLAIM: a.tenant, "plan": a.plan, "org": a.org,  # plan/org: Envoy only
+              "scope": "inference:write",  # the shipped Rego policy requires it
               "iat": now, "nbf": now - 5,
               "exp": (now - 3600) if a.expired else (now + a.ttl),
               "jti": jti or str(uuid.uuid4())}
     if a.bad_sig:  # signed by a throwaway key with the same kid -> signature check must fail
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     else:
-        with open(os.path.join(a.keys, "private.pem"), "rb") as f:
-            key = serialization.load_pem_private_key(f.read(), None)
+        key = signing_key(a.keys)
     return jwt.encode(claims, key, algorithm="RS256", headers={"kid": KID})
+
+
+_KEYS = {}
+
+
+def signing_key(keys):
+    """The private key, loaded once however many tokens are minted."""
+    if keys not in _KEYS:
+        with open(os.path.join(keys, "private.pem"), "rb") as f:
+            _KEYS[keys] = serialization.load_pem_private_key(f.read(), None)
+    return _KEYS[keys]
 
 
 def main():
