@@ -35,14 +35,7 @@ impl BackgroundService for LoggingService {
         for w in &self.warnings {
             tracing::warn!(insecure = true, "{w}");
         }
-        let mut tick = tokio::time::interval(super::access_log::FLUSH_EVERY);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => super::access_log::flush(),
-                _ = shutdown.changed() => break,
-            }
-        }
-        super::access_log::flush();
+        let _ = shutdown.changed().await;
     }
 }
 
