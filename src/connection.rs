@@ -47,10 +47,6 @@ impl<A> Guarded<A> {
             header_timeout,
         }
     }
-
-    pub fn inner_mut(&mut self) -> Option<&mut A> {
-        Arc::get_mut(&mut self.inner)
-    }
 }
 
 #[async_trait]
@@ -160,14 +156,26 @@ impl Drop for Slot {
 /// Where the stream is in the HTTP/1 exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Waiting for the end of a request head; `armed` once the clock runs,
-    /// `lf` when the last byte seen ended a line.
-    Head { armed: bool, lf: bool },
+    /// Waiting for the end of a request head; `armed` once the clock runs.
+    Head { armed: bool, line: Line },
     /// Past the head: the body and the response, until the next response
     /// head is written.
     Rest,
     /// HTTP/2 prior knowledge (h2c): not ours to time.
     Off,
+}
+
+/// Where the scanner is within a head's lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Nothing but empty lines so far: the parser skips those before the
+    /// request line, so they must not end the head (else a client could
+    /// send `\r\n\r\n` first and then trickle the head with no clock).
+    Start,
+    /// Inside a line with content.
+    Text,
+    /// A line with content just ended: an empty line now ends the head.
+    Ended,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
@@ -188,7 +196,7 @@ impl HeadDeadline {
             limit,
             phase: Phase::Head {
                 armed: true,
-                lf: false,
+                line: Line::Start,
             },
             first_read: true,
             sleep: Box::pin(tokio::time::sleep(limit)),
@@ -214,24 +222,24 @@ impl HeadDeadline {
             self.phase = Phase::Off;
             return;
         }
-        let Phase::Head { armed, mut lf } = self.phase else {
+        let Phase::Head { armed, mut line } = self.phase else {
             return;
         };
         if !armed {
             self.sleep.as_mut().reset(Instant::now() + self.limit);
         }
         for &b in bytes {
-            match b {
-                b'\n' if lf => {
+            line = match (b, line) {
+                (b'\n', Line::Ended) => {
                     self.phase = Phase::Rest;
                     return;
                 }
-                b'\n' => lf = true,
-                b'\r' => {}
-                _ => lf = false,
-            }
+                (b'\n', Line::Text) => Line::Ended,
+                (b'\n' | b'\r', l) => l,
+                _ => Line::Text,
+            };
         }
-        self.phase = Phase::Head { armed: true, lf };
+        self.phase = Phase::Head { armed: true, line };
     }
 
     /// A final response head written means the next bytes read start a new
@@ -243,7 +251,7 @@ impl HeadDeadline {
         {
             self.phase = Phase::Head {
                 armed: false,
-                lf: false,
+                line: Line::Start,
             };
         }
     }
@@ -416,6 +424,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn empty_lines_before_the_request_line_do_not_end_the_head() {
+        let mut d = deadline();
+        d.observe_read(b"\r\n\r\n\n\n");
+        assert!(matches!(d.phase, Phase::Head { armed: true, .. }));
+        d.observe_read(b"GET / HTTP/1.1\r\nHost: a\r\n");
+        assert!(matches!(d.phase, Phase::Head { armed: true, .. }));
+        d.observe_read(b"\r\n");
+        assert_eq!(d.phase, Phase::Rest);
+    }
+
+    #[tokio::test]
     async fn final_response_rearms_on_next_head_but_interim_does_not() {
         let mut d = deadline();
         d.observe_read(b"POST / HTTP/1.1\r\n\r\n");
@@ -426,7 +445,7 @@ mod tests {
             d.phase,
             Phase::Head {
                 armed: false,
-                lf: false
+                line: Line::Start
             }
         );
         d.observe_read(b"G");
