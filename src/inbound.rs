@@ -59,6 +59,18 @@ pub fn check_head(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Reject
             "an HTTP/1.1 request needs exactly one Host header",
         ));
     }
+    // userinfo has no place in a request (RFC 9110 4.2.4); the router's
+    // Host is taken from an HTTP/2 request's authority.
+    if req
+        .uri
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err(Reject::bad_request(
+            "invalid_request",
+            "the request authority carries userinfo",
+        ));
+    }
     if !canonical_path(req.uri.path()) {
         return Err(Reject::bad_request(
             "invalid_path",
@@ -246,6 +258,9 @@ mod tests {
             Err((400, "invalid_request"))
         );
         assert_eq!(code(req("/v1/./models", &host)), Err((400, "invalid_path")));
+        let mut userinfo = req("/v1/models", &host);
+        userinfo.set_uri("http://u:p@gw/v1/models".parse().unwrap());
+        assert_eq!(code(userinfo), Err((400, "invalid_request")));
     }
 
     #[test]

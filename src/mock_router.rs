@@ -58,6 +58,10 @@ pub struct MockOptions {
     pub event_interval: Duration,
     /// Content events in a streamed answer (before usage and `[DONE]`).
     pub stream_chunks: usize,
+    /// Close a kept-alive connection unanswered when its second request
+    /// arrives, as a router that dropped an idle connection looks to the
+    /// proxy that reused it.
+    pub drop_reused: bool,
 }
 
 impl Default for MockOptions {
@@ -67,6 +71,7 @@ impl Default for MockOptions {
             record: true,
             event_interval: Duration::ZERO,
             stream_chunks: 3,
+            drop_reused: false,
         }
     }
 }
@@ -147,7 +152,7 @@ async fn serve_connection(
         return Ok(());
     }
     state.connections.fetch_add(1, Ordering::SeqCst);
-    loop {
+    for served in 0usize.. {
         let Some((req, keep_alive)) = read_request(&mut stream, &mut buf).await? else {
             return Ok(());
         };
@@ -167,6 +172,9 @@ async fn serve_connection(
             if let Ok(mut r) = state.requests.lock() {
                 r.push(req);
             }
+        }
+        if opts.drop_reused && served == 1 {
+            return Ok(());
         }
         if !opts.delay.is_zero() {
             tokio::time::sleep(opts.delay).await;
@@ -212,6 +220,7 @@ async fn serve_connection(
             return Ok(());
         }
     }
+    Ok(())
 }
 
 /// Reads one request; `None` on a clean close before a new request.

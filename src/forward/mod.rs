@@ -60,6 +60,51 @@ pub struct TrustedContext<'a> {
     pub strip: &'a [String],
 }
 
+/// Headers that describe one hop, never the request: the gateway's own
+/// connection to the router has its own (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+    "expect",
+    "content-length",
+];
+
+/// Makes the client's head an HTTP/1.1 head for the router, whatever the
+/// client spoke: hop-by-hop headers go, with any header `Connection`
+/// nominates (except `Host`), and an HTTP/2 request's `:authority` becomes
+/// `Host`. The body is the gateway's, so its framing is set afterwards;
+/// `Expect` goes too, because the body is already in hand.
+pub fn for_h1_router(req: &mut RequestHeader) -> pingora::Result<()> {
+    let nominated: Vec<HeaderName> = req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+        .filter(|n| n != http::header::HOST)
+        .collect();
+    for name in nominated.iter().map(HeaderName::as_str).chain(HOP_BY_HOP) {
+        req.remove_header(name);
+    }
+    if req.version == http::Version::HTTP_2 && !req.headers.contains_key(http::header::HOST) {
+        // The head stage refused an authority with userinfo.
+        let authority = req
+            .uri
+            .authority()
+            .map_or_else(String::new, |a| a.to_string());
+        req.insert_header(http::header::HOST, authority)?;
+    }
+    req.set_version(http::Version::HTTP_11);
+    Ok(())
+}
+
 /// Removes the client's trusted headers and sets the gateway's, signed.
 pub fn apply(
     req: &mut RequestHeader,
@@ -111,6 +156,45 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_router_gets_an_http1_head_without_the_clients_hop_headers() {
+        let mut req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        for (n, v) in [
+            ("host", "gw"),
+            ("connection", "keep-alive, X-Debug, host"),
+            ("x-debug", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("expect", "100-continue"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "application/json"),
+        ] {
+            req.append_header(n, v).unwrap();
+        }
+        for_h1_router(&mut req).unwrap();
+        let mut left: Vec<&str> = req.headers.keys().map(|n| n.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            ["content-type", "host"],
+            "nominated and hop headers go, Host stays"
+        );
+        assert_eq!(req.version, http::Version::HTTP_11);
+
+        // HTTP/2 carries the authority as a pseudo-header, not Host.
+        let mut h2 = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        h2.set_uri(
+            "https://gw.example:8443/v1/chat/completions"
+                .parse()
+                .unwrap(),
+        );
+        h2.set_version(http::Version::HTTP_2);
+        for_h1_router(&mut h2).unwrap();
+        assert_eq!(h2.headers.get("host").unwrap(), "gw.example:8443");
+        assert_eq!(h2.version, http::Version::HTTP_11);
+    }
 
     #[test]
     fn trusted_headers_cover_every_spelling_a_client_can_send() {

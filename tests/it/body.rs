@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::common::*;
+use portcullis::mock_router::MockOptions;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -401,5 +402,63 @@ async fn streams_report_usage_to_the_gateway_and_only_to_clients_that_asked() {
         let got = events(&r.body);
         assert_eq!(got.len(), 5, "the client asked for usage: {got:?}");
         assert!(got[3].contains("\"usage\":{"));
+    }
+}
+
+/// Each event must reach the client when the router sends it, whichever way
+/// the body went up (Pingora's proxy below 64 KiB, the gateway's own
+/// exchange above): a chat UI shows tokens as they come, not in batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_events_reach_the_client_as_the_router_sends_them() {
+    let interval = Duration::from_millis(700);
+    let gw = Gateway::start_with(Options {
+        router: RouterMode::Up(MockOptions {
+            event_interval: interval,
+            ..MockOptions::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    for (tenant, size) in [("globex", 500), ("bigco", 100_000)] {
+        let mut body = chat_of_size(size);
+        body["stream"] = json!(true);
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(&post(CHAT, &body).bearer(&gw.keys.token(tenant)).build())
+            .await
+            .unwrap();
+        // Read until the first event is whole; the router sends the next
+        // one `interval` later, so the first must not wait for it.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let started = std::time::Instant::now();
+        let first_event_whole = |got: &[u8]| {
+            let text = String::from_utf8_lossy(got);
+            text.split_once("data: {")
+                .is_some_and(|(_, rest)| rest.contains("\n\n"))
+        };
+        while !first_event_whole(&got) {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+                .await
+                .expect("no event within 10 s")
+                .unwrap();
+            assert!(
+                n > 0,
+                "closed before the first event ({tenant}): {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert_eq!(
+            text.matches("data: ").count(),
+            1,
+            "{tenant}: events arrived batched: {text}"
+        );
+        assert!(
+            started.elapsed() < interval * 2,
+            "{tenant}: the first event waited {:?}",
+            started.elapsed()
+        );
     }
 }

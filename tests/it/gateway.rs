@@ -7,6 +7,7 @@ use crate::common::*;
 use jsonwebtoken::Algorithm;
 use portcullis::mock_router::MockOptions;
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 
 const CHAT: &str = "/v1/chat/completions";
 
@@ -496,6 +497,95 @@ async fn router_down_is_502_upstream_unavailable() {
         !body.contains("127.0.0.1"),
         "error leaks an internal address"
     );
+}
+
+/// A pooled connection the router dropped fails before any answer; the
+/// request goes again on a new connection, as in Pingora's own proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_router_dropped_is_retried_on_a_new_one() {
+    let gw = Gateway::start_with(Options {
+        router: RouterMode::Up(MockOptions {
+            drop_reused: true,
+            ..MockOptions::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.keys.token("acme");
+    for i in 0..3 {
+        let r = gw
+            .send(&post(CHAT, &chat_body()).bearer(&token).build())
+            .await;
+        assert_eq!(
+            r.status,
+            200,
+            "request {i}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    // Requests 2 and 3 each met a reused connection that the router closed
+    // unanswered, then succeeded on a new one: 3 connections, 5 requests seen.
+    assert_eq!(gw.router().connections(), 3);
+    assert_eq!(gw.router_count(), 5);
+}
+
+/// A client that leaves while the router works frees its place at once:
+/// the gateway stops waiting for an answer nobody will read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_before_the_answer_frees_its_slot_at_once() {
+    let gw = Gateway::start_with(Options {
+        router: RouterMode::Up(MockOptions {
+            delay: Duration::from_secs(3),
+            ..MockOptions::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    // solo: one request at a time.
+    let token = gw.keys.token("solo");
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(&post(CHAT, &chat_body()).bearer(&token).build())
+        .await
+        .unwrap();
+    while gw.router_count() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Had the first request kept its slot until the router answered (3 s),
+    // this one would be refused with concurrency_limit_exceeded.
+    let r = gw
+        .send(&post(CHAT, &chat_body()).bearer(&token).build())
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// Hop-by-hop headers describe the client's connection, not the request:
+/// none reaches the router, nor does a header `Connection` nominates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_and_nominated_headers_stop_at_the_gateway() {
+    let gw = Gateway::start().await;
+    let r = gw
+        .send(
+            &post(CHAT, &chat_body())
+                .bearer(&gw.keys.token("acme"))
+                .header("connection", "x-debug-trace")
+                .header("x-debug-trace", "1")
+                .header("keep-alive", "timeout=5")
+                .header("te", "trailers")
+                .header("x-kept", "yes")
+                .build(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let rec = gw.router().requests().pop().unwrap();
+    for gone in ["x-debug-trace", "keep-alive", "te", "connection"] {
+        assert!(
+            rec.header_values(gone).is_empty(),
+            "{gone} reached the router"
+        );
+    }
+    assert_eq!(rec.header("x-kept"), Some("yes"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

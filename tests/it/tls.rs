@@ -157,7 +157,8 @@ async fn a_client_certificate_is_a_tenant_identity() {
     let acme = with_cert(&gw, "tenant-acme");
     let acme: Vec<&str> = acme.iter().map(String::as_str).collect();
     // The certificate alone authenticates acme (SAN URI spiffe://tenants/acme).
-    assert!(curl_ok(&gw, &acme, "").ends_with(" 200"));
+    let got = curl_ok(&gw, &acme, "");
+    assert!(got.ends_with(" 200"), "{got}");
     let rec = gw.router().requests().pop().unwrap();
     assert_eq!(rec.header("x-tenant-id"), Some("acme"));
     // Certificate and credential agree: fine.
