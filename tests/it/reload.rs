@@ -111,10 +111,17 @@ async fn twenty_reloads_under_load_lose_no_request() {
             failed.clone(),
         );
         clients.push(tokio::spawn(async move {
+            // Paced below globex's 1000 requests/s (two clients at most 333/s
+            // each), so a refusal can only come from a lost configuration.
+            let mut pace = tokio::time::interval(Duration::from_millis(3));
             while !stop.load(Ordering::Relaxed) {
+                pace.tick().await;
                 let r = gw
                     .send(&post(CHAT, &chat_body()).bearer(&token).build())
                     .await;
+                if r.status != 200 {
+                    eprintln!("failed: {} {}", r.status, String::from_utf8_lossy(&r.body));
+                }
                 if r.status == 200 { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
             }
         }));
