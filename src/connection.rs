@@ -228,16 +228,23 @@ impl HeadDeadline {
         if !armed {
             self.sleep.as_mut().reset(Instant::now() + self.limit);
         }
-        for &b in bytes {
-            line = match (b, line) {
-                (b'\n', Line::Ended) => {
+        // Line by line (memchr), not byte by byte: the head is read through
+        // this on every request. `\r` alone is not content.
+        let has_content = |part: &[u8]| part.iter().any(|&b| b != b'\r');
+        let mut rest = bytes;
+        while let Some(end) = memchr::memchr(b'\n', rest) {
+            line = match (has_content(&rest[..end]), line) {
+                (true, _) | (false, Line::Text) => Line::Ended,
+                (false, Line::Ended) => {
                     self.phase = Phase::Rest;
                     return;
                 }
-                (b'\n', Line::Text) => Line::Ended,
-                (b'\n' | b'\r', l) => l,
-                _ => Line::Text,
+                (false, Line::Start) => Line::Start,
             };
+            rest = &rest[end + 1..];
+        }
+        if has_content(rest) {
+            line = Line::Text;
         }
         self.phase = Phase::Head { armed: true, line };
     }

@@ -22,7 +22,7 @@ use crate::authz::{self, Route};
 use crate::body::{self, intake, Judged};
 use crate::config::tenants::Feature;
 use crate::config::{SharedSnapshot, Snapshot};
-use crate::forward::upstream::Upstream;
+use crate::forward::upstream::{self, Upstream};
 use crate::forward::{self, TrustedContext};
 use crate::identity::mtls::CertIdentity;
 use crate::identity::{self, Identity};
@@ -760,9 +760,12 @@ fn rate_limit_headers(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()>
 /// Writes the request and reads the head of the final answer (an interim
 /// 100 or 103 is not the answer).
 async fn send_on(up: &mut ClientSession, head: RequestHeader, body: Bytes) -> Result<()> {
+    // Pingora flushes the head on its own; corked, it leaves with the body.
+    upstream::cork(up, true);
     up.write_request_header(Box::new(head)).await?;
     up.write_request_body(body, true).await?;
     up.finish_request_body().await?;
+    upstream::cork(up, false);
     for _ in 0..MAX_INTERIM_ANSWERS {
         up.read_response_header().await?;
         if !up
