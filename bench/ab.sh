@@ -10,6 +10,7 @@
 #
 # Env: ROUNDS=5 DURATION=8 WARMUP=2 CONNS=50 PROXY_CPU=0 LOAD_CPU=1
 #      BENCH_WORK=<compare.sh's scratch dir>  BODY=<request body file>
+#      (BODY=$BENCH_WORK/body-sse.json gets compare.sh's 200-event stream)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $# == 2 ]] || { echo "usage: bench/ab.sh BINARY_A BINARY_B" >&2; exit 2; }
@@ -33,7 +34,7 @@ wait_port() {
 }
 cpu_s() { sed 's/^.*) //' "/proc/$1/stat" | awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($12 + $13) / hz}'; }
 
-taskset -c "$LOAD_CPU" "$A" mock-router --listen 127.0.0.1:18080 --threads 1 >/dev/null 2>&1 &
+taskset -c "$LOAD_CPU" "$A" mock-router --listen 127.0.0.1:18080 --threads 1 --stream-chunks 200 >/dev/null 2>&1 &
 pids+=($!)
 wait_port 18080
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
@@ -38,6 +39,8 @@ use crate::response::{StreamTap, Usage, UsageTap};
 
 /// Attempts at sending one request when pooled connections turn out closed.
 const SEND_ATTEMPTS: u32 = 3;
+/// An answer's chunks already received are written together up to this size.
+const COALESCE_BYTES: usize = 16 * 1024;
 /// Interim answers (100, 103) skipped before the router's final one.
 const MAX_INTERIM_ANSWERS: usize = 8;
 
@@ -370,20 +373,42 @@ impl Gateway {
             .write_response_header(Box::new(resp), false)
             .await
             .map_err(|e| e.into_down())?;
-        loop {
+        let mut done = false;
+        while !done {
             let chunk = tokio::select! {
                 biased;
                 chunk = up.read_response_body() => chunk.map_err(|e| e.into_up())?,
                 gone = session.read_body_or_idle(true) => return Err(client_gone(gone)),
             };
             let Some(chunk) = chunk else { break };
-            let chunk = match ctx.usage_tap.as_mut() {
-                Some(t) => t.push(chunk, false),
-                None => chunk,
-            };
-            if !chunk.is_empty() {
+            let mut out = tap(ctx, chunk);
+            // Whatever else the router has already sent leaves in the same
+            // write: a stream's chunks are small, and a write per chunk is a
+            // send (and a flush) per token. Pingora's body reads are
+            // cancel-safe, so a read that would wait is simply dropped.
+            let mut batch = BytesMut::new();
+            while out.len() + batch.len() < COALESCE_BYTES {
+                match up.read_response_body().now_or_never() {
+                    Some(Ok(Some(more))) => {
+                        if batch.is_empty() {
+                            batch.extend_from_slice(&out);
+                        }
+                        batch.extend_from_slice(&tap(ctx, more));
+                    }
+                    Some(Ok(None)) => {
+                        done = true;
+                        break;
+                    }
+                    Some(Err(e)) => return Err(e.into_up()),
+                    None => break,
+                }
+            }
+            if !batch.is_empty() {
+                out = batch.freeze();
+            }
+            if !out.is_empty() {
                 session
-                    .write_response_body(Some(chunk), false)
+                    .write_response_body(Some(out), false)
                     .await
                     .map_err(|e| e.into_down())?;
             }
@@ -755,6 +780,14 @@ fn rate_limit_headers(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// Passes an answer chunk through the usage tap, when there is one.
+fn tap(ctx: &mut RequestCtx, chunk: Bytes) -> Bytes {
+    match ctx.usage_tap.as_mut() {
+        Some(t) => t.push(chunk, false),
+        None => chunk,
+    }
 }
 
 /// Writes the request and reads the head of the final answer (an interim
