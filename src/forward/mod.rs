@@ -77,20 +77,29 @@ const HOP_BY_HOP: [&str; 11] = [
 ];
 
 /// Makes the client's head an HTTP/1.1 head for the router, whatever the
-/// client spoke: hop-by-hop headers go, with any header `Connection`
-/// nominates (except `Host`), and an HTTP/2 request's `:authority` becomes
-/// `Host`. The body is the gateway's, so its framing is set afterwards;
-/// `Expect` goes too, because the body is already in hand.
+/// client spoke: hop-by-hop headers go, also spelled with `_` (which
+/// nginx and CGI stacks fold into `-`, so `transfer_encoding` could frame
+/// the body there), with any header `Connection` nominates (except
+/// `Host`), and an HTTP/2 request's `:authority` becomes `Host`. The body
+/// is the gateway's, so its framing is set afterwards; `Expect` goes too,
+/// because the body is already in hand.
 pub fn for_h1_router(req: &mut RequestHeader) -> pingora::Result<()> {
-    let nominated: Vec<HeaderName> = req
+    let nominated = req
         .headers
         .get_all(http::header::CONNECTION)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
-        .filter(|n| n != http::header::HOST)
-        .collect();
-    for name in nominated.iter().map(HeaderName::as_str).chain(HOP_BY_HOP) {
+        .filter(|n| n != http::header::HOST);
+    let folded = req
+        .headers
+        .keys()
+        .filter(|n| {
+            n.as_str().contains('_') && HOP_BY_HOP.contains(&n.as_str().replace('_', "-").as_str())
+        })
+        .cloned();
+    let doomed: Vec<HeaderName> = nominated.chain(folded).collect();
+    for name in doomed.iter().map(HeaderName::as_str).chain(HOP_BY_HOP) {
         req.remove_header(name);
     }
     if req.version == http::Version::HTTP_2 && !req.headers.contains_key(http::header::HOST) {
@@ -169,6 +178,9 @@ mod tests {
             ("upgrade", "h2c"),
             ("expect", "100-continue"),
             ("transfer-encoding", "chunked"),
+            ("transfer_encoding", "chunked"),
+            ("content_length", "5"),
+            ("x_custom", "kept"),
             ("content-type", "application/json"),
         ] {
             req.append_header(n, v).unwrap();
@@ -178,8 +190,8 @@ mod tests {
         left.sort_unstable();
         assert_eq!(
             left,
-            ["content-type", "host"],
-            "nominated and hop headers go, Host stays"
+            ["content-type", "host", "x_custom"],
+            "nominated and hop headers go (also with `_`), Host stays"
         );
         assert_eq!(req.version, http::Version::HTTP_11);
 
