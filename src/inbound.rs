@@ -80,12 +80,15 @@ pub fn check_head(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Reject
     Ok(())
 }
 
-/// `/` followed by non-empty segments of `[a-z0-9._~-]`, none of them `.`
-/// or `..`.
+/// `/` alone (what load balancers and people try first), or `/` followed
+/// by non-empty segments of `[a-z0-9._~-]`, none of them `.` or `..`.
 pub fn canonical_path(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
     };
+    if rest.is_empty() {
+        return true;
+    }
     rest.split('/').all(|seg| {
         !seg.is_empty()
             && seg != "."
@@ -198,13 +201,16 @@ mod tests {
 
     #[test]
     fn only_canonical_paths_pass() {
-        for ok in ["/v1/chat/completions", "/v1/models", "/a.b/c_d~e-f"] {
+        for ok in ["/", "/v1/chat/completions", "/v1/models", "/a.b/c_d~e-f"] {
             assert!(canonical_path(ok), "{ok}");
         }
         for bad in [
             "",
             "v1/models",
-            "/",
+            "//",
+            "/.",
+            "/%2e",
+            "/\\",
             "/v1//models",
             "/v1/models/",
             "/v1/./models",

@@ -394,14 +394,21 @@ async fn models_are_listed_by_the_gateway() {
 async fn routes_methods_regions_and_features_are_enforced_in_order() {
     let gw = Gateway::start().await;
     let acme = gw.keys.token("acme");
-    // Unauthenticated: 401 whatever the path.
-    for path in [CHAT, "/admin", "/v2/anything"] {
+    // Unauthenticated: 401 whatever the path, `/` included.
+    for path in [CHAT, "/admin", "/v2/anything", "/"] {
         let r = gw.send(&post(path, &chat_body()).build()).await;
         assert_rejected(&gw, &r, 401, "missing_credentials");
     }
-    let r = gw
-        .send(&post("/v1/nothing", &chat_body()).bearer(&acme).build())
-        .await;
+    let r = gw.send(&get("/").build()).await;
+    assert_rejected(&gw, &r, 401, "missing_credentials");
+    // Authenticated on an unknown path (`/` is one): 404.
+    for path in ["/v1/nothing", "/"] {
+        let r = gw
+            .send(&post(path, &chat_body()).bearer(&acme).build())
+            .await;
+        assert_rejected(&gw, &r, 404, "route_not_found");
+    }
+    let r = gw.send(&get("/").bearer(&acme).build()).await;
     assert_rejected(&gw, &r, 404, "route_not_found");
     let r = gw.send(&get(CHAT).bearer(&acme).build()).await;
     assert_rejected(&gw, &r, 405, "method_not_allowed");
