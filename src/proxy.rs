@@ -32,7 +32,7 @@ use crate::limits::guard::{Admission, AuthFailures, Overload};
 use crate::limits::redis::{Decision, RedisLimits, RemoteReservation, RemoteSlot};
 use crate::limits::{Reservation, Slot};
 use crate::observe::access_log::{self, AccessRecord};
-use crate::observe::metrics::METRICS;
+use crate::observe::metrics::{InflightMark, METRICS};
 use crate::policy::{self, PolicyHeaders, PolicyRequest};
 use crate::reject::Reject;
 use crate::response::{StreamTap, Usage, UsageTap};
@@ -79,6 +79,8 @@ pub struct RequestCtx {
     admission: Option<Admission>,
     /// The tenant's concurrency slot; dropping the context frees it.
     slot: Option<Slot>,
+    /// Counts the request as in flight while it holds its place.
+    inflight: Option<InflightMark>,
     /// Tokens held until the response's usage settles them.
     reservation: Option<Reservation>,
     /// The same two, when they are held in Redis.
@@ -490,6 +492,7 @@ impl Gateway {
             },
             None => ctx.slot = Some(tenant.limiter.admit()?),
         }
+        ctx.inflight = Some(InflightMark::new(&tenant.id));
         Ok(())
     }
 
@@ -518,6 +521,7 @@ impl ProxyHttp for Gateway {
             usage_tap: None,
             admission: None,
             slot: None,
+            inflight: None,
             reservation: None,
             remote_slot: None,
             remote_reservation: None,
@@ -613,6 +617,7 @@ impl ProxyHttp for Gateway {
         let usage = settle(ctx);
         ctx.slot = None;
         ctx.remote_slot = None;
+        ctx.inflight = None;
         ctx.admission = None;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let tenant = Self::tenant_label(ctx);
@@ -620,11 +625,6 @@ impl ProxyHttp for Gateway {
         let total = ctx.started.elapsed();
         let gateway = total.saturating_sub(ctx.upstream_elapsed.unwrap_or_default());
         let m = &*METRICS;
-        if let Some(who) = &ctx.identity {
-            m.inflight
-                .with_label_values(&[tenant])
-                .set(i64::from(who.tenant.limiter.inflight()));
-        }
         if let (Some(u), Some(j)) = (usage, &ctx.judged) {
             let model = j.model_label.as_str();
             m.tokens

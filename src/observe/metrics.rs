@@ -135,3 +135,22 @@ pub fn render() -> Vec<u8> {
     let _ = encoder.encode(&prometheus::gather(), &mut out);
     out
 }
+
+/// One request counted in `portcullis_inflight_requests{tenant}` from the
+/// moment it takes its concurrency place until that place is freed, on
+/// every path: the gauge moves with the request, not when its log is written.
+pub struct InflightMark(IntGauge);
+
+impl InflightMark {
+    pub fn new(tenant: &str) -> InflightMark {
+        let gauge = METRICS.inflight.with_label_values(&[tenant]);
+        gauge.inc();
+        InflightMark(gauge)
+    }
+}
+
+impl Drop for InflightMark {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

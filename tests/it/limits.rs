@@ -325,3 +325,102 @@ async fn a_throttled_client_keeps_its_connection() {
     }
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
 }
+
+/// `portcullis_inflight_requests{tenant}` is live: it counts a request from
+/// the moment it takes its slot until the slot is freed, whether the
+/// request succeeds, is rejected later, meets a router error or loses its
+/// client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_flight_gauge_follows_every_request_while_it_runs() {
+    const SOLO: &str = r#"portcullis_inflight_requests{tenant="solo"} "#;
+    let gw = Gateway::start_with(Options {
+        router: RouterMode::Up(MockOptions {
+            event_interval: Duration::from_millis(400),
+            ..MockOptions::default()
+        }),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.keys.token("solo");
+    let mut stream = chat_body();
+    stream["stream"] = json!(true);
+    let open_stream = || async {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(&post(CHAT, &stream).bearer(&token).build())
+            .await
+            .unwrap();
+        let mut first = [0u8; 64];
+        let n = s.read(&mut first).await.unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+        s
+    };
+    let gw_ref = &gw;
+    let settles_at = |want: u64| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = metric(gw_ref, SOLO).await;
+            if got == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gauge stuck at {got}, want {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    // A stream held open counts while it runs, and a refused second
+    // request (no slot taken) does not move it.
+    let mut s = open_stream().await;
+    assert_eq!(metric(&gw, SOLO).await, 1, "the open stream is not counted");
+    let r = gw.send(&post(CHAT, &stream).bearer(&token).build()).await;
+    assert_eq!(r.code(), "concurrency_limit_exceeded");
+    assert_eq!(metric(&gw, SOLO).await, 1);
+    // Read the stream to its end: the gauge returns to 0.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the stream ended")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&rest).contains("[DONE]"));
+    settles_at(0).await;
+
+    // A client gone mid-stream.
+    let s = open_stream().await;
+    assert_eq!(metric(&gw, SOLO).await, 1);
+    drop(s);
+    settles_at(0).await;
+
+    // A rejection after the slot was taken (the body stage).
+    let r = gw
+        .send(&post_raw(CHAT, b"{bad".to_vec()).bearer(&token).build())
+        .await;
+    assert_eq!(r.code(), "invalid_json");
+    assert_eq!(metric(&gw, SOLO).await, 0);
+
+    // A router error.
+    let down = Gateway::start_with(Options {
+        router: RouterMode::Down,
+        ..Options::default()
+    })
+    .await;
+    let r = down
+        .send(
+            &post(CHAT, &chat_body())
+                .bearer(&down.keys.token("solo"))
+                .build(),
+        )
+        .await;
+    assert_eq!(r.code(), "upstream_unavailable");
+    let m = send(down.admin, &get("/metrics").build()).await.unwrap();
+    let text = String::from_utf8_lossy(&m.body).to_string();
+    assert!(
+        text.contains(&format!("{SOLO}0")),
+        "the router error left the gauge up: {}",
+        text.lines()
+            .filter(|l| l.contains("inflight"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
