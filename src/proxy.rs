@@ -575,6 +575,11 @@ impl ProxyHttp for Gateway {
         )
     }
 
+    /// Pingora calls this only when `request_filter` fails, which happens
+    /// only when an answer cannot be written: the client went away (nothing
+    /// to say) or a response head could not be built (a 500, if nothing has
+    /// been sent yet). Router failures never get here: [`Gateway::forward`]
+    /// answers them itself.
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -584,29 +589,14 @@ impl ProxyHttp for Gateway {
     where
         Self::CTX: Send + Sync,
     {
-        let reject = match (e.esource(), e.etype()) {
-            (_, ErrorType::HTTPStatus(400))
-            | (ErrorSource::Downstream, ErrorType::InvalidHTTPHeader) => {
-                Some(Reject::bad_request("invalid_request", "malformed request"))
+        let mut code = 0;
+        if e.esource() != &ErrorSource::Downstream && session.response_written().is_none() {
+            let r = Reject::new(500, "internal_error", "internal gateway error");
+            code = r.status;
+            if let Err(err) = self.reject(session, ctx, &r).await {
+                tracing::debug!(error = %err, "could not send the error response");
             }
-            (ErrorSource::Downstream, _) => None,
-            _ => Some(upstream_reject(e)),
-        };
-        let code = match reject {
-            Some(r) if session.response_written().is_none() => {
-                let status = r.status;
-                if let Err(err) = self.reject(session, ctx, &r).await {
-                    tracing::debug!(error = %err, "could not send the error response");
-                }
-                status
-            }
-            // Too late for a clean error: the client sees the stream cut.
-            Some(r) => {
-                ctx.reject_code = Some(r.code);
-                r.status
-            }
-            None => 0,
-        };
+        }
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
