@@ -316,8 +316,7 @@ impl Gateway {
                 .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
             let input = preq.rego_input(&snap.gateway.policy.jwt_claims, now_ns);
             let verdict = rego
-                .eval(input)
-                .and_then(|v| policy::rego_verdict(&v))
+                .decide(input)
                 .map_err(|e| policy::policy_error("rego", &e));
             METRICS
                 .policy_duration

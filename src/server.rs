@@ -78,7 +78,18 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     for w in &warnings {
         eprintln!("WARNING: {w}");
     }
-    server.add_service(background_service("logging", LoggingService { warnings }));
+    let rego_notes = snapshot
+        .rego
+        .iter()
+        .flat_map(|r| r.compiler_notes().iter().cloned())
+        .collect();
+    server.add_service(background_service(
+        "logging",
+        LoggingService {
+            warnings,
+            rego_notes,
+        },
+    ));
 
     let health = background_service("router health checks", upstream::balancer(&gw.upstream)?);
     let balancer = health.task();

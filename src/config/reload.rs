@@ -84,6 +84,9 @@ impl Reloader {
                 if let (Some(slot), Some(m)) = (&self.tls, material) {
                     slot.store(Arc::new(m));
                 }
+                for note in next.rego.iter().flat_map(|r| r.compiler_notes()) {
+                    note.log();
+                }
                 self.shared.store(Arc::new(next));
                 let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 METRICS.config_generation.set(generation as i64);

@@ -9,6 +9,8 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 
+use crate::policy::rego::CompilerNote;
+
 /// Keeps the writer's thread alive for the life of the process.
 static GUARD: OnceLock<WorkerGuard> = OnceLock::new();
 /// The writer itself, for lines serialised outside `tracing` (the access log).
@@ -25,6 +27,8 @@ pub struct LoggingService {
     /// Configuration that weakens security, logged at WARN on every start
     /// (found before logging is up, so held until then).
     pub warnings: Vec<String>,
+    /// What the Rego compiler printed while the first snapshot loaded.
+    pub rego_notes: Vec<CompilerNote>,
 }
 
 #[async_trait]
@@ -34,6 +38,9 @@ impl BackgroundService for LoggingService {
         tracing::info!(pid = std::process::id(), "portcullis serving");
         for w in &self.warnings {
             tracing::warn!(insecure = true, "{w}");
+        }
+        for note in &self.rego_notes {
+            note.log();
         }
         let _ = shutdown.changed().await;
     }

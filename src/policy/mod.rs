@@ -106,9 +106,34 @@ impl PolicyRequest<'_> {
                     ("prompt_tokens", Value::from(self.prompt_tokens)),
                 ]),
             ),
-            ("time", object([("unix_ns", Value::from(unix_ns))])),
+            ("time", time_input(unix_ns)),
         ])
     }
+}
+
+/// `input.time`: `unix` (seconds), `hour_utc` (0-23), `weekday` (the
+/// English day name, as OPA's `time.weekday` returns it) and `unix_ns`.
+fn time_input(unix_ns: i64) -> Value {
+    const WEEKDAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
+    let unix = unix_ns.div_euclid(1_000_000_000);
+    let days = unix.div_euclid(86_400);
+    let hour = unix.rem_euclid(86_400) / 3600;
+    // 1970-01-01 was a Thursday.
+    let weekday = WEEKDAYS[usize::try_from(days.rem_euclid(7)).unwrap_or(0)];
+    object([
+        ("unix", Value::from(unix)),
+        ("hour_utc", Value::from(hour)),
+        ("weekday", Value::from(weekday)),
+        ("unix_ns", Value::from(unix_ns)),
+    ])
 }
 
 fn object<'k>(pairs: impl IntoIterator<Item = (&'k str, Value)>) -> Value {
@@ -123,66 +148,9 @@ fn object<'k>(pairs: impl IntoIterator<Item = (&'k str, Value)>) -> Value {
 /// Headers a policy adds for the router; names start `x-tenant-policy-`.
 pub type PolicyHeaders = Vec<(String, String)>;
 
-const MAX_HEADERS: usize = 16;
-const MAX_MESSAGE: usize = 256;
-
-/// Reads the entry point's value: deny wins (the lowest code, so the
-/// answer does not depend on set order); otherwise the headers. Anything
-/// malformed is an error, and the caller fails closed.
-pub fn rego_verdict(result: &Value) -> Result<Result<PolicyHeaders, Reject>, String> {
-    if *result == Value::Undefined {
-        return Err("the policy's result is undefined".into());
-    }
-    let deny = &result["deny"];
-    let denials: Vec<&Value> = match deny {
-        Value::Undefined => Vec::new(),
-        Value::Set(s) => s.iter().collect(),
-        Value::Array(a) => a.iter().collect(),
-        _ => return Err("result.deny must be a set or an array".into()),
-    };
-    let mut first: Option<(&str, &str)> = None;
-    for d in denials {
-        let code = d["code"]
-            .as_string()
-            .map_err(|_| "every denial needs a string code")?;
-        let message = match &d["message"] {
-            Value::Undefined => "denied by policy",
-            m => m
-                .as_string()
-                .map_err(|_| "a denial's message must be a string")?,
-        };
-        if first.is_none_or(|(c, _)| code.as_ref() < c) {
-            first = Some((code, message));
-        }
-    }
-    if let Some((code, message)) = first {
-        let code = intern_code(code)?;
-        let message: String = message
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(MAX_MESSAGE)
-            .collect();
-        return Ok(Err(Reject::forbidden(code, message)));
-    }
-    let mut headers = PolicyHeaders::new();
-    match &result["headers"] {
-        Value::Undefined => {}
-        Value::Object(map) => {
-            if map.len() > MAX_HEADERS {
-                return Err(format!("more than {MAX_HEADERS} policy headers"));
-            }
-            for (name, value) in map.iter() {
-                let name = name.as_string().map_err(|_| "header names are strings")?;
-                let value = value
-                    .as_string()
-                    .map_err(|_| format!("header {name} must have a string value"))?;
-                headers.push(policy_header(name, value)?);
-            }
-        }
-        _ => return Err("result.headers must be an object".into()),
-    }
-    Ok(Ok(headers))
-}
+/// At most this many policy headers, each value at most `MAX_MESSAGE` bytes.
+pub(crate) const MAX_HEADERS: usize = 16;
+pub(crate) const MAX_MESSAGE: usize = 256;
 
 /// Checks one policy header: its name in the `x-tenant-policy-` namespace
 /// (stripped from clients, signed for the router), a short visible value.
@@ -212,7 +180,7 @@ pub fn policy_header(name: &str, value: &str) -> Result<(String, String), String
 /// Policy codes become metric labels and `reject_code`s, which must stay a
 /// small set: the first 64 distinct valid codes are kept for the life of
 /// the process, later ones report as `policy_denied`.
-fn intern_code(code: &str) -> Result<&'static str, String> {
+pub(crate) fn intern_code(code: &str) -> Result<&'static str, String> {
     static CODES: LazyLock<Mutex<HashSet<&'static str>>> =
         LazyLock::new(|| Mutex::new(HashSet::new()));
     let valid = (1..=64).contains(&code.len())
@@ -251,35 +219,21 @@ pub fn policy_error(engine: &'static str, detail: &str) -> Reject {
 mod tests {
     use super::*;
 
-    fn eval(json: &str) -> Result<Result<PolicyHeaders, Reject>, String> {
-        rego_verdict(&Value::from_json_str(json).unwrap())
-    }
-
     #[test]
-    fn deny_wins_with_the_lowest_code() {
-        let r = eval(r#"{"deny": [{"code": "zeta", "message": "z"}, {"code": "alpha", "message": "a"}], "headers": {"x-tenant-policy-a": "1"}}"#)
-            .unwrap()
-            .unwrap_err();
-        assert_eq!((r.status, r.code, r.message.as_ref()), (403, "alpha", "a"));
-    }
-
-    #[test]
-    fn allow_carries_only_well_formed_policy_headers() {
-        let h = eval(r#"{"deny": [], "headers": {"X-Tenant-Policy-Tier": "low"}}"#)
-            .unwrap()
-            .unwrap();
-        assert_eq!(h, vec![("x-tenant-policy-tier".into(), "low".into())]);
-        for bad in [
-            r#"{"headers": {"x-tenant-id": "other"}}"#,
-            r#"{"headers": {"x-tenant-policy-": "v"}}"#,
-            r#"{"headers": {"x-tenant-policy-a": "line\nbreak"}}"#,
-            r#"{"headers": {"x-tenant-policy-a": 1}}"#,
-            r#"{"deny": [{"code": "Bad Code"}]}"#,
-            r#"{"deny": [{"message": "no code"}]}"#,
-            r#"{"deny": "yes"}"#,
-        ] {
-            assert!(eval(bad).is_err(), "{bad}");
-        }
-        assert!(rego_verdict(&Value::Undefined).is_err());
+    fn time_input_names_the_hour_and_the_day_in_utc() {
+        // 2026-11-30 was a Monday; 14:30:00 UTC that day.
+        let t = time_input((1_795_996_800 + 14 * 3600 + 1800) * 1_000_000_000 + 7);
+        assert_eq!(t["unix"], Value::from(1_795_996_800i64 + 14 * 3600 + 1800));
+        assert_eq!(t["hour_utc"], Value::from(14i64));
+        assert_eq!(t["weekday"], Value::from("Monday"));
+        assert_eq!(
+            t["unix_ns"],
+            Value::from((1_795_996_800i64 + 14 * 3600 + 1800) * 1_000_000_000 + 7)
+        );
+        assert_eq!(time_input(0)["weekday"], Value::from("Thursday"));
+        // 1969-12-31 23:00 UTC, a Wednesday: floor division, not truncation.
+        let before = time_input(-3600 * 1_000_000_000);
+        assert_eq!(before["hour_utc"], Value::from(23i64));
+        assert_eq!(before["weekday"], Value::from("Wednesday"));
     }
 }

@@ -283,7 +283,8 @@ pub struct Options {
     pub keys: Option<Keys>,
     /// Extra tables appended to gateway.toml (such as `[body]`).
     pub gateway_extra: String,
-    /// Write the gateway's stdout (logs at `info`) to `gateway.log` in its dir.
+    /// Write the gateway's stdout (logs at `info`) to `gateway.log` in its
+    /// dir, and its stderr to `gateway.stderr`.
     pub capture_logs: bool,
     /// Add a TLS listener with this `client_cert` mode, on a dev PKI
     /// generated into the gateway's dir by `portcullis certs dev`.
@@ -430,18 +431,19 @@ signing_key_file = "context.key"
         );
         std::fs::write(d.join("gateway.toml"), gateway_toml).unwrap();
 
-        let (level, stdout) = if opts.capture_logs {
+        let (level, stdout, stderr) = if opts.capture_logs {
             let log = std::fs::File::create(d.join("gateway.log")).unwrap();
-            ("info", Stdio::from(log))
+            let err = std::fs::File::create(d.join("gateway.stderr")).unwrap();
+            ("info", Stdio::from(log), Stdio::from(err))
         } else {
-            ("warn", Stdio::null())
+            ("warn", Stdio::null(), Stdio::inherit())
         };
         let child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args(["serve", "-c"])
             .arg(d.join("gateway.toml"))
             .env("PORTCULLIS_LOG", level)
             .stdout(stdout)
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start the gateway binary");
         let gw = Gateway {

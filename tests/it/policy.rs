@@ -137,6 +137,117 @@ async fn policy_headers_are_signed_and_a_denial_keeps_its_code() {
     );
 }
 
+/// A policy written to the contract in DESIGN.md: `decision` with
+/// `{allow, code, message, headers}`, reading `input.time`'s `unix`,
+/// `hour_utc` and `weekday`. Its `unused` rule is one regorus cannot
+/// schedule, so its compiler prints a diagnostic.
+const DECISION_POLICY: &str = r#"package portcullis.authz
+import rego.v1
+
+default decision := {"allow": false, "code": "model_not_in_contract", "message": "only m-small is in the contract"}
+
+decision := {"allow": true, "headers": {
+    "x-tenant-policy-day": input.time.weekday,
+    "x-tenant-policy-hour": sprintf("%d", [input.time.hour_utc]),
+}} if {
+    input.request.model == "m-small"
+    input.time.unix > 1700000000
+}
+
+decision := {"allow": false} if input.request.model == "m-large"
+
+unused if {
+    some a
+    a == a
+}
+"#;
+
+/// The UTC weekday name and hour now, as the policy should see them.
+fn utc_day_and_hour() -> (String, String) {
+    let unix = now();
+    let days = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
+    (
+        days[((unix / 86_400) % 7) as usize].to_string(),
+        ((unix % 86_400) / 3600).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_written_to_the_documented_decision_contract_works() {
+    let gw = Gateway::start_with(Options {
+        policy_extra: rego_line(Path::new("authz.rego")),
+        files: vec![("authz.rego", DECISION_POLICY.to_string())],
+        capture_logs: true,
+        ..Options::default()
+    })
+    .await;
+    let token = gw.keys.token("globex");
+    let before = utc_day_and_hour();
+    let r = gw
+        .send(&post(CHAT, &chat("m-small")).bearer(&token).build())
+        .await;
+    let after = utc_day_and_hour();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let rec = gw.router().requests().pop().unwrap();
+    let seen = (
+        rec.header("x-tenant-policy-day")
+            .unwrap_or_default()
+            .to_string(),
+        rec.header("x-tenant-policy-hour")
+            .unwrap_or_default()
+            .to_string(),
+    );
+    assert!(seen == before || seen == after, "{seen:?}, now {before:?}");
+    let mut signed = CONTEXT_HEADERS.to_vec();
+    signed.extend(["x-tenant-policy-day", "x-tenant-policy-hour"]);
+    verify_signature(&gw.keys.context_key, "POST", CHAT, &rec, &signed);
+
+    // A denial without a code is policy_denied; with one, it keeps its own.
+    let r = gw
+        .send(&post(CHAT, &chat("m-large")).bearer(&token).build())
+        .await;
+    assert_eq!((r.status, r.code()), (403, "policy_denied".to_string()));
+    let r = gw
+        .send(&post(CHAT, &chat("m-exp-1")).bearer(&token).build())
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (403, "model_not_in_contract".to_string())
+    );
+    assert_eq!(
+        r.json()["error"]["message"],
+        "only m-small is in the contract"
+    );
+    assert_eq!(gw.router_count(), 1, "a denied request reached the router");
+
+    // The compiler's diagnostic is a log line naming the policy, not a bare
+    // line on stderr.
+    let log = std::fs::read_to_string(gw.dir.path().join("gateway.log")).unwrap();
+    let note = log
+        .lines()
+        .find(|l| l.contains("rego compiler diagnostic"))
+        .unwrap_or_else(|| panic!("no compiler diagnostic in the log:\n{log}"));
+    assert!(
+        note.contains("\"level\":\"WARN\"")
+            && note.contains("authz.rego")
+            && note.contains("could not schedule"),
+        "{note}"
+    );
+    let stderr = std::fs::read_to_string(gw.dir.path().join("gateway.stderr")).unwrap();
+    assert!(
+        !stderr.contains("could not schedule"),
+        "bare compiler output on stderr: {stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_and_timeouts_in_a_policy_fail_closed() {
     let gw = with_policy(
