@@ -397,6 +397,9 @@ fn answer(req: &Recorded, stream_chunks: usize) -> Answer {
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 6,
                       "total_tokens": prompt_tokens + 6}
         }),
+        // What a router's load balancer (or the gateway's
+        // `health_check_path`) polls.
+        "/healthz" => serde_json::json!({"status": "ok"}),
         "/v1/embeddings" => serde_json::json!({
             "object": "list",
             "model": model,

@@ -25,7 +25,7 @@ use crate::config::gateway::{
 use crate::config::reload::{ReloadService, Reloader};
 use crate::config::Snapshot;
 use crate::connection::Guarded;
-use crate::forward::upstream::{self, Upstream};
+use crate::forward::upstream::{self, RouterPeers, Upstream};
 use crate::identity::jwks_fetch::JwksRefreshService;
 use crate::identity::mtls::{client_verify_store, CertCallbacks, TlsMaterial};
 use crate::limits::guard::{AuthFailures, Overload};
@@ -91,9 +91,10 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
         },
     ));
 
-    let health = background_service("router health checks", upstream::balancer(&gw.upstream)?);
+    let peers = RouterPeers::load(&gw.upstream)?;
+    let health = background_service("router health checks", upstream::balancer(&peers)?);
     let balancer = health.task();
-    let upstream = Upstream::new(&gw.upstream, balancer.clone())?;
+    let upstream = Upstream::new(peers, balancer.clone());
 
     if let Some(refresh) = snapshot.auth.jwks_refresh.clone() {
         server.add_service(background_service(

@@ -154,6 +154,7 @@ struct RawUpstream {
     read_timeout_ms: u64,
     #[serde(default = "default_health_check_ms")]
     health_check_interval_ms: u64,
+    health_check_path: Option<Spanned<String>>,
 }
 
 fn default_connect_timeout() -> u64 {
@@ -378,6 +379,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub health_check_interval: Duration,
+    /// `GET` this path as the health check (200 passes) instead of
+    /// connecting (and, for TLS, handshaking).
+    pub health_check_path: Option<String>,
 }
 
 /// Where the JWT verification keys come from.
@@ -538,6 +542,17 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
         connect_timeout: Duration::from_millis(up.connect_timeout_ms.max(1)),
         read_timeout: Duration::from_millis(up.read_timeout_ms.max(1)),
         health_check_interval: Duration::from_millis(up.health_check_interval_ms.max(100)),
+        health_check_path: up.health_check_path.as_ref().and_then(|p| {
+            let path = p.get_ref();
+            let valid = path.starts_with('/') && path.parse::<http::uri::PathAndQuery>().is_ok();
+            if !valid {
+                errs.push(src.at(
+                    Some(p.span()),
+                    "[upstream] health_check_path must be a path that starts with /",
+                ));
+            }
+            valid.then(|| path.clone())
+        }),
     };
     let insecure = up.insecure.as_ref().is_some_and(|v| *v.get_ref());
     let span = |v: &Option<Spanned<bool>>| v.as_ref().map(Spanned::span);

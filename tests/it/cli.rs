@@ -157,6 +157,23 @@ fn check_reports_missing_files_and_bad_values() {
 }
 
 #[test]
+fn check_refuses_a_health_check_path_that_is_not_a_path() {
+    for bad in ["healthz", "/health check", "http://router/healthz"] {
+        let dir = valid_dir();
+        let text = GATEWAY.replace(
+            "address = \"127.0.0.1:18998\"\n",
+            &format!("address = \"127.0.0.1:18998\"\nhealth_check_path = \"{bad}\"\n"),
+        );
+        std::fs::write(dir.path().join("gateway.toml"), text).unwrap();
+        let err = check_fails(dir.path());
+        assert!(
+            err.contains("gateway.toml:7: [upstream] health_check_path must be a path"),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[test]
 fn check_refuses_unverified_router_tls_without_the_insecure_acknowledgement() {
     let with_upstream = |lines: &str| {
         let dir = valid_dir();

@@ -4,15 +4,32 @@
 
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::common::*;
 use pingora::tls::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod, SslVerifyMode};
 use portcullis::mock_router::{MockOptions, MockRouter};
 use tokio_openssl::SslStream;
 
+/// Handshakes the TLS router saw, by outcome.
+#[derive(Default)]
+struct Handshakes {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+}
+
 /// The mock router behind TLS that demands a client certificate from `ca`.
 async fn tls_router(dir: &Path) -> (MockRouter, std::net::SocketAddr) {
+    let (router, addr, _) = counting_tls_router(dir).await;
+    (router, addr)
+}
+
+/// The same, counting its handshakes: a client that connects and leaves
+/// without one (or fails it) is a failed handshake, as a router's log
+/// would show it.
+async fn counting_tls_router(dir: &Path) -> (MockRouter, std::net::SocketAddr, Arc<Handshakes>) {
     let router = MockRouter::start("127.0.0.1:0", MockOptions::default())
         .await
         .unwrap();
@@ -27,9 +44,11 @@ async fn tls_router(dir: &Path) -> (MockRouter, std::net::SocketAddr) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let r = router.clone();
+    let counts = Arc::new(Handshakes::default());
+    let c = counts.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, r) = (acceptor.clone(), r.clone());
+            let (acceptor, r, c) = (acceptor.clone(), r.clone(), c.clone());
             tokio::spawn(async move {
                 let Ok(ssl) = Ssl::new(acceptor.context()) else {
                     return;
@@ -38,12 +57,15 @@ async fn tls_router(dir: &Path) -> (MockRouter, std::net::SocketAddr) {
                     return;
                 };
                 if Pin::new(&mut tls).accept().await.is_ok() {
+                    c.ok.fetch_add(1, Ordering::SeqCst);
                     let _ = r.serve(tls, &MockOptions::default()).await;
+                } else {
+                    c.failed.fetch_add(1, Ordering::SeqCst);
                 }
             });
         }
     });
-    (router, addr)
+    (router, addr, counts)
 }
 
 fn upstream(dir: &Path, addr: std::net::SocketAddr, sni: &str, with_client_cert: bool) -> String {
@@ -150,4 +172,121 @@ async fn an_acknowledged_insecure_router_works_but_is_announced() {
         warning.contains("\"level\":\"WARN\"") && warning.contains("NOT verified"),
         "{warning}"
     );
+}
+
+/// Whether the gateway's admin listener reports a healthy router.
+async fn ready(gw: &Gateway) -> bool {
+    send(gw.admin, &get("/readyz").build())
+        .await
+        .unwrap()
+        .status
+        == 200
+}
+
+/// Health checks reach a TLS router the way requests do: a whole mTLS
+/// handshake every interval, never a bare TCP connect that the router logs
+/// as a failed handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_of_a_tls_router_complete_their_handshakes() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    dev_pki(pki_dir.path(), &pki_dir.path().join("none.toml"));
+    let (router, addr, handshakes) = counting_tls_router(pki_dir.path()).await;
+    let mut lines = upstream(pki_dir.path(), addr, "router.internal", true);
+    lines.push_str("health_check_interval_ms = 100\n");
+    let gw = Gateway::start_with(Options {
+        upstream_lines: Some(lines),
+        ..Options::default()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let ok = handshakes.ok.load(Ordering::SeqCst);
+    assert_eq!(
+        handshakes.failed.load(Ordering::SeqCst),
+        0,
+        "health checks left failed handshakes ({ok} succeeded)"
+    );
+    assert!(ok >= 4, "only {ok} health-check handshakes in 800 ms");
+    assert!(ready(&gw).await);
+    assert!(
+        router.requests().is_empty(),
+        "a health check sent a request"
+    );
+    let r = gw
+        .send(
+            &post("/v1/chat/completions", &chat_body())
+                .bearer(&gw.keys.token("acme"))
+                .build(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// A replica whose handshake fails (here the gateway has no client
+/// certificate for it) is marked down: not ready, and requests get 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_fails_the_handshake_is_marked_down() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    dev_pki(pki_dir.path(), &pki_dir.path().join("none.toml"));
+    let (router, addr, handshakes) = counting_tls_router(pki_dir.path()).await;
+    let mut lines = upstream(pki_dir.path(), addr, "router.internal", false);
+    lines.push_str("health_check_interval_ms = 100\n");
+    let gw = Gateway::start_with(Options {
+        upstream_lines: Some(lines),
+        ..Options::default()
+    })
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while ready(&gw).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a router refusing our handshake is still reported healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(handshakes.failed.load(Ordering::SeqCst) >= 1);
+    let r = gw
+        .send(
+            &post("/v1/chat/completions", &chat_body())
+                .bearer(&gw.keys.token("acme"))
+                .build(),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (502, "upstream_unavailable".to_string())
+    );
+    assert!(router.requests().is_empty());
+    assert_eq!(handshakes.ok.load(Ordering::SeqCst), 0);
+}
+
+/// With `health_check_path`, each check is an HTTP GET over the same
+/// mTLS connection setup, and only a 200 keeps the replica up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_health_check_gets_the_path_over_mtls_and_needs_a_200() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    dev_pki(pki_dir.path(), &pki_dir.path().join("none.toml"));
+    let (router, addr, handshakes) = counting_tls_router(pki_dir.path()).await;
+    for (path, healthy) in [("/healthz", true), ("/missing", false)] {
+        let mut lines = upstream(pki_dir.path(), addr, "router.internal", true);
+        lines.push_str(&format!(
+            "health_check_interval_ms = 100\nhealth_check_path = \"{path}\"\n"
+        ));
+        let gw = Gateway::start_with(Options {
+            upstream_lines: Some(lines),
+            ..Options::default()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(ready(&gw).await, healthy, "{path}");
+        let checks: Vec<_> = router
+            .requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect();
+        assert!(checks.len() >= 3, "{} checks of {path}", checks.len());
+        assert!(checks.iter().all(|r| r.method == "GET"
+            && r.header("host") == Some("router.internal")
+            && r.header("x-tenant-id").is_none()));
+    }
+    assert_eq!(handshakes.failed.load(Ordering::SeqCst), 0);
 }
