@@ -265,8 +265,8 @@ async fn a_router_that_fails_the_handshake_is_marked_down() {
 async fn an_http_health_check_gets_the_path_over_mtls_and_needs_a_200() {
     let pki_dir = tempfile::tempdir().unwrap();
     dev_pki(pki_dir.path(), &pki_dir.path().join("none.toml"));
-    let (router, addr, handshakes) = counting_tls_router(pki_dir.path()).await;
     for (path, healthy) in [("/healthz", true), ("/missing", false)] {
+        let (router, addr, handshakes) = counting_tls_router(pki_dir.path()).await;
         let mut lines = upstream(pki_dir.path(), addr, "router.internal", true);
         lines.push_str(&format!(
             "health_check_interval_ms = 100\nhealth_check_path = \"{path}\"\n"
@@ -278,15 +278,14 @@ async fn an_http_health_check_gets_the_path_over_mtls_and_needs_a_200() {
         .await;
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(ready(&gw).await, healthy, "{path}");
-        let checks: Vec<_> = router
-            .requests()
-            .into_iter()
-            .filter(|r| r.path == path)
-            .collect();
+        let checks = router.requests();
         assert!(checks.len() >= 3, "{} checks of {path}", checks.len());
         assert!(checks.iter().all(|r| r.method == "GET"
+            && r.path == path
             && r.header("host") == Some("router.internal")
             && r.header("x-tenant-id").is_none()));
+        // Read before the gateway stops: killing it mid-check is no
+        // failure of the check.
+        assert_eq!(handshakes.failed.load(Ordering::SeqCst), 0, "{path}");
     }
-    assert_eq!(handshakes.failed.load(Ordering::SeqCst), 0);
 }
