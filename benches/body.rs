@@ -7,9 +7,9 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use portcullis::authz::Route;
 use portcullis::body::schema::Schemas;
 use portcullis::body::{judge, BodyConfig};
+use portcullis::route::Routes;
 use serde_json::{json, Value};
 
 mod common;
@@ -35,13 +35,17 @@ fn chat_body(size: usize) -> Vec<u8> {
 }
 
 fn bench(c: &mut Criterion) {
-    let schemas = Schemas::load(None).expect("built-in schemas");
+    let routes = Routes::built_in();
+    let chat = routes
+        .lookup("/v1/chat/completions")
+        .expect("the chat route");
+    let schemas = Schemas::load(None, &routes).expect("built-in schemas");
     let tenant = tenant();
     let cfg = BodyConfig::default();
     let mut group = c.benchmark_group("body_stage");
     for (label, size) in [("1KiB", 1024), ("32KiB", 32 * 1024), ("256KiB", 256 * 1024)] {
         let raw = chat_body(size);
-        assert!(judge(Route::ChatCompletions, &tenant, &cfg, &schemas, &raw).is_ok());
+        assert!(judge(chat, &tenant, &cfg, &schemas, &raw).is_ok());
         group.throughput(Throughput::Bytes(raw.len() as u64));
         group.bench_with_input(
             BenchmarkId::new("serde_json_value", label),
@@ -49,16 +53,7 @@ fn bench(c: &mut Criterion) {
             |b, raw| b.iter(|| serde_json::from_slice::<Value>(black_box(raw)).unwrap()),
         );
         group.bench_with_input(BenchmarkId::new("judge", label), &raw, |b, raw| {
-            b.iter(|| {
-                judge(
-                    Route::ChatCompletions,
-                    &tenant,
-                    &cfg,
-                    &schemas,
-                    black_box(raw),
-                )
-                .unwrap()
-            })
+            b.iter(|| judge(chat, &tenant, &cfg, &schemas, black_box(raw)).unwrap())
         });
     }
     group.finish();

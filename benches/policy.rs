@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use portcullis::authz::Route;
 use portcullis::config::tenants::{Feature, FeatureSet};
 use portcullis::identity::jwt::VerifiedToken;
 use portcullis::identity::{Identity, IdentityKind};
 use portcullis::policy::rego::RegoPolicy;
 use portcullis::policy::PolicyRequest;
+use portcullis::route::Routes;
 use serde_json::json;
 
 mod common;
@@ -39,10 +39,14 @@ fn shipped_policy(c: &mut Criterion) {
     };
     let mut features = FeatureSet::default();
     features.insert(Feature::Chat);
+    let routes = Routes::built_in();
+    let chat = routes
+        .lookup("/v1/chat/completions")
+        .expect("the chat route");
     let req = PolicyRequest {
         identity: &identity,
         method: "POST",
-        route: Route::ChatCompletions,
+        route: chat,
         model: "m-small",
         features,
         region: "us-east-1",

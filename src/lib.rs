@@ -1,7 +1,7 @@
 //! Portcullis: the edge gateway for multi-tenant LLM inference.
 //!
 //! Modules follow a request's path: [`connection`] limits, [`inbound`] sanity checks, [`identity`],
-//! [`authz`], then [`forward`] to the router; [`config`] builds the snapshot
+//! [`authz`] against the [`route`] table, then [`forward`] to the router; [`config`] builds the snapshot
 //! they all read, [`observe`] records what happened, and [`proxy`] wires the
 //! stages into Pingora's hooks.
 
@@ -22,4 +22,5 @@ pub mod policy;
 pub mod proxy;
 pub mod reject;
 pub mod response;
+pub mod route;
 pub mod server;

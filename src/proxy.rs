@@ -19,7 +19,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use rand::RngCore;
 
-use crate::authz::{self, Route};
+use crate::authz;
 use crate::body::{self, intake, Judged};
 use crate::config::tenants::Feature;
 use crate::config::{SharedSnapshot, Snapshot};
@@ -35,7 +35,8 @@ use crate::observe::access_log::{self, AccessRecord};
 use crate::observe::metrics::{InflightMark, METRICS};
 use crate::policy::{self, PolicyHeaders, PolicyRequest};
 use crate::reject::Reject;
-use crate::response::{StreamTap, Usage, UsageTap};
+use crate::response::{Usage, UsageTap};
+use crate::route::{Route, RouteSpec};
 
 /// Attempts at sending one request when pooled connections turn out closed.
 const SEND_ATTEMPTS: u32 = 3;
@@ -138,17 +139,19 @@ impl Gateway {
             })?;
         let route = authz::admit(
             &who.tenant,
+            &snap.routes,
             &req.method,
             req.uri.path(),
             &snap.gateway.server.region,
         );
         ctx.identity = Some(who);
         let route = route?;
+        let admitted = match (&ctx.identity, route.api.answered_by_gateway()) {
+            (Some(who), true) => Admitted::Respond(authz::models_body(&who.tenant)),
+            _ => Admitted::Proxy,
+        };
         ctx.route = Some(route);
-        match (route, &ctx.identity) {
-            (Route::Models, Some(who)) => Ok(Admitted::Respond(authz::models_body(&who.tenant))),
-            _ => Ok(Admitted::Proxy),
-        }
+        Ok(admitted)
     }
 
     /// Writes a JSON response that ends the request at the gateway.
@@ -197,7 +200,7 @@ impl Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Admitted, Reject> {
         let snap = ctx.snapshot.clone();
-        let (Some(who), Some(route)) = (&ctx.identity, ctx.route) else {
+        let (Some(who), Some(route)) = (&ctx.identity, ctx.route.clone()) else {
             return Err(Reject::new(
                 500,
                 "internal_error",
@@ -245,9 +248,9 @@ impl Gateway {
             raw.extend_from_slice(&chunk);
         }
 
-        let judged = body::judge(route, &tenant, cfg, &snap.schemas, &raw)?;
+        let judged = body::judge(&route, &tenant, cfg, &snap.schemas, &raw)?;
         ctx.policy_headers = self
-            .authorize(session, ctx, route, &judged, raw.len())
+            .authorize(session, ctx, &route, &judged, raw.len())
             .await?;
         // The prompt estimate plus every output token the request may use.
         let reserve = judged
@@ -266,11 +269,10 @@ impl Gateway {
             None => ctx.reservation = Some(tenant.limiter.reserve(reserve)?),
         }
         ctx.forward_body = Some(judged.body.clone());
-        ctx.usage_tap = Some(if judged.features.contains(Feature::Stream) {
-            UsageTap::Stream(StreamTap::new(!judged.usage_requested))
-        } else {
-            UsageTap::json()
-        });
+        ctx.usage_tap = Some(route.api.usage_tap(
+            judged.features.contains(Feature::Stream),
+            !judged.usage_requested,
+        ));
         ctx.judged = Some(judged);
         Ok(Admitted::Proxy)
     }
@@ -281,7 +283,7 @@ impl Gateway {
         &self,
         session: &Session,
         ctx: &RequestCtx,
-        route: Route,
+        route: &RouteSpec,
         judged: &Judged,
         body_bytes: usize,
     ) -> Result<PolicyHeaders, Reject> {
@@ -295,7 +297,7 @@ impl Gateway {
         let req = session.req_header();
         // The route's own feature (chat, embeddings) with those the body uses.
         let mut features = judged.features;
-        if let Some(f) = route.feature() {
+        if let Some(f) = route.feature {
             features.insert(f);
         }
         let preq = PolicyRequest {
@@ -610,7 +612,7 @@ impl ProxyHttp for Gateway {
         ctx.admission = None;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let tenant = Self::tenant_label(ctx);
-        let route = ctx.route.map_or("-", Route::label);
+        let route = ctx.route.as_ref().map_or("-", |r| r.label.as_str());
         let total = ctx.started.elapsed();
         let gateway = total.saturating_sub(ctx.upstream_elapsed.unwrap_or_default());
         let m = &*METRICS;

@@ -4,11 +4,11 @@
 use std::sync::{Arc, LazyLock};
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::authz::Route;
 use portcullis::body::schema::Schemas;
 use portcullis::body::{judge, BodyConfig};
 use portcullis::config::tenants::{Feature, FeatureSet, Limits, Tenant};
 use portcullis::limits::TenantLimiter;
+use portcullis::route::Routes;
 
 static TENANT: LazyLock<Tenant> = LazyLock::new(|| {
     let limits = Limits {
@@ -46,16 +46,13 @@ static TENANT: LazyLock<Tenant> = LazyLock::new(|| {
         mtls_identities: vec![],
     }
 });
+static ROUTES: LazyLock<Routes> = LazyLock::new(Routes::built_in);
 static SCHEMAS: LazyLock<Schemas> =
-    LazyLock::new(|| Schemas::load(None).expect("built-in schemas"));
+    LazyLock::new(|| Schemas::load(None, &ROUTES).expect("built-in schemas"));
 
 fuzz_target!(|data: &[u8]| {
     let cfg = BodyConfig::default();
-    for route in [
-        Route::ChatCompletions,
-        Route::Completions,
-        Route::Embeddings,
-    ] {
+    for route in ROUTES.iter().filter(|r| r.schema.is_some()) {
         if let Ok(judged) = judge(route, &TENANT, &cfg, &SCHEMAS, data) {
             // The normalised body is what the router gets: it must pass again.
             let again = judge(route, &TENANT, &cfg, &SCHEMAS, &judged.body);

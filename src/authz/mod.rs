@@ -7,86 +7,34 @@
 
 use http::Method;
 
-use crate::config::tenants::{Feature, Tenant};
+use crate::config::tenants::Tenant;
 use crate::reject::Reject;
-
-/// The routes the gateway serves, following the OpenAI API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Route {
-    ChatCompletions,
-    Completions,
-    Embeddings,
-    /// Answered by the gateway itself from the tenant's allowlist.
-    Models,
-}
-
-impl Route {
-    pub const ALL: [Route; 4] = [
-        Route::ChatCompletions,
-        Route::Completions,
-        Route::Embeddings,
-        Route::Models,
-    ];
-
-    /// Looks a path (without its query) up exactly.
-    pub fn lookup(path: &str) -> Option<Route> {
-        Route::ALL.into_iter().find(|r| r.path() == path)
-    }
-
-    pub fn path(self) -> &'static str {
-        match self {
-            Route::ChatCompletions => "/v1/chat/completions",
-            Route::Completions => "/v1/completions",
-            Route::Embeddings => "/v1/embeddings",
-            Route::Models => "/v1/models",
-        }
-    }
-
-    pub fn method(self) -> Method {
-        match self {
-            Route::Models => Method::GET,
-            _ => Method::POST,
-        }
-    }
-
-    /// The plan feature that enables the route; `/v1/models` needs none.
-    pub fn feature(self) -> Option<Feature> {
-        match self {
-            Route::ChatCompletions => Some(Feature::Chat),
-            Route::Completions => Some(Feature::Completions),
-            Route::Embeddings => Some(Feature::Embeddings),
-            Route::Models => None,
-        }
-    }
-
-    /// A bounded label for metrics and logs.
-    pub fn label(self) -> &'static str {
-        match self {
-            Route::ChatCompletions => "chat_completions",
-            Route::Completions => "completions",
-            Route::Embeddings => "embeddings",
-            Route::Models => "models",
-        }
-    }
-}
+use crate::route::{Route, Routes};
 
 /// Decides whether `tenant` may call `method path` through a gateway in `region`.
-pub fn admit(tenant: &Tenant, method: &Method, path: &str, region: &str) -> Result<Route, Reject> {
+pub fn admit(
+    tenant: &Tenant,
+    routes: &Routes,
+    method: &Method,
+    path: &str,
+    region: &str,
+) -> Result<Route, Reject> {
     if tenant.suspended {
         return Err(Reject::forbidden(
             "tenant_suspended",
             "this tenant is suspended",
         ));
     }
-    let route =
-        Route::lookup(path).ok_or_else(|| Reject::new(404, "route_not_found", "no such route"))?;
-    if *method != route.method() {
+    let route = routes
+        .lookup(path)
+        .ok_or_else(|| Reject::new(404, "route_not_found", "no such route"))?;
+    if !route.allows(method) {
         return Err(Reject::new(
             405,
             "method_not_allowed",
-            format!("{} requires {}", route.path(), route.method()),
+            format!("{} requires {}", route.path, route.allow_header()),
         )
-        .with_header("allow", route.method().as_str()));
+        .with_header("allow", route.allow_header()));
     }
     if !tenant.allows_region(region) {
         return Err(Reject::forbidden(
@@ -94,7 +42,7 @@ pub fn admit(tenant: &Tenant, method: &Method, path: &str, region: &str) -> Resu
             "this tenant may not use this region",
         ));
     }
-    if let Some(f) = route.feature() {
+    if let Some(f) = route.feature {
         if !tenant.features.contains(f) {
             return Err(Reject::forbidden(
                 "route_not_allowed",
@@ -102,7 +50,7 @@ pub fn admit(tenant: &Tenant, method: &Method, path: &str, region: &str) -> Resu
             ));
         }
     }
-    Ok(route)
+    Ok(route.clone())
 }
 
 /// The OpenAI list body for `GET /v1/models`: the tenant's literal model
@@ -120,7 +68,7 @@ pub fn models_body(tenant: &Tenant) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tenants::{FeatureSet, Limits};
+    use crate::config::tenants::{Feature, FeatureSet, Limits};
 
     fn tenant(features: &[Feature], regions: Option<Vec<String>>, suspended: bool) -> Tenant {
         let mut set = FeatureSet::default();
@@ -159,10 +107,15 @@ mod tests {
 
     #[test]
     fn checks_run_in_contract_order() {
+        let routes = Routes::built_in();
+        let admit =
+            |t: &Tenant, m: &Method, path: &str, region: &str| admit(t, &routes, m, path, region);
         let t = tenant(&[Feature::Chat], Some(vec!["eu".into()]), false);
         assert_eq!(
-            admit(&t, &Method::POST, "/v1/chat/completions", "eu").unwrap(),
-            Route::ChatCompletions
+            admit(&t, &Method::POST, "/v1/chat/completions", "eu")
+                .unwrap()
+                .label,
+            "chat_completions"
         );
         assert_eq!(
             code(admit(&t, &Method::POST, "/v2/x", "eu")),
@@ -181,8 +134,8 @@ mod tests {
             (403, "route_not_allowed")
         );
         assert_eq!(
-            admit(&t, &Method::GET, "/v1/models", "eu").unwrap(),
-            Route::Models
+            admit(&t, &Method::GET, "/v1/models", "eu").unwrap().label,
+            "models"
         );
         let s = tenant(&[Feature::Chat], None, true);
         assert_eq!(

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::authz::Route;
 use crate::config::tenants::{FeatureSet, Tenant};
 use crate::reject::Reject;
+use crate::route::RouteSpec;
 use policy::OverCap;
 use schema::Schemas;
 
@@ -90,7 +90,7 @@ pub struct Judged {
 
 /// Judges a complete body for `route` on behalf of `tenant`.
 pub fn judge(
-    route: Route,
+    route: &RouteSpec,
     tenant: &Tenant,
     cfg: &BodyConfig,
     schemas: &Schemas,
@@ -122,20 +122,16 @@ pub fn judge(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let features = policy::features_used(route, body);
-    let model_label = policy::check(tenant, &model, features)?.to_string();
+    let api = route.api;
+    let features = policy::features_used(api, body);
+    let model_label = policy::check(api, tenant, &model, features)?.to_string();
     let max_output_tokens = policy::cap_output(
-        route,
+        api,
         body,
         tenant.limits.max_output_tokens,
         cfg.max_tokens_over_cap,
     )?;
-    let prompt_tokens = match route {
-        Route::ChatCompletions => tokens::estimate_chat(&doc),
-        Route::Completions => tokens::estimate_prompt(doc.get("prompt")),
-        Route::Embeddings => tokens::estimate_prompt(doc.get("input")),
-        Route::Models => 0,
-    };
+    let prompt_tokens = api.prompt_tokens(&doc);
     if prompt_tokens > tenant.limits.max_prompt_tokens {
         let mut r = Reject::bad_request(
             "prompt_too_long",
@@ -144,14 +140,7 @@ pub fn judge(
                 tenant.limits.max_prompt_tokens
             ),
         );
-        r.param = Some(
-            match route {
-                Route::Completions => "prompt",
-                Route::Embeddings => "input",
-                _ => "messages",
-            }
-            .into(),
-        );
+        r.param = Some(api.prompt_field().into());
         return Err(r);
     }
     let usage_requested = match &mut doc {

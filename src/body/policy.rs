@@ -3,9 +3,9 @@
 
 use serde_json::{Map, Value};
 
-use crate::authz::Route;
 use crate::config::tenants::{Feature, FeatureSet, Tenant};
 use crate::reject::Reject;
+use crate::route::Api;
 
 /// What to do with a `max_tokens` above the plan's `max_output_tokens`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -20,7 +20,7 @@ pub enum OverCap {
 
 /// The features a body uses. `n: 1`, `logprobs: false` and `stream: false`
 /// use none.
-pub fn features_used(route: Route, body: &Map<String, Value>) -> FeatureSet {
+pub fn features_used(api: Api, body: &Map<String, Value>) -> FeatureSet {
     let mut set = FeatureSet::default();
     let truthy = |k: &str| body.get(k).and_then(Value::as_bool) == Some(true);
     let present = |k: &str| body.get(k).is_some_and(|v| !v.is_null());
@@ -55,38 +55,31 @@ pub fn features_used(route: Route, body: &Map<String, Value>) -> FeatureSet {
     if many("n") || many("best_of") {
         set.insert(Feature::MultiChoice);
     }
-    if route == Route::ChatCompletions && has_image_part(body) {
-        set.insert(Feature::Vision);
-    }
+    api.dialect_features(body, &mut set);
     set
 }
 
-fn has_image_part(body: &Map<String, Value>) -> bool {
-    body.get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|m| m.get("content").and_then(Value::as_array))
-        .flatten()
-        .any(|part| part.get("type").and_then(Value::as_str) == Some("image_url"))
-}
-
 /// The body field that asks for `f`, for the rejection's `param`.
-fn feature_field(f: Feature) -> &'static str {
+fn feature_field(api: Api, f: Feature) -> &'static str {
     match f {
         Feature::Stream => "stream",
         Feature::Tools => "tools",
         Feature::JsonMode => "response_format",
         Feature::Logprobs => "logprobs",
         Feature::MultiChoice => "n",
-        Feature::Vision => "messages",
+        Feature::Vision => api.prompt_field(),
         Feature::Chat | Feature::Completions | Feature::Embeddings => "model",
     }
 }
 
 /// Checks the model and the features against the tenant's plan; returns
 /// the allowlist entry the model matched.
-pub fn check<'t>(tenant: &'t Tenant, model: &str, used: FeatureSet) -> Result<&'t str, Reject> {
+pub fn check<'t>(
+    api: Api,
+    tenant: &'t Tenant,
+    model: &str,
+    used: FeatureSet,
+) -> Result<&'t str, Reject> {
     // The model travels in `x-tenant-model`: only visible ASCII can match.
     let header_safe = model.bytes().all(|b| b.is_ascii_graphic());
     let Some(entry) = tenant.model_entry(model).filter(|_| header_safe) else {
@@ -105,7 +98,7 @@ pub fn check<'t>(tenant: &'t Tenant, model: &str, used: FeatureSet) -> Result<&'
             "feature_not_allowed",
             format!("the plan does not include {}", f.name()),
         );
-        r.param = Some(feature_field(f).into());
+        r.param = Some(feature_field(api, f).into());
         return Err(r);
     }
     Ok(entry)
@@ -114,22 +107,13 @@ pub fn check<'t>(tenant: &'t Tenant, model: &str, used: FeatureSet) -> Result<&'
 /// Applies the output cap: an absent limit is set to the cap, one above it
 /// is clamped or refused. Returns the effective output limit.
 pub fn cap_output(
-    route: Route,
+    api: Api,
     body: &mut Map<String, Value>,
     cap: u64,
     over: OverCap,
 ) -> Result<u64, Reject> {
-    if !matches!(route, Route::ChatCompletions | Route::Completions) {
+    let Some(field) = api.output_cap_field(body) else {
         return Ok(0);
-    }
-    let field = if route == Route::ChatCompletions
-        && body
-            .get("max_completion_tokens")
-            .is_some_and(|v| !v.is_null())
-    {
-        "max_completion_tokens"
-    } else {
-        "max_tokens"
     };
     match body.get(field).and_then(Value::as_u64) {
         Some(asked) if asked <= cap => Ok(asked),
@@ -176,8 +160,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn used(route: Route, v: Value) -> Vec<&'static str> {
-        let set = features_used(route, v.as_object().unwrap());
+    fn used(api: Api, v: Value) -> Vec<&'static str> {
+        let set = features_used(api, v.as_object().unwrap());
         Feature::ALL
             .into_iter()
             .filter(|f| set.contains(*f))
@@ -187,7 +171,7 @@ mod tests {
 
     #[test]
     fn features_come_from_the_body() {
-        let chat = Route::ChatCompletions;
+        let chat = Api::OpenAiChat;
         assert!(used(chat, json!({"n": 1, "logprobs": false, "stream": false})).is_empty());
         assert_eq!(used(chat, json!({"stream": true})), ["stream"]);
         assert_eq!(used(chat, json!({"functions": []})), ["tools"]);
@@ -198,7 +182,7 @@ mod tests {
         assert!(used(chat, json!({"response_format": {"type": "text"}})).is_empty());
         assert_eq!(used(chat, json!({"logprobs": true})), ["logprobs"]);
         assert_eq!(
-            used(Route::Completions, json!({"logprobs": 2})),
+            used(Api::OpenAiCompletions, json!({"logprobs": 2})),
             ["logprobs"]
         );
         assert_eq!(used(chat, json!({"n": 3})), ["multi_choice"]);
@@ -210,7 +194,7 @@ mod tests {
 
     #[test]
     fn output_cap_clamps_sets_or_refuses() {
-        let chat = Route::ChatCompletions;
+        let chat = Api::OpenAiChat;
         let mut b = json!({"max_tokens": 5000}).as_object().unwrap().clone();
         assert_eq!(
             cap_output(chat, &mut b, 1024, OverCap::Clamp).unwrap(),
@@ -234,7 +218,7 @@ mod tests {
         assert!(!b.contains_key("max_tokens"));
         let mut b = Map::new();
         assert_eq!(
-            cap_output(Route::Embeddings, &mut b, 1024, OverCap::Clamp).unwrap(),
+            cap_output(Api::OpenAiEmbeddings, &mut b, 1024, OverCap::Clamp).unwrap(),
             0
         );
         assert!(b.is_empty());

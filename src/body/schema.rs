@@ -1,14 +1,15 @@
 //! Request JSON Schemas, compiled once per policy snapshot.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use jsonschema::error::ValidationErrorKind;
 use jsonschema::Validator;
 use serde_json::Value;
 
-use crate::authz::Route;
 use crate::config::diag::Diagnostic;
 use crate::reject::Reject;
+use crate::route::{RouteSpec, Routes};
 
 /// The shipped schemas, used when `[policy] schemas` is not set.
 const BUILT_IN: [(&str, &str); 3] = [
@@ -26,19 +27,21 @@ const BUILT_IN: [(&str, &str); 3] = [
     ),
 ];
 
-/// One compiled validator per route with a body.
+/// One compiled validator per schema file a route names.
 pub struct Schemas {
-    chat: Validator,
-    completions: Validator,
-    embeddings: Validator,
+    by_name: HashMap<String, Validator>,
 }
 
 impl Schemas {
-    /// Compiles the schemas in `dir`, or the built-in ones.
-    pub fn load(dir: Option<&Path>) -> Result<Schemas, Vec<Diagnostic>> {
+    /// Compiles every schema the routes name, from `dir`, or the built-in
+    /// ones.
+    pub fn load(dir: Option<&Path>, routes: &Routes) -> Result<Schemas, Vec<Diagnostic>> {
         let mut errs = Vec::new();
-        let mut compiled = Vec::with_capacity(3);
-        for (name, built_in) in BUILT_IN {
+        let mut by_name = HashMap::new();
+        for name in routes.iter().filter_map(|r| r.schema.as_deref()) {
+            if by_name.contains_key(name) {
+                continue;
+            }
             let (file, text) = match dir {
                 Some(d) => {
                     let p = d.join(name);
@@ -50,7 +53,16 @@ impl Schemas {
                         }
                     }
                 }
-                None => (Path::new("(built-in)").join(name), built_in.to_string()),
+                None => {
+                    let file = Path::new("(built-in)").join(name);
+                    match BUILT_IN.iter().find(|(n, _)| *n == name) {
+                        Some((_, text)) => (file, text.to_string()),
+                        None => {
+                            errs.push(diag(&file, "no such built-in schema".into()));
+                            continue;
+                        }
+                    }
+                }
             };
             let schema: Value = match serde_json::from_str(&text) {
                 Ok(v) => v,
@@ -64,35 +76,31 @@ impl Schemas {
                 }
             };
             match jsonschema::validator_for(&schema) {
-                Ok(v) => compiled.push(v),
+                Ok(v) => {
+                    by_name.insert(name.to_string(), v);
+                }
                 Err(e) => errs.push(diag(&file, format!("invalid schema: {e}"))),
             }
         }
-        match (errs.is_empty(), compiled.len()) {
-            (true, 3) => {
-                let embeddings = compiled.pop();
-                let completions = compiled.pop();
-                let chat = compiled.pop();
-                match (chat, completions, embeddings) {
-                    (Some(chat), Some(completions), Some(embeddings)) => Ok(Schemas {
-                        chat,
-                        completions,
-                        embeddings,
-                    }),
-                    _ => Err(errs),
-                }
-            }
-            _ => Err(errs),
+        if errs.is_empty() {
+            Ok(Schemas { by_name })
+        } else {
+            Err(errs)
         }
     }
 
     /// Validates `body` for `route`; the first violation names its field.
-    pub fn check(&self, route: Route, body: &Value) -> Result<(), Reject> {
-        let validator = match route {
-            Route::ChatCompletions => &self.chat,
-            Route::Completions => &self.completions,
-            Route::Embeddings => &self.embeddings,
-            Route::Models => return Ok(()),
+    pub fn check(&self, route: &RouteSpec, body: &Value) -> Result<(), Reject> {
+        let Some(name) = route.schema.as_deref() else {
+            return Ok(());
+        };
+        // `load` compiled every schema a route names.
+        let Some(validator) = self.by_name.get(name) else {
+            return Err(Reject::new(
+                500,
+                "internal_error",
+                "a route's schema is not loaded",
+            ));
         };
         // The boolean check is the fast path; errors are built only on failure.
         if validator.is_valid(body) {
@@ -123,7 +131,7 @@ impl Schemas {
             "schema_violation",
             format!(
                 "{} at {}: {}",
-                route.path(),
+                route.path,
                 display(&pointer),
                 truncate(&detail)
             ),
@@ -173,26 +181,39 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn param(route: Route, body: Value) -> String {
-        let s = Schemas::load(None).unwrap();
-        s.check(route, &body).unwrap_err().param.unwrap()
+    fn route(label: &str) -> std::sync::Arc<RouteSpec> {
+        let routes = Routes::built_in();
+        let found = routes.iter().find(|r| r.label == label).cloned();
+        found.unwrap()
+    }
+
+    fn schemas() -> Schemas {
+        Schemas::load(None, &Routes::built_in()).unwrap()
+    }
+
+    fn param(label: &str, body: Value) -> String {
+        schemas()
+            .check(&route(label), &body)
+            .unwrap_err()
+            .param
+            .unwrap()
     }
 
     #[test]
     fn built_in_schemas_accept_ordinary_requests() {
-        let s = Schemas::load(None).unwrap();
+        let s = schemas();
         let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
             "stream": true, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]});
-        assert!(s.check(Route::ChatCompletions, &chat).is_ok());
+        assert!(s.check(&route("chat_completions"), &chat).is_ok());
         assert!(s
             .check(
-                Route::Completions,
+                &route("completions"),
                 &json!({"model": "m", "prompt": ["a", "b"]})
             )
             .is_ok());
         assert!(s
             .check(
-                Route::Embeddings,
+                &route("embeddings"),
                 &json!({"model": "m", "input": [[1, 2], [3]]})
             )
             .is_ok());
@@ -201,32 +222,32 @@ mod tests {
     #[test]
     fn violations_name_the_first_failing_field() {
         assert_eq!(
-            param(Route::ChatCompletions, json!({"model": "m"})),
+            param("chat_completions", json!({"model": "m"})),
             "/messages"
         );
         assert_eq!(
             param(
-                Route::ChatCompletions,
+                "chat_completions",
                 json!({"model": "m", "messages": [{"role": "user"}], "x": 1})
             ),
             "/x"
         );
         assert_eq!(
             param(
-                Route::ChatCompletions,
+                "chat_completions",
                 json!({"model": "m", "messages": [{"role": "user", "content": 5}]})
             ),
             "/messages/0/content"
         );
         assert_eq!(
             param(
-                Route::ChatCompletions,
+                "chat_completions",
                 json!({"model": "m", "messages": [{"role": "user"}], "temperature": 9})
             ),
             "/temperature"
         );
         assert_eq!(
-            param(Route::Embeddings, json!({"model": "m", "input": ""})),
+            param("embeddings", json!({"model": "m", "input": ""})),
             "/input"
         );
     }

@@ -22,6 +22,7 @@ use crate::identity::jwt::JwtVerifier;
 use crate::identity::Authenticator;
 use crate::policy::ext_authz::ExtAuthz;
 use crate::policy::rego::RegoPolicy;
+use crate::route::Routes;
 use diag::{ConfigErrors, Diagnostic};
 use gateway::{GatewayConfig, JwksSource};
 use tenants::Tenants;
@@ -32,6 +33,8 @@ pub struct Snapshot {
     pub tenants: Tenants,
     pub auth: Authenticator,
     pub signer: ContextSigner,
+    /// The routes served, and how each is read.
+    pub routes: Routes,
     pub schemas: Schemas,
     /// The prepared Rego policy, when `[policy] rego` is set.
     pub rego: Option<RegoPolicy>,
@@ -119,7 +122,9 @@ impl Snapshot {
             }
         };
 
-        let schemas = Schemas::load(gateway.policy.schemas.as_deref()).map_err(|e| errs.extend(e));
+        let routes = Routes::built_in();
+        let schemas =
+            Schemas::load(gateway.policy.schemas.as_deref(), &routes).map_err(|e| errs.extend(e));
         let rego = gateway.policy.rego.as_deref().and_then(|p| {
             RegoPolicy::load(p, gateway.policy.rego_timeout)
                 .map_err(|e| errs.extend(e))
@@ -137,6 +142,7 @@ impl Snapshot {
                 tenants,
                 auth,
                 signer,
+                routes,
                 schemas,
                 rego,
                 ext_authz,

@@ -19,7 +19,6 @@ use pingora::tls::x509::X509;
 use pingora::upstreams::peer::HttpPeer;
 use quick_cache::sync::Cache;
 
-use crate::authz::Route;
 use crate::config::gateway::ExtAuthzConfig;
 use crate::forward::upstream::load_ca;
 use crate::observe::metrics::METRICS;
@@ -32,7 +31,7 @@ const MAX_DENY_BODY: usize = 8 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
     tenant: String,
-    route: Route,
+    route: String,
     model: String,
     features: Vec<&'static str>,
 }
@@ -76,7 +75,7 @@ impl ExtAuthz {
     ) -> Result<PolicyHeaders, Reject> {
         let key = CacheKey {
             tenant: req.identity.tenant.id.clone(),
-            route: req.route,
+            route: req.route.label.clone(),
             model: req.model.to_string(),
             features: req.feature_names().collect(),
         };

@@ -12,17 +12,17 @@ use std::sync::{LazyLock, Mutex};
 
 use regorus::Value;
 
-use crate::authz::Route;
 use crate::config::tenants::{Feature, FeatureSet};
 use crate::identity::Identity;
 use crate::observe::metrics::METRICS;
 use crate::reject::Reject;
+use crate::route::RouteSpec;
 
 /// What the policy stage knows about a request.
 pub struct PolicyRequest<'a> {
     pub identity: &'a Identity,
     pub method: &'a str,
-    pub route: Route,
+    pub route: &'a RouteSpec,
     pub model: &'a str,
     pub features: FeatureSet,
     /// The gateway's own region (`[server] region`).
@@ -95,7 +95,7 @@ impl PolicyRequest<'_> {
                 "request",
                 object([
                     ("method", Value::from(self.method)),
-                    ("route", Value::from(self.route.path())),
+                    ("route", Value::from(self.route.path.as_str())),
                     ("model", Value::from(self.model)),
                     (
                         "features",
