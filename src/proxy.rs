@@ -29,13 +29,12 @@ use crate::identity::mtls::CertIdentity;
 use crate::identity::{self, Identity};
 use crate::inbound;
 use crate::limits::guard::{Admission, AuthFailures, Overload};
-use crate::limits::redis::{Decision, RedisLimits, RemoteReservation, RemoteSlot};
-use crate::limits::{Reservation, Slot};
+use crate::limits::{Held, Limiter};
 use crate::observe::access_log::{self, AccessRecord};
-use crate::observe::metrics::{InflightMark, METRICS};
+use crate::observe::metrics::METRICS;
 use crate::policy::{self, PolicyHeaders, PolicyRequest};
 use crate::reject::Reject;
-use crate::response::{Usage, UsageTap};
+use crate::response::UsageTap;
 use crate::route::{Route, RouteSpec};
 
 /// Attempts at sending one request when pooled connections turn out closed.
@@ -53,8 +52,8 @@ pub struct Gateway {
     pub connector: Connector,
     pub auth_failures: AuthFailures,
     pub overload: Overload,
-    /// The fleet-wide limits backend, when `[limits] backend = "redis"`.
-    pub shared_limits: Option<Arc<RedisLimits>>,
+    /// Where limit state lives: this process, or Redis for the fleet.
+    pub limiter: Limiter,
 }
 
 /// Per-request state. The snapshot is loaded once, so a request finishes on
@@ -78,17 +77,9 @@ pub struct RequestCtx {
     usage_tap: Option<UsageTap>,
     /// A place under the gateway-wide in-flight cap.
     admission: Option<Admission>,
-    /// The tenant's concurrency slot; dropping the context frees it.
-    slot: Option<Slot>,
-    /// Counts the request as in flight while it holds its place.
-    inflight: Option<InflightMark>,
-    /// Tokens held until the response's usage settles them.
-    reservation: Option<Reservation>,
-    /// The same two, when they are held in Redis.
-    remote_slot: Option<RemoteSlot>,
-    remote_reservation: Option<RemoteReservation>,
-    /// Request and token backlogs (ns) Redis reported, for the headers.
-    remote_backlogs: Option<(u64, u64)>,
+    /// The tenant's concurrency slot and token reservation; dropping the
+    /// context frees them.
+    limits: Option<Held>,
 }
 
 fn unix_now() -> u64 {
@@ -256,17 +247,8 @@ impl Gateway {
         let reserve = judged
             .prompt_tokens
             .saturating_add(judged.max_output_tokens);
-        match &self.shared_limits {
-            Some(shared) => match shared.reserve(&tenant, reserve).await? {
-                Decision::Shared(r, backlog) => {
-                    ctx.remote_reservation = Some(r);
-                    let req = ctx.remote_backlogs.map_or(0, |b| b.0);
-                    ctx.remote_backlogs = Some((req, backlog));
-                }
-                Decision::Local => ctx.reservation = Some(tenant.limiter.reserve(reserve)?),
-                Decision::Unlimited => {}
-            },
-            None => ctx.reservation = Some(tenant.limiter.reserve(reserve)?),
+        if let Some(held) = ctx.limits.as_mut() {
+            self.limiter.reserve(held, &tenant, reserve).await?;
         }
         ctx.forward_body = Some(judged.body.clone());
         ctx.usage_tap = Some(route.api.usage_tap(
@@ -476,24 +458,11 @@ impl Gateway {
         }
     }
 
-    /// The header-stage limits: request rate and a concurrency slot, from
-    /// Redis when it is configured and answering, else from this instance.
+    /// The header-stage limits: request rate and a concurrency slot.
     async fn limit_request(&self, ctx: &mut RequestCtx) -> Result<(), Reject> {
-        let Some(tenant) = ctx.identity.as_ref().map(|w| w.tenant.clone()) else {
-            return Ok(());
-        };
-        match &self.shared_limits {
-            Some(shared) => match shared.admit(&tenant, &ctx.request_id).await? {
-                Decision::Shared(slot, backlog) => {
-                    ctx.remote_slot = Some(slot);
-                    ctx.remote_backlogs = Some((backlog, 0));
-                }
-                Decision::Local => ctx.slot = Some(tenant.limiter.admit()?),
-                Decision::Unlimited => {}
-            },
-            None => ctx.slot = Some(tenant.limiter.admit()?),
+        if let Some(who) = &ctx.identity {
+            ctx.limits = Some(self.limiter.admit(&who.tenant, &ctx.request_id).await?);
         }
-        ctx.inflight = Some(InflightMark::new(&tenant.id));
         Ok(())
     }
 
@@ -521,12 +490,7 @@ impl ProxyHttp for Gateway {
             forward_body: None,
             usage_tap: None,
             admission: None,
-            slot: None,
-            inflight: None,
-            reservation: None,
-            remote_slot: None,
-            remote_reservation: None,
-            remote_backlogs: None,
+            limits: None,
         }
     }
 
@@ -605,10 +569,10 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
-        let usage = settle(ctx);
-        ctx.slot = None;
-        ctx.remote_slot = None;
-        ctx.inflight = None;
+        let usage = ctx.usage_tap.as_ref().and_then(UsageTap::usage);
+        if let Some(mut held) = ctx.limits.take() {
+            held.settle(usage.map(|u| u.total()));
+        }
         ctx.admission = None;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let tenant = Self::tenant_label(ctx);
@@ -653,22 +617,6 @@ impl ProxyHttp for Gateway {
             completion_tokens: usage.map(|u| u.completion_tokens),
         });
     }
-}
-
-/// Settles the token reservation with the usage the router reported. When
-/// none arrived (an error, a disconnect), the whole reservation is charged:
-/// the gateway cannot know what the router spent.
-fn settle(ctx: &mut RequestCtx) -> Option<Usage> {
-    let usage = ctx.usage_tap.as_ref().and_then(UsageTap::usage);
-    if let Some(r) = ctx.reservation.take() {
-        let used = usage.map_or(r.tokens(), |u| u.total());
-        r.settle(used);
-    }
-    if let Some(r) = ctx.remote_reservation.take() {
-        let used = usage.map_or(r.tokens(), |u| u.total());
-        r.settle(used);
-    }
-    usage
 }
 
 /// Bodies up to this size are read and discarded after an early refusal, so
@@ -760,15 +708,13 @@ fn on_response_head(ctx: &mut RequestCtx, resp: &mut ResponseHeader) -> Result<(
 
 /// OpenAI's `x-ratelimit-*` headers, on every authenticated response.
 fn rate_limit_headers(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
-    if let Some(who) = &ctx.identity {
-        let l = &who.tenant.limiter;
-        let headers = match ctx.remote_backlogs {
-            Some((req, tok)) => l.headers_with(req, tok),
-            None => l.headers(),
-        };
-        for (name, value) in headers {
-            resp.insert_header(name, value)?;
-        }
+    let headers = match (&ctx.limits, &ctx.identity) {
+        (Some(held), _) => held.headers(),
+        (None, Some(who)) => who.tenant.limiter.headers(),
+        (None, None) => return Ok(()),
+    };
+    for (name, value) in headers {
+        resp.insert_header(name, value)?;
     }
     Ok(())
 }

@@ -30,6 +30,7 @@ use crate::identity::jwks_fetch::JwksRefreshService;
 use crate::identity::mtls::{client_verify_store, CertCallbacks, TlsMaterial};
 use crate::limits::guard::{AuthFailures, Overload};
 use crate::limits::redis::{BreakerProbe, RedisLimits};
+use crate::limits::Limiter;
 use crate::observe::logging::LoggingService;
 use crate::observe::metrics::METRICS;
 use crate::proxy::Gateway;
@@ -102,8 +103,8 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
             JwksRefreshService(refresh),
         ));
     }
-    let shared_limits = match gw.limits.backend {
-        LimitsBackend::Local => None,
+    let limiter = match gw.limits.backend {
+        LimitsBackend::Local => Limiter::Local,
         LimitsBackend::Redis => {
             let url = gw.limits.redis_url.as_deref().unwrap_or_default();
             let backend = Arc::new(RedisLimits::new(
@@ -115,7 +116,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
                 "limits backend probe",
                 BreakerProbe(backend.clone()),
             ));
-            Some(backend)
+            Limiter::Fleet(backend)
         }
     };
 
@@ -144,7 +145,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
             connector: Connector::new(None),
             auth_failures: AuthFailures::new(gw.limits.auth_failures_per_ip_per_minute),
             overload: Overload::new(gw.limits.max_inflight),
-            shared_limits,
+            limiter,
         },
     );
     app.server_options = Some(options);

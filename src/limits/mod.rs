@@ -8,6 +8,7 @@
 
 pub mod cell;
 pub mod guard;
+mod held;
 pub mod redis;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cell::{now_ns, Cell, Exhausted, Rate};
+pub use held::{Held, Limiter};
 
 use crate::config::tenants::Limits;
 use crate::reject::Reject;
@@ -22,16 +24,65 @@ use crate::reject::Reject;
 const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);
 
+/// The kinds of limit a tenant has. Requests and tokens are GCRA cells
+/// (one [`Budget`] each); concurrency is a count of held slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// `requests_per_second` with `burst`.
+    Requests,
+    TokensPerMinute,
+    TokensPerDay,
+}
+
+impl LimitKind {
+    /// The key suffix of the kind's cell in Redis.
+    pub fn key(self) -> &'static str {
+        match self {
+            LimitKind::Requests => "req",
+            LimitKind::TokensPerMinute => "tpm",
+            LimitKind::TokensPerDay => "tpd",
+        }
+    }
+
+    /// The 429's code and message when the kind is exhausted.
+    fn exhausted(self) -> (&'static str, &'static str) {
+        match self {
+            LimitKind::Requests => ("rate_limit_exceeded", "request rate limit reached"),
+            LimitKind::TokensPerMinute => {
+                ("tokens_quota_exceeded", "token budget per minute reached")
+            }
+            LimitKind::TokensPerDay => ("tokens_quota_exceeded", "token budget per day reached"),
+        }
+    }
+}
+
+/// One limit on one cell: what it counts, its rate, and its state.
+#[derive(Debug)]
+pub struct Budget {
+    pub kind: LimitKind,
+    pub rate: Rate,
+    cell: Cell,
+}
+
+impl Budget {
+    fn new(kind: LimitKind, rate: Rate) -> Budget {
+        Budget {
+            kind,
+            rate,
+            cell: Cell::default(),
+        }
+    }
+}
+
 /// One tenant's limit state, shared by every request of that tenant.
 #[derive(Debug)]
 pub struct TenantLimiter {
     limits: Limits,
-    pub(crate) request_rate: Rate,
-    pub(crate) minute_rate: Rate,
-    pub(crate) day_rate: Rate,
-    requests: Cell,
-    minute: Cell,
-    day: Cell,
+    /// Checked per request: today, the request rate.
+    requests: Vec<Budget>,
+    /// Reserved per request and settled with the usage: tokens per minute,
+    /// then per day. The first sets the `-tokens` headers.
+    tokens: Vec<Budget>,
     inflight: AtomicU32,
 }
 
@@ -39,12 +90,20 @@ impl TenantLimiter {
     pub fn new(limits: &Limits) -> TenantLimiter {
         TenantLimiter {
             limits: limits.clone(),
-            request_rate: Rate::requests(limits.requests_per_second, limits.burst),
-            minute_rate: Rate::budget(limits.tokens_per_minute, MINUTE),
-            day_rate: Rate::budget(limits.tokens_per_day, DAY),
-            requests: Cell::default(),
-            minute: Cell::default(),
-            day: Cell::default(),
+            requests: vec![Budget::new(
+                LimitKind::Requests,
+                Rate::requests(limits.requests_per_second, limits.burst),
+            )],
+            tokens: vec![
+                Budget::new(
+                    LimitKind::TokensPerMinute,
+                    Rate::budget(limits.tokens_per_minute, MINUTE),
+                ),
+                Budget::new(
+                    LimitKind::TokensPerDay,
+                    Rate::budget(limits.tokens_per_day, DAY),
+                ),
+            ],
             inflight: AtomicU32::new(0),
         }
     }
@@ -55,23 +114,30 @@ impl TenantLimiter {
         &self.limits
     }
 
+    /// The budgets a request is admitted against.
+    pub fn request_budgets(&self) -> &[Budget] {
+        &self.requests
+    }
+
+    /// The budgets a request's tokens are reserved from.
+    pub fn token_budgets(&self) -> &[Budget] {
+        &self.tokens
+    }
+
     /// Admits one request against the rate and takes a concurrency slot,
     /// which the returned guard gives back however the request ends.
     pub fn admit(self: &Arc<Self>) -> Result<Slot, Reject> {
         let now = now_ns();
-        let r = self.request_rate;
-        self.requests
-            .take(now, r.cost(1), r.capacity_ns)
-            .map_err(|e| self.too_many("rate_limit_exceeded", "request rate limit reached", e))?;
+        take_all(&self.requests, now, 1).map_err(|(kind, e)| self.too_many(kind, e))?;
         let before = self.inflight.fetch_add(1, Ordering::AcqRel);
         if before >= self.limits.max_concurrency {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
-            return Err(self.too_many(
+            return Err(self.too_many_with(
                 "concurrency_limit_exceeded",
                 "too many requests in flight for this tenant",
-                Exhausted {
-                    retry_after: Duration::from_secs(1),
-                },
+                Duration::from_secs(1),
+                self.request_backlog(now),
+                self.token_backlog(now),
             ));
         }
         Ok(Slot {
@@ -79,23 +145,10 @@ impl TenantLimiter {
         })
     }
 
-    /// Reserves `tokens` against both budgets before forwarding.
+    /// Reserves `tokens` against every token budget before forwarding:
+    /// all of them, or none.
     pub fn reserve(self: &Arc<Self>, tokens: u64) -> Result<Reservation, Reject> {
-        let now = now_ns();
-        let (m, d) = (self.minute_rate, self.day_rate);
-        self.minute
-            .take(now, m.cost(tokens), m.capacity_ns)
-            .map_err(|e| {
-                self.too_many(
-                    "tokens_quota_exceeded",
-                    "token budget per minute reached",
-                    e,
-                )
-            })?;
-        if let Err(e) = self.day.take(now, d.cost(tokens), d.capacity_ns) {
-            self.minute.refund(m.cost(tokens));
-            return Err(self.too_many("tokens_quota_exceeded", "token budget per day reached", e));
-        }
+        take_all(&self.tokens, now_ns(), tokens).map_err(|(kind, e)| self.too_many(kind, e))?;
         Ok(Reservation {
             limiter: self.clone(),
             tokens,
@@ -106,16 +159,30 @@ impl TenantLimiter {
     /// `tokens_per_minute`, resets as the time until full.
     pub fn headers(&self) -> [(&'static str, String); 6] {
         let now = now_ns();
-        self.headers_with(self.requests.backlog(now), self.minute.backlog(now))
+        self.headers_with(self.request_backlog(now), self.token_backlog(now))
+    }
+
+    fn request_backlog(&self, now: u64) -> u64 {
+        self.requests.first().map_or(0, |b| b.cell.backlog(now))
+    }
+
+    fn token_backlog(&self, now: u64) -> u64 {
+        self.tokens.first().map_or(0, |b| b.cell.backlog(now))
     }
 
     /// The same headers from backlogs measured elsewhere (the Redis cells).
     pub fn headers_with(&self, req_backlog: u64, tok_backlog: u64) -> [(&'static str, String); 6] {
+        let remaining = |budgets: &[Budget], backlog| {
+            budgets
+                .first()
+                .map_or(0, |b| b.rate.remaining(backlog))
+                .to_string()
+        };
         [
             ("x-ratelimit-limit-requests", self.limits.burst.to_string()),
             (
                 "x-ratelimit-remaining-requests",
-                self.request_rate.remaining(req_backlog).to_string(),
+                remaining(&self.requests, req_backlog),
             ),
             (
                 "x-ratelimit-reset-requests",
@@ -127,7 +194,7 @@ impl TenantLimiter {
             ),
             (
                 "x-ratelimit-remaining-tokens",
-                self.minute_rate.remaining(tok_backlog).to_string(),
+                remaining(&self.tokens, tok_backlog),
             ),
             (
                 "x-ratelimit-reset-tokens",
@@ -136,10 +203,16 @@ impl TenantLimiter {
         ]
     }
 
-    fn too_many(&self, code: &'static str, message: &'static str, e: Exhausted) -> Reject {
+    fn too_many(&self, kind: LimitKind, e: Exhausted) -> Reject {
         let now = now_ns();
-        let (req, tok) = (self.requests.backlog(now), self.minute.backlog(now));
-        self.too_many_with(code, message, e.retry_after, req, tok)
+        let (code, message) = kind.exhausted();
+        self.too_many_with(
+            code,
+            message,
+            e.retry_after,
+            self.request_backlog(now),
+            self.token_backlog(now),
+        )
     }
 
     /// A 429 with `Retry-After` in whole seconds, rounded up, and the
@@ -158,6 +231,20 @@ impl TenantLimiter {
             .extend(self.headers_with(req_backlog, tok_backlog));
         r
     }
+}
+
+/// Takes `units` from every budget, or from none: on the first that
+/// refuses, those already taken are refunded.
+fn take_all(budgets: &[Budget], now: u64, units: u64) -> Result<(), (LimitKind, Exhausted)> {
+    for (i, b) in budgets.iter().enumerate() {
+        if let Err(e) = b.cell.take(now, b.rate.cost(units), b.rate.capacity_ns) {
+            for taken in &budgets[..i] {
+                taken.cell.refund(taken.rate.cost(units));
+            }
+            return Err((b.kind, e));
+        }
+    }
+    Ok(())
 }
 
 /// A concurrency slot; dropping it frees the slot, on every exit path.
@@ -188,17 +275,13 @@ impl Reservation {
     /// Settles with the real usage: refunds what was not used, charges any
     /// shortfall (which may overdraw the budget).
     pub fn settle(self, used: u64) {
-        let l = &self.limiter;
         let now = now_ns();
-        let (m, d) = (l.minute_rate, l.day_rate);
-        if used < self.tokens {
-            let unused = self.tokens - used;
-            l.minute.refund(m.cost(unused));
-            l.day.refund(d.cost(unused));
-        } else if used > self.tokens {
-            let extra = used - self.tokens;
-            l.minute.charge(now, m.cost(extra));
-            l.day.charge(now, d.cost(extra));
+        for b in &self.limiter.tokens {
+            if used < self.tokens {
+                b.cell.refund(b.rate.cost(self.tokens - used));
+            } else if used > self.tokens {
+                b.cell.charge(now, b.rate.cost(used - self.tokens));
+            }
         }
     }
 }
@@ -271,6 +354,19 @@ mod tests {
         assert_eq!(h["x-ratelimit-limit-requests"], "2");
         assert_eq!(h["x-ratelimit-remaining-requests"], "0");
         assert_eq!(h["x-ratelimit-limit-tokens"], "1000");
+    }
+
+    #[test]
+    fn a_reservation_takes_every_token_budget_or_none() {
+        let mut l = limits(1000.0, 1000, 1000, 100);
+        l.tokens_per_day = 500;
+        let l = Arc::new(TenantLimiter::new(&l));
+        let r = l.reserve(600).unwrap_err();
+        assert_eq!(r.message, "token budget per day reached");
+        // The minute budget the refused reservation took was given back.
+        let h: std::collections::HashMap<_, _> = l.headers().into_iter().collect();
+        assert_eq!(h["x-ratelimit-remaining-tokens"], "1000");
+        assert!(l.reserve(500).is_ok());
     }
 
     #[test]

@@ -28,37 +28,50 @@ use crate::config::tenants::Tenant;
 use crate::observe::metrics::METRICS;
 use crate::reject::Reject;
 
-/// Rate and concurrency in one round trip. Returns
-/// `{status, retry_after_us, backlog_us}`: 1 admitted, 0 rate, 2 concurrency.
+/// Every request cell and a concurrency slot in one round trip.
+/// `KEYS[1..n-1]` are GCRA cells, `KEYS[n]` the slot set; `ARGV` is
+/// `{max_concurrency, slot_id, slot_ttl_ms, unit_us, cap_us, ...}`.
+/// Returns `{status, retry_after_us, backlog_us}` (of the first cell):
+/// 1 admitted, 0 rate, 2 concurrency.
 const ADMIT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local unit, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local new = tat + unit
-if new - now > cap then
-  return {0, math.ceil(new - now - cap), math.floor(tat - now)}
+local cells = #KEYS - 1
+local news, first = {}, 0
+for i = 1, cells do
+  local unit, cap = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  if tat < now then tat = now end
+  if i == 1 then first = tat end
+  local new = tat + unit
+  if new - now > cap then
+    return {0, math.ceil(new - now - cap), math.floor(first - now)}
+  end
+  news[i] = new
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
-  return {2, 1000000, math.floor(tat - now)}
+local slots = KEYS[#KEYS]
+redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+if redis.call('ZCARD', slots) >= tonumber(ARGV[1]) then
+  return {2, 1000000, math.floor(first - now)}
 end
-redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]) * 1000, ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return {1, 0, math.floor(new - now)}
+for i = 1, cells do
+  redis.call('SET', KEYS[i], string.format('%.0f', news[i]), 'PX', math.ceil((news[i] - now) / 1000) + 1000)
+end
+redis.call('ZADD', slots, now + tonumber(ARGV[3]) * 1000, ARGV[2])
+redis.call('PEXPIRE', slots, ARGV[3])
+return {1, 0, math.floor(news[1] - now)}
 "#;
 
-/// Reserves tokens from the minute and day cells together. Returns
-/// `{status, retry_after_us, minute_backlog_us}`.
+/// Reserves `ARGV[1]` tokens from every cell in `KEYS`, or from none;
+/// `ARGV` goes on with `{unit_us, cap_us}` per cell. Returns
+/// `{status, retry_after_us, backlog_us}` (of the first cell).
 const RESERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = tonumber(ARGV[5])
+local n = tonumber(ARGV[1])
 local news = {}
-for i = 1, 2 do
-  local unit, cap = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+for i = 1, #KEYS do
+  local unit, cap = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
   if tat < now then tat = now end
   local new = tat + unit * n
@@ -67,18 +80,18 @@ for i = 1, 2 do
   end
   news[i] = new
 end
-for i = 1, 2 do
+for i = 1, #KEYS do
   redis.call('SET', KEYS[i], string.format('%.0f', news[i]), 'PX', math.ceil((news[i] - now) / 1000) + 1000)
 end
 return {1, 0, math.floor(news[1] - now)}
 "#;
 
-/// Moves both token cells by a signed amount of cell time (refund < 0,
-/// shortfall > 0; a charge may overdraw).
+/// Moves every cell in `KEYS` by its signed amount of cell time in `ARGV`
+/// (refund < 0, shortfall > 0; a charge may overdraw).
 const SETTLE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-for i = 1, 2 do
+for i = 1, #KEYS do
   local delta = tonumber(ARGV[i])
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
   if delta > 0 and tat < now then tat = now end
@@ -162,24 +175,24 @@ impl RemoteReservation {
         if used == self.tokens {
             return;
         }
-        let (m, d) = (self.tenant.minute_rate, self.tenant.day_rate);
-        let delta = |unit_ns: f64| (used as f64 - self.tokens as f64) * unit_ns / 1000.0;
-        let (dm, dd) = (delta(m.unit_ns), delta(d.unit_ns));
-        let keys = [key(&self.id, "tpm"), key(&self.id, "tpd")];
+        let moves: Vec<(String, f64)> = self
+            .tenant
+            .token_budgets()
+            .iter()
+            .map(|b| {
+                let delta = (used as f64 - self.tokens as f64) * b.rate.unit_ns / 1000.0;
+                (key(&self.id, b.kind.key()), delta)
+            })
+            .collect();
         let backend = self.backend;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let script = backend.settle.clone();
+                let mut script = backend.settle.prepare_invoke();
+                for (k, delta) in &moves {
+                    script.key(k).arg(delta);
+                }
                 let _ = backend
-                    .call(|mut c| async move {
-                        script
-                            .key(&keys[0])
-                            .key(&keys[1])
-                            .arg(dm)
-                            .arg(dd)
-                            .invoke_async::<i64>(&mut c)
-                            .await
-                    })
+                    .call(|mut c| async move { script.invoke_async::<i64>(&mut c).await })
                     .await;
             });
         }
@@ -268,29 +281,21 @@ impl RedisLimits {
             return self.unavailable();
         }
         let l = &tenant.limiter;
-        let r = l.request_rate;
         let inflight = key(&tenant.id, "inflight");
-        let script = self.admit.clone();
+        let mut script = self.admit.prepare_invoke();
+        script
+            .arg(tenant.limits.max_concurrency)
+            .arg(request_id)
+            .arg(SLOT_TTL.as_millis() as u64);
+        for b in l.request_budgets() {
+            script
+                .key(key(&tenant.id, b.kind.key()))
+                .arg(b.rate.unit_ns / 1000.0)
+                .arg(b.rate.capacity_ns as f64 / 1000.0);
+        }
+        script.key(&inflight);
         let reply: Option<(u8, u64, u64)> = self
-            .call(|mut c| {
-                let (req, inflight, id) = (
-                    key(&tenant.id, "req"),
-                    inflight.clone(),
-                    request_id.to_string(),
-                );
-                async move {
-                    script
-                        .key(req)
-                        .key(inflight)
-                        .arg(r.unit_ns / 1000.0)
-                        .arg(r.capacity_ns as f64 / 1000.0)
-                        .arg(tenant.limits.max_concurrency)
-                        .arg(id)
-                        .arg(SLOT_TTL.as_millis() as u64)
-                        .invoke_async(&mut c)
-                        .await
-                }
-            })
+            .call(|mut c| async move { script.invoke_async(&mut c).await })
             .await;
         let Some((status, retry_us, backlog_us)) = reply else {
             return self.unavailable();
@@ -332,24 +337,16 @@ impl RedisLimits {
             return self.unavailable();
         }
         let l = &tenant.limiter;
-        let (m, d) = (l.minute_rate, l.day_rate);
-        let script = self.reserve.clone();
+        let mut script = self.reserve.prepare_invoke();
+        script.arg(tokens);
+        for b in l.token_budgets() {
+            script
+                .key(key(&tenant.id, b.kind.key()))
+                .arg(b.rate.unit_ns / 1000.0)
+                .arg(b.rate.capacity_ns as f64 / 1000.0);
+        }
         let reply: Option<(u8, u64, u64)> = self
-            .call(|mut c| {
-                let keys = [key(&tenant.id, "tpm"), key(&tenant.id, "tpd")];
-                async move {
-                    script
-                        .key(&keys[0])
-                        .key(&keys[1])
-                        .arg(m.unit_ns / 1000.0)
-                        .arg(m.capacity_ns as f64 / 1000.0)
-                        .arg(d.unit_ns / 1000.0)
-                        .arg(d.capacity_ns as f64 / 1000.0)
-                        .arg(tokens)
-                        .invoke_async(&mut c)
-                        .await
-                }
-            })
+            .call(|mut c| async move { script.invoke_async(&mut c).await })
             .await;
         let Some((status, retry_us, backlog_us)) = reply else {
             return self.unavailable();
@@ -360,7 +357,7 @@ impl RedisLimits {
                 "token budget reached",
                 Duration::from_micros(retry_us),
                 0,
-                m.capacity_ns,
+                l.token_budgets().first().map_or(0, |b| b.rate.capacity_ns),
             ));
         }
         Ok(Decision::Shared(
