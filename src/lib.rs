@@ -18,6 +18,7 @@ pub mod inbound;
 pub mod limits;
 pub mod mock_router;
 pub mod observe;
+pub mod pipeline;
 pub mod policy;
 pub mod proxy;
 pub mod reject;

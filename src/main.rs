@@ -276,7 +276,7 @@ fn run(cmd: Command) -> Result<(), String> {
 /// `portcullis check`: every problem, one `file:line: message` per line.
 fn check(config: &std::path::Path) -> Result<(), String> {
     let snap = Snapshot::load(config).map_err(|e| e.to_string())?;
-    for note in snap.rego.iter().flat_map(|r| r.compiler_notes()) {
+    for note in snap.policies.rego.iter().flat_map(|r| r.compiler_notes()) {
         println!("{}: warning: {}", note.policy.display(), note.message);
     }
     println!(

@@ -80,6 +80,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
         eprintln!("WARNING: {w}");
     }
     let rego_notes = snapshot
+        .policies
         .rego
         .iter()
         .flat_map(|r| r.compiler_notes().iter().cloned())

@@ -1,10 +1,15 @@
-//! What can be decided about a body from the request head alone: media
-//! type, content coding and declared length. These run before any byte of
-//! the body is read and before any upstream connection exists.
+//! Taking a body in: what can be decided from the request head alone
+//! (media type, content coding, declared length), before any byte of the
+//! body is read, and then the bounded read itself.
 
+use std::time::Instant;
+
+use bytes::BytesMut;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::HeaderMap;
+use pingora::proxy::Session;
 
+use super::BodyConfig;
 use crate::reject::Reject;
 
 /// Checks the head of a request that carries a JSON body, against the
@@ -38,6 +43,47 @@ pub fn check_head(headers: &HeaderMap, limit: u64) -> Result<(), Reject> {
         }
     }
     Ok(())
+}
+
+/// Reads the whole body, at most `limit` bytes, within the whole-body
+/// timeout and above the minimum rate. Any failure closes the connection,
+/// whose framing state is then unknown.
+pub async fn read(session: &mut Session, cfg: &BodyConfig, limit: u64) -> Result<BytesMut, Reject> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let started = Instant::now();
+    let mut raw = BytesMut::new();
+    loop {
+        let (deadline, by_rate) = cfg.next_read_deadline(started, raw.len());
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = match tokio::time::timeout(left, session.read_request_body()).await {
+            Err(_) => {
+                session.set_keepalive(None);
+                return Err(Reject::new(
+                    408,
+                    "request_timeout",
+                    if by_rate {
+                        "the request body arrived too slowly"
+                    } else {
+                        "the request body did not arrive in time"
+                    },
+                ));
+            }
+            Ok(Err(_)) => {
+                session.set_keepalive(None);
+                return Err(Reject::bad_request(
+                    "invalid_request",
+                    "the request body could not be read",
+                ));
+            }
+            Ok(Ok(None)) => return Ok(raw),
+            Ok(Ok(Some(chunk))) => chunk,
+        };
+        if raw.len() + chunk.len() > limit {
+            session.set_keepalive(None);
+            return Err(too_large(limit as u64));
+        }
+        raw.extend_from_slice(&chunk);
+    }
 }
 
 pub fn too_large(limit: u64) -> Reject {

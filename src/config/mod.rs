@@ -22,6 +22,7 @@ use crate::identity::jwt::JwtVerifier;
 use crate::identity::Authenticator;
 use crate::policy::ext_authz::ExtAuthz;
 use crate::policy::rego::RegoPolicy;
+use crate::policy::Policies;
 use crate::route::Routes;
 use diag::{ConfigErrors, Diagnostic};
 use gateway::{GatewayConfig, JwksSource};
@@ -36,10 +37,9 @@ pub struct Snapshot {
     /// The routes served, and how each is read.
     pub routes: Routes,
     pub schemas: Schemas,
-    /// The prepared Rego policy, when `[policy] rego` is set.
-    pub rego: Option<RegoPolicy>,
-    /// The external authorizer client (and its decision cache).
-    pub ext_authz: Option<ExtAuthz>,
+    /// The prepared Rego policy and the external authorizer client (with
+    /// its decision cache), when configured.
+    pub policies: Policies,
 }
 
 /// The live snapshot, swapped atomically on reload.
@@ -138,14 +138,17 @@ impl Snapshot {
 
         match (signer, schemas) {
             (Ok(signer), Ok(schemas)) if errs.is_empty() => Ok(Snapshot {
-                gateway: Arc::new(gateway),
                 tenants,
                 auth,
                 signer,
                 routes,
                 schemas,
-                rego,
-                ext_authz,
+                policies: Policies {
+                    rego,
+                    ext_authz,
+                    jwt_claims: gateway.policy.jwt_claims.clone(),
+                },
+                gateway: Arc::new(gateway),
             }),
             (Err(d), _) => {
                 errs.push(d);

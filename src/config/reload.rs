@@ -84,7 +84,7 @@ impl Reloader {
                 if let (Some(slot), Some(m)) = (&self.tls, material) {
                     slot.store(Arc::new(m));
                 }
-                for note in next.rego.iter().flat_map(|r| r.compiler_notes()) {
+                for note in next.policies.rego.iter().flat_map(|r| r.compiler_notes()) {
                     note.log();
                 }
                 self.shared.store(Arc::new(next));

@@ -5,6 +5,7 @@
 //! `x-tenant-*` and `x-forwarded-*` without parsing a credential.
 
 pub mod context;
+pub mod exchange;
 pub mod upstream;
 
 use http::HeaderName;

@@ -9,7 +9,9 @@ pub mod rego;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{LazyLock, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use http::HeaderMap;
 use regorus::Value;
 
 use crate::config::tenants::{Feature, FeatureSet};
@@ -17,6 +19,60 @@ use crate::identity::Identity;
 use crate::observe::metrics::METRICS;
 use crate::reject::Reject;
 use crate::route::RouteSpec;
+use ext_authz::ExtAuthz;
+use rego::RegoPolicy;
+
+/// The policy stage's engines for one snapshot: embedded Rego, then the
+/// optional external authorizer.
+pub struct Policies {
+    pub rego: Option<RegoPolicy>,
+    pub ext_authz: Option<ExtAuthz>,
+    /// The JWT claims a Rego policy sees (`[policy] jwt_claims`).
+    pub jwt_claims: Vec<String>,
+}
+
+impl Policies {
+    /// Whether there is nothing to evaluate.
+    pub fn is_empty(&self) -> bool {
+        self.rego.is_none() && self.ext_authz.is_none()
+    }
+
+    /// Runs Rego, then the external authorizer; returns the headers they add
+    /// for the router. Either refusing, or failing, refuses the request.
+    pub async fn authorize(
+        &self,
+        req: &PolicyRequest<'_>,
+        client: &HeaderMap,
+        path_and_query: &str,
+        request_id: &str,
+    ) -> Result<PolicyHeaders, Reject> {
+        let mut headers = PolicyHeaders::new();
+        if let Some(rego) = &self.rego {
+            let started = Instant::now();
+            let now_ns = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+            let verdict = rego
+                .decide(req.rego_input(&self.jwt_claims, now_ns))
+                .map_err(|e| policy_error("rego", &e));
+            METRICS
+                .policy_duration
+                .with_label_values(&["rego"])
+                .observe(started.elapsed().as_secs_f64());
+            headers = verdict??;
+        }
+        if let Some(ext) = &self.ext_authz {
+            let started = Instant::now();
+            let verdict = ext.check(req, client, path_and_query, request_id).await;
+            METRICS
+                .policy_duration
+                .with_label_values(&["ext_authz"])
+                .observe(started.elapsed().as_secs_f64());
+            headers.extend(verdict?);
+        }
+        Ok(headers)
+    }
+}
 
 /// What the policy stage knows about a request.
 pub struct PolicyRequest<'a> {

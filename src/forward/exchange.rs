@@ -1,0 +1,211 @@
+//! The exchange with the router: send the judged request, relay the answer.
+//!
+//! The gateway does this itself rather than through Pingora's proxy loop:
+//! the whole judged body is already in hand, so nothing is left to stream
+//! upstream, and the loop's per-request machinery costs more than it does
+//! here (bench/RESULTS.md). The exchange takes a connection from Pingora's
+//! pool, writes one clean head and the body, skips interim answers, passes
+//! the answer through the caller's [`Answer`], and gives the connection
+//! back before the client's last write.
+
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use pingora::connectors::http::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::protocols::http::client::HttpSession as ClientSession;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use super::upstream;
+use crate::reject::Reject;
+
+/// Attempts at sending one request when pooled connections turn out closed.
+const SEND_ATTEMPTS: u32 = 3;
+/// An answer's chunks already received are written together up to this size.
+const COALESCE_BYTES: usize = 16 * 1024;
+/// Interim answers (100, 103) skipped before the router's final one.
+const MAX_INTERIM_ANSWERS: usize = 8;
+
+/// What the request does with the router's answer on its way back.
+pub trait Answer {
+    /// The gateway's part of the answer's head (request id, rate-limit
+    /// headers, re-framing).
+    fn head(&mut self, resp: &mut ResponseHeader) -> Result<()>;
+    /// One chunk of the body; returns what goes to the client now.
+    fn chunk(&mut self, chunk: Bytes) -> Bytes;
+    /// Whatever is still held when the body ends.
+    fn end(&mut self) -> Option<Bytes>;
+}
+
+/// Sends `head` and `body` to `peer` and relays the answer to the client.
+/// An error's source says who failed: the router (`Upstream`) or the client
+/// (`Downstream`).
+pub async fn run(
+    connector: &Connector,
+    peer: &HttpPeer,
+    session: &mut Session,
+    head: RequestHeader,
+    body: Bytes,
+    answer: &mut impl Answer,
+) -> Result<()> {
+    let mut up = send(connector, peer, session, head, body).await?;
+    let mut resp = up
+        .response_header()
+        .cloned()
+        .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "no response header"))
+        .map_err(|e| e.into_up())?;
+    answer.head(&mut resp)?;
+    session
+        .write_response_header(Box::new(resp), false)
+        .await
+        .map_err(|e| e.into_down())?;
+    let mut done = false;
+    while !done {
+        let chunk = tokio::select! {
+            biased;
+            chunk = up.read_response_body() => chunk.map_err(|e| e.into_up())?,
+            gone = session.read_body_or_idle(true) => return Err(client_gone(gone)),
+        };
+        let Some(chunk) = chunk else { break };
+        let mut out = answer.chunk(chunk);
+        // Whatever else the router has already sent leaves in the same
+        // write: a stream's chunks are small, and a write per chunk is a
+        // send (and a flush) per token. Pingora's body reads are
+        // cancel-safe, so a read that would wait is simply dropped.
+        let mut batch = BytesMut::new();
+        while out.len() + batch.len() < COALESCE_BYTES {
+            match up.read_response_body().now_or_never() {
+                Some(Ok(Some(more))) => {
+                    if batch.is_empty() {
+                        batch.extend_from_slice(&out);
+                    }
+                    batch.extend_from_slice(&answer.chunk(more));
+                }
+                Some(Ok(None)) => {
+                    done = true;
+                    break;
+                }
+                Some(Err(e)) => return Err(e.into_up()),
+                None => break,
+            }
+        }
+        if !batch.is_empty() {
+            out = batch.freeze();
+        }
+        if !out.is_empty() {
+            session
+                .write_response_body(Some(out), false)
+                .await
+                .map_err(|e| e.into_down())?;
+        }
+    }
+    // The router's part is done: its connection goes back to the pool
+    // before the client's last write.
+    connector
+        .release_http_session(up, peer, peer.options.idle_timeout)
+        .await;
+    let tail = answer.end().filter(|t| !t.is_empty());
+    session
+        .write_response_body(tail, true)
+        .await
+        .map_err(|e| e.into_down())
+}
+
+/// Sends the request and reads the head of the router's answer. A pooled
+/// connection the router closed while it sat idle fails before any answer;
+/// as in Pingora's own proxy, the request then goes again on another
+/// connection, while a new connection's failure is final. A client that
+/// leaves meanwhile ends the exchange.
+async fn send(
+    connector: &Connector,
+    peer: &HttpPeer,
+    session: &mut Session,
+    head: RequestHeader,
+    body: Bytes,
+) -> Result<ClientSession> {
+    let mut attempt = 1;
+    let mut head = Some(head);
+    loop {
+        let (mut up, reused) = connector
+            .get_http_session(peer)
+            .await
+            .map_err(|e| e.into_up())?;
+        up.set_read_timeout(peer.options.read_timeout);
+        up.set_write_timeout(peer.options.write_timeout);
+        // Only a reused connection's failure is retried, so only then is a
+        // copy of the head kept.
+        let Some(this_head) = (if reused { head.clone() } else { head.take() }) else {
+            return Error::e_explain(ErrorType::InternalError, "no request head left to send");
+        };
+        let sent = tokio::select! {
+            biased;
+            sent = send_on(&mut up, this_head, body.clone()) => sent,
+            gone = session.read_body_or_idle(true) => return Err(client_gone(gone)),
+        };
+        match sent {
+            Ok(()) => return Ok(up),
+            Err(mut e) => {
+                e.retry.decide_reuse(reused);
+                if !e.retry() || attempt == SEND_ATTEMPTS {
+                    return Err(e.into_up());
+                }
+                tracing::debug!(error = %e, attempt, "pooled router connection failed; sending again");
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Writes the request and reads the head of the final answer (an interim
+/// 100 or 103 is not the answer).
+async fn send_on(up: &mut ClientSession, head: RequestHeader, body: Bytes) -> Result<()> {
+    // Pingora flushes the head on its own; corked, it leaves with the body.
+    upstream::cork(up, true);
+    up.write_request_header(Box::new(head)).await?;
+    up.write_request_body(body, true).await?;
+    up.finish_request_body().await?;
+    upstream::cork(up, false);
+    for _ in 0..MAX_INTERIM_ANSWERS {
+        up.read_response_header().await?;
+        if !up
+            .response_header()
+            .is_some_and(|r| r.status.is_informational())
+        {
+            return Ok(());
+        }
+    }
+    Error::e_explain(ErrorType::InvalidHTTPHeader, "too many interim answers")
+}
+
+/// The downstream ended (or broke its framing) while the router worked.
+fn client_gone(ended: Result<Option<Bytes>>) -> Box<Error> {
+    match ended {
+        Err(e) => e.into_down(),
+        Ok(_) => Error::explain(
+            ErrorType::ConnectionClosed,
+            "client sent data after its request",
+        )
+        .into_down(),
+    }
+}
+
+/// How a failure to reach or hear from the router looks to the client.
+pub fn upstream_reject(e: &Error) -> Reject {
+    match e.etype() {
+        ErrorType::ConnectNoRoute
+        | ErrorType::ConnectRefused
+        | ErrorType::ConnectTimedout
+        | ErrorType::ConnectError
+        | ErrorType::TLSHandshakeFailure => {
+            Reject::new(502, "upstream_unavailable", "the router is unavailable")
+        }
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            Reject::new(504, "upstream_timeout", "the router did not answer in time")
+        }
+        _ if e.esource() == &ErrorSource::Upstream => {
+            Reject::new(502, "upstream_unavailable", "the router is unavailable")
+        }
+        _ => Reject::new(500, "internal_error", "internal gateway error"),
+    }
+}

@@ -1,0 +1,203 @@
+//! The request path, stage by stage, in the order of README's "The path of
+//! a request" table. Each stage returns `Result<_, Reject>`; the first
+//! refusal ends the request, and everything here runs before an upstream
+//! connection exists, so a refused request never reaches the router.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+
+use crate::authz;
+use crate::body::{self, intake};
+use crate::config::tenants::Feature;
+use crate::forward::{self, TrustedContext};
+use crate::identity;
+use crate::identity::mtls::CertIdentity;
+use crate::inbound;
+use crate::policy::PolicyRequest;
+use crate::proxy::{Gateway, RequestCtx};
+use crate::reject::Reject;
+
+/// What a request that passed every stage gets.
+pub enum Outcome {
+    /// Sent to the router: this head and the judged body.
+    Forward(Box<RequestHeader>, Bytes),
+    /// Answered by the gateway itself with this JSON body.
+    Respond(Vec<u8>),
+}
+
+/// Runs every stage for one request.
+pub async fn run(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<Outcome, Reject> {
+    // The gateway-wide cap is the cheapest check and guards all the others.
+    ctx.admission = Some(gw.overload.admit()?);
+    head_sanity(session, ctx)?;
+    identify(gw, session, ctx)?;
+    let (Some(who), Some(route)) = (&ctx.identity, &ctx.route) else {
+        return Err(internal("no identity or route after the header stages"));
+    };
+    let (tenant, route) = (who.tenant.clone(), route.clone());
+    ctx.limits = Some(gw.limiter.admit(&tenant, &ctx.request_id).await?);
+    if route.api.answered_by_gateway() {
+        return Ok(Outcome::Respond(authz::models_body(&tenant)));
+    }
+
+    // The body gate: bounded read, then the pure judgement.
+    let snap = ctx.snapshot.clone();
+    let cfg = &snap.gateway.body;
+    let limit = tenant.limits.max_body_bytes.min(cfg.max_body_bytes);
+    intake::check_head(&session.req_header().headers, limit)?;
+    let raw = intake::read(session, cfg, limit).await?;
+    let judged = body::judge(&route, &tenant, cfg, &snap.schemas, &raw)?;
+
+    // Policy: Rego, then the external authorizer.
+    if !snap.policies.is_empty() {
+        let req = session.req_header();
+        // The route's own feature (chat, embeddings) with those the body uses.
+        let mut features = judged.features;
+        if let Some(f) = route.feature {
+            features.insert(f);
+        }
+        let preq = PolicyRequest {
+            identity: ctx
+                .identity
+                .as_ref()
+                .ok_or_else(|| internal("no identity at the policy stage"))?,
+            method: req.method.as_str(),
+            route: &route,
+            model: &judged.model,
+            features,
+            region: &snap.gateway.server.region,
+            body_bytes: raw.len(),
+            prompt_tokens: judged.prompt_tokens,
+        };
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let headers = snap
+            .policies
+            .authorize(&preq, &req.headers, path, &ctx.request_id)
+            .await?;
+        ctx.policy_headers = headers;
+    }
+
+    // Token budgets: the prompt estimate plus every output token the
+    // request may use, settled with the real usage when the answer ends.
+    let reserve = judged
+        .prompt_tokens
+        .saturating_add(judged.max_output_tokens);
+    if let Some(held) = ctx.limits.as_mut() {
+        gw.limiter.reserve(held, &tenant, reserve).await?;
+    }
+    ctx.usage_tap = Some(route.api.usage_tap(
+        judged.features.contains(Feature::Stream),
+        !judged.usage_requested,
+    ));
+    let body = judged.body.clone();
+    ctx.judged = Some(judged);
+    let head = router_head(session, ctx, body.len())
+        .map_err(|_| internal("the router's request head could not be built"))?;
+    Ok(Outcome::Forward(Box::new(head), body))
+}
+
+/// Head sanity: size limits, Host, a canonical path, unambiguous framing.
+fn head_sanity(session: &Session, ctx: &RequestCtx) -> Result<(), Reject> {
+    let req = session.req_header();
+    inbound::check_head(req, &ctx.snapshot.gateway.server.head_limits)?;
+    inbound::check(&req.headers, || {
+        let down = session.as_downstream();
+        down.as_http1().map(|_| down.to_h1_raw())
+    })
+}
+
+/// Identity, then the header policy (suspension, route, method, region,
+/// the route's plan feature). Failed authentications count against the
+/// client's address.
+fn identify(gw: &Gateway, session: &Session, ctx: &mut RequestCtx) -> Result<(), Reject> {
+    let req = session.req_header();
+    let snap = &ctx.snapshot;
+    let ip = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip());
+    if let Some(ip) = &ip {
+        gw.auth_failures.check(ip)?;
+    }
+    let cert = session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .and_then(|s| s.extension.get::<CertIdentity>());
+    let who = identity::resolve(&snap.auth, &snap.tenants, &req.headers, cert, unix_now())
+        .inspect_err(|r| {
+            if let (401, Some(ip)) = (r.status, &ip) {
+                gw.auth_failures.record_failure(ip);
+            }
+        })?;
+    let route = authz::admit(
+        &who.tenant,
+        &snap.routes,
+        &req.method,
+        req.uri.path(),
+        &snap.gateway.server.region,
+    );
+    // Known even when the route is refused: the rejection is counted
+    // against the tenant and carries its rate-limit headers.
+    ctx.identity = Some(who);
+    ctx.route = Some(route?);
+    Ok(())
+}
+
+/// The head the router gets: HTTP/1.1 without the client's hop-by-hop and
+/// trusted headers, with the signed context, framing the judged body.
+fn router_head(
+    session: &Session,
+    ctx: &RequestCtx,
+    body_len: usize,
+) -> pingora::Result<RequestHeader> {
+    let Some(who) = &ctx.identity else {
+        return pingora::Error::e_explain(pingora::ErrorType::InternalError, "no identity");
+    };
+    let client_ip = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    let tls = session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .is_some();
+    let trusted = TrustedContext {
+        tenant: &who.tenant,
+        request_id: &ctx.request_id,
+        model: ctx.judged.as_ref().map(|j| j.model.as_str()),
+        client_ip: &client_ip,
+        proto: if tls { "https" } else { "http" },
+        policy: &ctx.policy_headers,
+        strip: ctx
+            .snapshot
+            .gateway
+            .policy
+            .ext_authz
+            .as_ref()
+            .map_or(&[], |e| e.allowed_upstream_headers.as_slice()),
+    };
+    let mut head = session.req_header().clone();
+    forward::for_h1_router(&mut head)?;
+    forward::apply(&mut head, &trusted, &ctx.snapshot.signer, unix_now())?;
+    head.insert_header("content-length", body_len.to_string())?;
+    Ok(head)
+}
+
+fn internal(what: &'static str) -> Reject {
+    tracing::error!(what, "request path invariant broken");
+    Reject::new(500, "internal_error", "internal gateway error")
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
