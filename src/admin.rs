@@ -29,19 +29,16 @@ impl ServeHttp for Admin {
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 let generation = self.reloader.generation();
-                if self.balancer.select(b"", 256).is_some() {
-                    (
-                        200,
-                        "text/plain",
-                        format!("ready generation={generation}\n").into_bytes(),
-                    )
+                let (status, mut text) = if self.balancer.select(b"", 256).is_some() {
+                    (200, format!("ready generation={generation}\n"))
                 } else {
-                    (
-                        503,
-                        "text/plain",
-                        format!("no healthy router generation={generation}\n").into_bytes(),
-                    )
+                    (503, format!("no healthy router generation={generation}\n"))
+                };
+                let pending = self.reloader.restart_needed();
+                if !pending.is_empty() {
+                    text.push_str(&format!("restart needed: {}\n", pending.join(", ")));
                 }
+                (status, "text/plain", text.into_bytes())
             }
             "/metrics" => (200, "text/plain; version=0.0.4", metrics::render()),
             _ => (404, "text/plain", b"not found\n".to_vec()),

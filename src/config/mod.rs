@@ -6,6 +6,7 @@
 
 pub mod diag;
 pub mod gateway;
+pub mod process;
 pub mod reload;
 pub mod tenants;
 

@@ -21,7 +21,8 @@ use pingora::services::background::BackgroundService;
 use arc_swap::ArcSwap;
 
 use super::diag::{ConfigErrors, Diagnostic};
-use super::gateway::JwksSource;
+use super::gateway::{GatewayConfig, JwksSource};
+use super::process;
 use super::{SharedSnapshot, Snapshot};
 use crate::identity::mtls::TlsMaterial;
 use crate::observe::metrics::METRICS;
@@ -34,6 +35,11 @@ pub struct Reloader {
     gateway_path: PathBuf,
     shared: SharedSnapshot,
     generation: AtomicU64,
+    /// The configuration the process started with, for its process-only
+    /// settings.
+    started: Arc<GatewayConfig>,
+    /// Process-only keys the snapshot in force has changed.
+    restart_needed: ArcSwap<Vec<&'static str>>,
     /// The TLS listeners' certificates, reloaded with the snapshot.
     tls: Option<Arc<ArcSwap<TlsMaterial>>>,
 }
@@ -49,10 +55,13 @@ impl Reloader {
         for result in ["ok", "error"] {
             METRICS.config_reloads.with_label_values(&[result]);
         }
+        METRICS.config_restart_needed.set(0);
         Reloader {
             gateway_path: gateway_path.to_path_buf(),
+            started: shared.load().gateway.clone(),
             shared,
             generation: AtomicU64::new(1),
+            restart_needed: ArcSwap::from_pointee(Vec::new()),
             tls,
         }
     }
@@ -60,6 +69,12 @@ impl Reloader {
     /// The generation of the snapshot in force (1 at start).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// Process-only keys that differ from the ones the process started
+    /// with: in force only after a restart or an upgrade.
+    pub fn restart_needed(&self) -> Arc<Vec<&'static str>> {
+        self.restart_needed.load_full()
     }
 
     /// Loads a new snapshot and swaps it in; an invalid one changes nothing.
@@ -87,6 +102,15 @@ impl Reloader {
                 for note in next.policies.rego.iter().flat_map(|r| r.compiler_notes()) {
                     note.log();
                 }
+                let pending = process::restart_needed(&self.started, &next.gateway);
+                for key in &pending {
+                    tracing::warn!(
+                        key,
+                        "restart needed: {key} changed, and applies only at start"
+                    );
+                }
+                METRICS.config_restart_needed.set(pending.len() as i64);
+                self.restart_needed.store(Arc::new(pending));
                 self.shared.store(Arc::new(next));
                 let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 METRICS.config_generation.set(generation as i64);

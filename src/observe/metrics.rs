@@ -25,6 +25,7 @@ pub struct Metrics {
     pub gateway_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
     pub config_generation: IntGauge,
+    pub config_restart_needed: IntGauge,
     pub config_reloads: IntCounterVec,
     pub limiter_backend_errors: IntCounter,
     pub upstream_insecure: IntGauge,
@@ -76,6 +77,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         BUCKETS.to_vec()
     )
     .expect("register portcullis_upstream_duration_seconds"),
+    config_restart_needed: register_int_gauge!(
+        "portcullis_config_restart_needed",
+        "Process-only settings the configuration in force changed; they apply at the next restart or upgrade"
+    )
+    .expect("register portcullis_config_restart_needed"),
     config_generation: register_int_gauge!(
         "portcullis_config_generation",
         "Generation of the configuration snapshot in force"

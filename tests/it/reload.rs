@@ -25,7 +25,7 @@ async fn generation(gw: &Gateway) -> u64 {
     let body = String::from_utf8_lossy(&r.body);
     body.split("generation=")
         .nth(1)
-        .and_then(|g| g.trim().parse().ok())
+        .and_then(|g| g.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no generation in {body:?}"))
 }
 
@@ -151,4 +151,71 @@ async fn twenty_reloads_under_load_lose_no_request() {
     assert!(ok > 20);
     assert_eq!(reloads, 20, "every change was applied");
     assert_eq!(generation(&gw).await, 21);
+}
+
+/// A reload that changes a setting the process reads only at start applies
+/// the rest and says the key needs a restart (log, /readyz, metric),
+/// instead of reporting `ok` and silently changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_only_change_is_reported_as_restart_needed() {
+    let gw = Gateway::start_with(Options {
+        gateway_extra: "[limits]\nmax_inflight = 1000\n".into(),
+        capture_logs: true,
+        ..Options::default()
+    })
+    .await;
+    let path = gw.dir.path().join("gateway.toml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let readyz = || async {
+        let r = send(gw.admin, &get("/readyz").build()).await.unwrap();
+        (r.status, String::from_utf8_lossy(&r.body).to_string())
+    };
+    let gw_ref = &gw;
+    let reloaded_to = |n: u64| async move {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while generation(gw_ref).await < n {
+            assert!(Instant::now() < deadline, "no reload to generation {n}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert!(!readyz().await.1.contains("restart needed"));
+
+    // A process-only key and a reloaded one change together.
+    let changed = original
+        .replace("max_inflight = 1000", "max_inflight = 5")
+        .replace("region = \"us-east-1\"", "region = \"eu-west-1\"");
+    replace_file(&path, &changed);
+    reloaded_to(2).await;
+    let (status, body) = readyz().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("restart needed: [limits] max_inflight"),
+        "{body}"
+    );
+    assert_eq!(metric(&gw, "portcullis_config_restart_needed ").await, 1);
+    assert_eq!(
+        metric(&gw, "portcullis_config_reloads_total{result=\"ok\"} ").await,
+        1
+    );
+    // The reloaded key did apply: acme's plan is us-east-1 only.
+    let r = gw
+        .send(
+            &post(CHAT, &chat_body())
+                .bearer(&gw.keys.token("acme"))
+                .build(),
+        )
+        .await;
+    assert_rejected(&gw, &r, 403, "region_not_allowed");
+    let log = std::fs::read_to_string(gw.dir.path().join("gateway.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("\"level\":\"WARN\"")
+            && l.contains("restart needed: [limits] max_inflight")),
+        "{log}"
+    );
+
+    // Back to what the process runs with: nothing is pending.
+    replace_file(&path, &original);
+    reloaded_to(3).await;
+    assert!(!readyz().await.1.contains("restart needed"));
+    assert_eq!(metric(&gw, "portcullis_config_restart_needed ").await, 0);
 }
