@@ -19,18 +19,8 @@ pub fn tenant() -> Tenant {
         features.insert(f);
     }
     Tenant {
-        limiter: std::sync::Arc::new(portcullis::limits::TenantLimiter::new(&limits)),
-        id: "bench".into(),
-        org: "bench-org".into(),
-        plan: "bench".into(),
-        suspended: false,
-        limits_header: limits.header_value(),
-        limits,
         models: vec!["m-small".into()],
         features,
-        regions: None,
-        forbidden_fields: vec![],
-        jwt_subjects: vec![],
-        mtls_identities: vec![],
+        ..Tenant::new("bench", "bench-org", "bench", limits, None)
     }
 }

@@ -1,13 +1,12 @@
 //! The body stage on arbitrary bytes, for each route: it must never panic,
 //! and what it accepts must be JSON it would accept again.
 #![no_main]
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use portcullis::body::schema::Schemas;
 use portcullis::body::{judge, BodyConfig};
 use portcullis::config::tenants::{Feature, FeatureSet, Limits, Tenant};
-use portcullis::limits::TenantLimiter;
 use portcullis::route::Routes;
 
 static TENANT: LazyLock<Tenant> = LazyLock::new(|| {
@@ -31,19 +30,10 @@ static TENANT: LazyLock<Tenant> = LazyLock::new(|| {
         features.insert(f);
     }
     Tenant {
-        limiter: Arc::new(TenantLimiter::new(&limits)),
-        id: "fuzz".into(),
-        org: "fuzz-org".into(),
-        plan: "fuzz".into(),
-        suspended: false,
-        limits_header: limits.header_value(),
-        limits,
         models: vec!["m-small".into(), "m-exp-*".into()],
         features,
-        regions: None,
         forbidden_fields: vec!["logit_bias".into()],
-        jwt_subjects: vec![],
-        mtls_identities: vec![],
+        ..Tenant::new("fuzz", "fuzz-org", "fuzz", limits, None)
     }
 });
 static ROUTES: LazyLock<Routes> = LazyLock::new(Routes::built_in);

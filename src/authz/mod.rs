@@ -84,19 +84,11 @@ mod tests {
             max_output_tokens: 1,
         };
         Tenant {
-            limiter: std::sync::Arc::new(crate::limits::TenantLimiter::new(&limits)),
-            id: "t".into(),
-            org: "o".into(),
-            plan: "p".into(),
             suspended,
-            limits_header: limits.header_value(),
-            limits,
             models: vec!["m-1".into(), "m-*".into()],
             features: set,
             regions,
-            forbidden_fields: vec![],
-            jwt_subjects: vec![],
-            mtls_identities: vec![],
+            ..Tenant::new("t", "o", "p", limits, None)
         }
     }
 

@@ -135,6 +135,39 @@ pub struct Tenant {
 }
 
 impl Tenant {
+    /// A tenant with `limits` and nothing else allowed yet (no models,
+    /// features, bindings). The derived fields are computed here, in one
+    /// place: the `x-tenant-limits` value, and the limiter, which is
+    /// `previous`'s when its limits are the same, so a reload keeps the
+    /// tenant's limit state.
+    pub fn new(
+        id: &str,
+        org: &str,
+        plan: &str,
+        limits: Limits,
+        previous: Option<&Tenant>,
+    ) -> Tenant {
+        let limiter = previous
+            .filter(|t| t.limiter.limits() == &limits)
+            .map(|t| t.limiter.clone())
+            .unwrap_or_else(|| Arc::new(TenantLimiter::new(&limits)));
+        Tenant {
+            id: id.into(),
+            org: org.into(),
+            plan: plan.into(),
+            suspended: false,
+            limits_header: limits.header_value(),
+            limits,
+            models: Vec::new(),
+            features: FeatureSet::default(),
+            regions: None,
+            forbidden_fields: Vec::new(),
+            jwt_subjects: Vec::new(),
+            mtls_identities: Vec::new(),
+            limiter,
+        }
+    }
+
     /// The allowlist entry `model` matches: an exact name, or a prefix
     /// for entries ending in `*`.
     pub fn model_entry(&self, model: &str) -> Option<&str> {
@@ -354,19 +387,8 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
             }
         }
 
-        let limiter = previous
-            .and_then(|p| p.by_id(&id))
-            .filter(|t| t.limiter.limits() == &limits)
-            .map(|t| t.limiter.clone())
-            .unwrap_or_else(|| Arc::new(TenantLimiter::new(&limits)));
         let tenant = Tenant {
-            limiter,
-            limits_header: limits.header_value(),
-            id: id.clone(),
-            org: t.org,
-            plan: t.plan.into_inner(),
             suspended: t.suspended,
-            limits,
             models: models.iter().map(|m| m.get_ref().clone()).collect(),
             features,
             regions: o.regions.clone().or_else(|| plan.regions.clone()),
@@ -380,6 +402,13 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
                 .into_iter()
                 .map(Spanned::into_inner)
                 .collect(),
+            ..Tenant::new(
+                &id,
+                &t.org,
+                t.plan.get_ref(),
+                limits,
+                previous.and_then(|p| p.by_id(&id)).map(|t| &**t),
+            )
         };
         out.by_id.insert(id, index);
         out.list.push(Arc::new(tenant));

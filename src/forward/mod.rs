@@ -230,8 +230,7 @@ mod tests {
         assert!(!spoofs_trusted_header("x_custom"));
     }
 
-    use crate::config::tenants::{FeatureSet, Limits, Tenant};
-    use crate::limits::TenantLimiter;
+    use crate::config::tenants::{Limits, Tenant};
     use crate::reject::Reject;
     use proptest::prelude::*;
 
@@ -246,21 +245,7 @@ mod tests {
             max_prompt_tokens: 1,
             max_output_tokens: 1,
         };
-        Tenant {
-            limiter: std::sync::Arc::new(TenantLimiter::new(&limits)),
-            id: "acme".into(),
-            org: "acme-corp".into(),
-            plan: "free".into(),
-            suspended: false,
-            limits_header: limits.header_value(),
-            limits,
-            models: vec![],
-            features: FeatureSet::default(),
-            regions: None,
-            forbidden_fields: vec![],
-            jwt_subjects: vec![],
-            mtls_identities: vec![],
-        }
+        Tenant::new("acme", "acme-corp", "free", limits, None)
     }
 
     /// Header names a client might try: trusted ones in any case and with
