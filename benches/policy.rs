@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use portcullis::config::tenants::{Feature, FeatureSet};
 use portcullis::identity::jwt::VerifiedToken;
 use portcullis::identity::{Identity, IdentityKind};
 use portcullis::policy::rego::RegoPolicy;
 use portcullis::policy::PolicyRequest;
 use portcullis::route::Routes;
+use portcullis::tenant::{Feature, FeatureSet};
 use serde_json::json;
 
 mod common;

@@ -16,10 +16,29 @@ use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, Version};
 use pingora::http::RequestHeader;
 
-use crate::config::gateway::HeadLimits;
-
 use crate::forward::spoofs_trusted_header;
 use crate::reject::Reject;
+
+/// Bounds on a request head, checked before anything else reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// The request target (path and query): 414 above it.
+    pub max_request_target: usize,
+    /// All header names and values together: 431 above it.
+    pub max_header_bytes: usize,
+    /// Header fields: 431 above it.
+    pub max_headers: usize,
+}
+
+impl Default for HeadLimits {
+    fn default() -> Self {
+        HeadLimits {
+            max_request_target: 8 * 1024,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+        }
+    }
+}
 
 /// Checks the head's size, Host and path; the first problem found is returned.
 pub fn check_head(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Reject> {

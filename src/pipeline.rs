@@ -11,7 +11,6 @@ use pingora::proxy::Session;
 
 use crate::authz;
 use crate::body::{self, intake};
-use crate::config::tenants::Feature;
 use crate::forward::{self, TrustedContext};
 use crate::identity;
 use crate::identity::mtls::CertIdentity;
@@ -19,6 +18,7 @@ use crate::inbound;
 use crate::policy::PolicyRequest;
 use crate::proxy::{Gateway, RequestCtx};
 use crate::reject::Reject;
+use crate::tenant::Feature;
 
 /// What a request that passed every stage gets.
 pub enum Outcome {

@@ -13,8 +13,8 @@ use http::Method;
 use serde_json::{Map, Value};
 
 use crate::body::tokens;
-use crate::config::tenants::{Feature, FeatureSet};
 use crate::response::{StreamTap, UsageTap};
+use crate::tenant::{Feature, FeatureSet};
 
 /// How a route's body and usage are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

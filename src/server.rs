@@ -19,18 +19,18 @@ use pingora::tls::ssl::{SslFiletype, SslVerifyMode, SslVersion};
 use pingora::tls::x509::X509Name;
 
 use crate::admin::Admin;
-use crate::config::gateway::{
-    ClientCertMode, HeadLimits, LimitsBackend, TlsListenerConfig, UpstreamConfig,
-};
 use crate::config::reload::{ReloadService, Reloader};
 use crate::config::Snapshot;
 use crate::connection::Guarded;
-use crate::forward::upstream::{self, RouterPeers, Upstream};
+use crate::forward::upstream::{self, RouterPeers, Upstream, UpstreamConfig};
 use crate::identity::jwks_fetch::JwksRefreshService;
-use crate::identity::mtls::{client_verify_store, CertCallbacks, TlsMaterial};
+use crate::identity::mtls::{
+    client_verify_store, CertCallbacks, ClientCertMode, TlsListenerConfig, TlsMaterial,
+};
+use crate::inbound::HeadLimits;
 use crate::limits::guard::{AuthFailures, Overload};
 use crate::limits::redis::{BreakerProbe, RedisLimits};
-use crate::limits::Limiter;
+use crate::limits::{Limiter, LimitsBackend};
 use crate::observe::logging::LoggingService;
 use crate::observe::metrics::METRICS;
 use crate::proxy::Gateway;

@@ -1,6 +1,6 @@
 //! What the benches share: a tenant to act for.
 
-use portcullis::config::tenants::{Feature, FeatureSet, Limits, Tenant};
+use portcullis::tenant::{Feature, FeatureSet, Limits, Tenant};
 
 /// A tenant that no limit stops, on a plan with chat and streaming.
 pub fn tenant() -> Tenant {

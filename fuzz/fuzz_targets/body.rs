@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use libfuzzer_sys::fuzz_target;
 use portcullis::body::schema::Schemas;
 use portcullis::body::{judge, BodyConfig};
-use portcullis::config::tenants::{Feature, FeatureSet, Limits, Tenant};
+use portcullis::tenant::{Feature, FeatureSet, Limits, Tenant};
 use portcullis::route::Routes;
 
 static TENANT: LazyLock<Tenant> = LazyLock::new(|| {

@@ -7,9 +7,9 @@
 
 use http::Method;
 
-use crate::config::tenants::Tenant;
 use crate::reject::Reject;
 use crate::route::{Route, Routes};
+use crate::tenant::Tenant;
 
 /// Decides whether `tenant` may call `method path` through a gateway in `region`.
 pub fn admit(
@@ -68,7 +68,7 @@ pub fn models_body(tenant: &Tenant) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tenants::{Feature, FeatureSet, Limits};
+    use crate::tenant::{Feature, FeatureSet, Limits};
 
     fn tenant(features: &[Feature], regions: Option<Vec<String>>, suspended: bool) -> Tenant {
         let mut set = FeatureSet::default();

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::config::tenants::{FeatureSet, Tenant};
 use crate::reject::Reject;
 use crate::route::RouteSpec;
+use crate::tenant::{FeatureSet, Tenant};
 use policy::OverCap;
 use schema::Schemas;
 

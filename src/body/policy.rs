@@ -3,9 +3,9 @@
 
 use serde_json::{Map, Value};
 
-use crate::config::tenants::{Feature, FeatureSet, Tenant};
 use crate::reject::Reject;
 use crate::route::Api;
+use crate::tenant::{Feature, FeatureSet, Tenant};
 
 /// What to do with a `max_tokens` above the plan's `max_output_tokens`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]

@@ -7,7 +7,7 @@ use jsonschema::error::ValidationErrorKind;
 use jsonschema::Validator;
 use serde_json::Value;
 
-use crate::config::diag::Diagnostic;
+use crate::diag::Diagnostic;
 use crate::reject::Reject;
 use crate::route::{RouteSpec, Routes};
 

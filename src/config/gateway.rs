@@ -4,6 +4,12 @@
 //! Every table denies unknown keys: a misspelt limit must fail the load,
 //! never silently switch a check off.
 
+use crate::forward::upstream::UpstreamConfig;
+use crate::identity::jwt::{JwksSource, JwtConfig};
+use crate::identity::mtls::{ClientCertMode, TlsListenerConfig};
+use crate::inbound::HeadLimits;
+use crate::limits::{LimitsBackend, LimitsConfig, OnBackendError};
+use crate::policy::ext_authz::ExtAuthzConfig;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -111,16 +117,6 @@ struct RawTls {
     crl: Option<Spanned<String>>,
     #[serde(default)]
     client_cert: ClientCertMode,
-}
-
-/// Whether TLS listeners ask for, or demand, a client certificate.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ClientCertMode {
-    #[default]
-    None,
-    Optional,
-    Required,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,25 +240,6 @@ fn default_auth_failures() -> u32 {
     60
 }
 
-/// Where quota state lives: in this process, or shared through Redis.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LimitsBackend {
-    #[default]
-    Local,
-    Redis,
-}
-
-/// What the limiter does when its backend cannot answer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnBackendError {
-    #[default]
-    Local,
-    Open,
-    Closed,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
@@ -332,91 +309,6 @@ pub struct ServerConfig {
     pub tls: Option<TlsListenerConfig>,
 }
 
-/// Bounds on a request head, checked before anything else reads it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeadLimits {
-    /// The request target (path and query): 414 above it.
-    pub max_request_target: usize,
-    /// All header names and values together: 431 above it.
-    pub max_header_bytes: usize,
-    /// Header fields: 431 above it.
-    pub max_headers: usize,
-}
-
-impl Default for HeadLimits {
-    fn default() -> Self {
-        HeadLimits {
-            max_request_target: 8 * 1024,
-            max_header_bytes: 32 * 1024,
-            max_headers: 100,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct TlsListenerConfig {
-    pub listen: Vec<SocketAddr>,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub client_ca: Option<PathBuf>,
-    /// When set, every client certificate is checked against these CRLs;
-    /// one without a current CRL from its issuer is refused.
-    pub crl: Option<PathBuf>,
-    pub client_cert: ClientCertMode,
-}
-
-#[derive(Debug, Clone)]
-pub struct UpstreamConfig {
-    pub addresses: Vec<SocketAddr>,
-    pub tls: bool,
-    pub sni: String,
-    pub ca: Option<PathBuf>,
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-    /// Whether the router's certificate chain and name are checked. Off
-    /// only with the explicit `insecure = true`, logged at every start.
-    pub verify: bool,
-    pub connect_timeout: Duration,
-    pub read_timeout: Duration,
-    pub health_check_interval: Duration,
-    /// `GET` this path as the health check (200 passes) instead of
-    /// connecting (and, for TLS, handshaking).
-    pub health_check_path: Option<String>,
-}
-
-/// Where the JWT verification keys come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JwksSource {
-    File(PathBuf),
-    Url(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct JwtConfig {
-    pub issuer: String,
-    pub audiences: Vec<String>,
-    pub jwks: JwksSource,
-    pub tenant_claim: String,
-    pub leeway_seconds: u64,
-    pub algorithms: Vec<jsonwebtoken::Algorithm>,
-    pub jwks_refresh: Duration,
-    /// The shortest gap between refreshes prompted by unknown `kid`s.
-    pub jwks_unknown_kid_refresh: Duration,
-    pub token_cache_entries: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct LimitsConfig {
-    pub backend: LimitsBackend,
-    pub redis_url: Option<String>,
-    pub on_backend_error: OnBackendError,
-    pub auth_failures_per_ip_per_minute: u32,
-    /// Requests in flight across the gateway before 503 `gateway_overloaded`.
-    pub max_inflight: usize,
-    /// The most a Redis call may add to a request before the breaker opens.
-    pub redis_timeout: Duration,
-}
-
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
     pub tenants: PathBuf,
@@ -428,27 +320,6 @@ pub struct PolicyConfig {
     /// JWT claims a policy may read (`input.identity.claims`); others stay hidden.
     pub jwt_claims: Vec<String>,
     pub ext_authz: Option<ExtAuthzConfig>,
-}
-
-/// An Envoy-compatible HTTP external authorizer.
-#[derive(Debug, Clone)]
-pub struct ExtAuthzConfig {
-    pub addr: SocketAddr,
-    pub tls: bool,
-    /// The URL's host: the `Host` header, and the name verified over TLS.
-    pub host: String,
-    /// The URL's path, prefixed to the request's path.
-    pub path_prefix: String,
-    pub ca: Option<PathBuf>,
-    pub timeout: Duration,
-    pub failure_mode_allow: bool,
-    /// Client request headers passed to the authorizer (lower case).
-    pub allowed_headers: Vec<String>,
-    /// Authorizer response headers passed to the router on an allow.
-    pub allowed_upstream_headers: Vec<String>,
-    /// Zero disables the decision cache.
-    pub cache_ttl: Duration,
-    pub cache_entries: usize,
 }
 
 /// Parses and validates `gateway.toml`, collecting every problem found.

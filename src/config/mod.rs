@@ -19,15 +19,16 @@ use crate::body::schema::Schemas;
 use crate::forward::context::ContextSigner;
 use crate::identity::jwks::KeySet;
 use crate::identity::jwks_fetch::JwksRefresh;
+use crate::identity::jwt::JwksSource;
 use crate::identity::jwt::JwtVerifier;
 use crate::identity::Authenticator;
 use crate::policy::ext_authz::ExtAuthz;
 use crate::policy::rego::RegoPolicy;
 use crate::policy::Policies;
 use crate::route::Routes;
+use crate::tenant::Tenants;
 use diag::{ConfigErrors, Diagnostic};
-use gateway::{GatewayConfig, JwksSource};
-use tenants::Tenants;
+use gateway::GatewayConfig;
 
 /// Everything a request needs, fixed for the request's lifetime.
 pub struct Snapshot {

@@ -21,9 +21,10 @@ use pingora::services::background::BackgroundService;
 use arc_swap::ArcSwap;
 
 use super::diag::{ConfigErrors, Diagnostic};
-use super::gateway::{GatewayConfig, JwksSource};
+use super::gateway::GatewayConfig;
 use super::process;
 use super::{SharedSnapshot, Snapshot};
+use crate::identity::jwt::JwksSource;
 use crate::identity::mtls::TlsMaterial;
 use crate::observe::metrics::METRICS;
 

@@ -11,7 +11,7 @@ pub mod upstream;
 use http::HeaderName;
 use pingora::http::RequestHeader;
 
-use crate::config::tenants::Tenant;
+use crate::tenant::Tenant;
 use context::ContextSigner;
 
 /// True for a (lower-case) header name that only the gateway may set.
@@ -230,8 +230,8 @@ mod tests {
         assert!(!spoofs_trusted_header("x_custom"));
     }
 
-    use crate::config::tenants::{Limits, Tenant};
     use crate::reject::Reject;
+    use crate::tenant::{Limits, Tenant};
     use proptest::prelude::*;
 
     fn tenant() -> Tenant {

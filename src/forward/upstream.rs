@@ -22,7 +22,25 @@ use pingora::{Error, ErrorType, Result};
 use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::config::gateway::UpstreamConfig;
+use std::path::PathBuf;
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub addresses: Vec<std::net::SocketAddr>,
+    pub tls: bool,
+    pub sni: String,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Whether the router's certificate chain and name are checked. Off
+    /// only with the explicit `insecure = true`, logged at every start.
+    pub verify: bool,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub health_check_interval: Duration,
+    /// `GET` this path as the health check (200 passes) instead of
+    /// connecting (and, for TLS, handshaking).
+    pub health_check_path: Option<String>,
+}
 
 /// How every connection to a replica is made, request or health check:
 /// the address aside, the same TLS, SNI, CA, client certificate and

@@ -25,10 +25,17 @@ pub fn hash_entry(key: &str) -> String {
     format!("sha256:{}", hex::encode(digest(key)))
 }
 
+/// Parses `sha256:<64 hex>` into the digest bytes.
+pub fn parse_key_hash(s: &str) -> Option<[u8; 32]> {
+    let hex_part = s.strip_prefix("sha256:")?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut out).ok()?;
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tenants::parse_key_hash;
 
     #[test]
     fn generated_keys_have_the_documented_shape() {

@@ -4,7 +4,9 @@
 //! The token header's `jku`, `x5u` and `jwk` members are never read: keys
 //! come only from the configured JWKS.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use jsonwebtoken::{decode, decode_header, Algorithm, Validation};
@@ -13,8 +15,28 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::jwks::KeySet;
-use crate::config::gateway::JwtConfig;
 use crate::reject::Reject;
+
+/// Where the JWT verification keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    File(PathBuf),
+    Url(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub jwks: JwksSource,
+    pub tenant_claim: String,
+    pub leeway_seconds: u64,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub jwks_refresh: Duration,
+    /// The shortest gap between refreshes prompted by unknown `kid`s.
+    pub jwks_unknown_kid_refresh: Duration,
+    pub token_cache_entries: usize,
+}
 
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -160,7 +182,6 @@ impl JwtVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::gateway::{JwksSource, JwtConfig};
     use crate::dev::{mint, DevJwtKey, MintRequest};
     use std::time::Duration;
 

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
-use crate::config::tenants::{Tenant, Tenants};
 use crate::reject::Reject;
+use crate::tenant::{Tenant, Tenants};
 use jwks_fetch::JwksRefresh;
 use jwt::{JwtVerifier, TokenError, VerifiedToken};
 

@@ -5,7 +5,9 @@
 //! tenant.
 
 use std::any::Any;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -21,7 +23,27 @@ use pingora::tls::x509::store::{X509Lookup, X509Store, X509StoreBuilder};
 use pingora::tls::x509::verify::X509VerifyFlags;
 use pingora::tls::x509::{X509Crl, X509PurposeId, X509};
 
-use crate::config::gateway::TlsListenerConfig;
+/// Whether TLS listeners ask for, or demand, a client certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertMode {
+    #[default]
+    None,
+    Optional,
+    Required,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsListenerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    /// When set, every client certificate is checked against these CRLs;
+    /// one without a current CRL from its issuer is refused.
+    pub crl: Option<PathBuf>,
+    pub client_cert: ClientCertMode,
+}
 
 /// The certificate chain, key and client CA a listener serves with.
 pub struct TlsMaterial {

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use super::redis::{Decision, RedisLimits, RemoteReservation, RemoteSlot};
 use super::{Reservation, Slot, TenantLimiter};
-use crate::config::tenants::Tenant;
 use crate::observe::metrics::InflightMark;
 use crate::reject::Reject;
+use crate::tenant::Tenant;
 
 /// Where the tenants' limit state lives.
 pub enum Limiter {

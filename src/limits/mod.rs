@@ -18,8 +18,39 @@ use std::time::Duration;
 use cell::{now_ns, Cell, Exhausted, Rate};
 pub use held::{Held, Limiter};
 
-use crate::config::tenants::Limits;
 use crate::reject::Reject;
+use crate::tenant::Limits;
+
+/// Where quota state lives: in this process, or shared through Redis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsBackend {
+    #[default]
+    Local,
+    Redis,
+}
+
+/// What the limiter does when its backend cannot answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBackendError {
+    #[default]
+    Local,
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub backend: LimitsBackend,
+    pub redis_url: Option<String>,
+    pub on_backend_error: OnBackendError,
+    pub auth_failures_per_ip_per_minute: u32,
+    /// Requests in flight across the gateway before 503 `gateway_overloaded`.
+    pub max_inflight: usize,
+    /// The most a Redis call may add to a request before the breaker opens.
+    pub redis_timeout: Duration,
+}
 
 const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);

@@ -22,11 +22,11 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 use tokio::sync::OnceCell;
 
+use super::OnBackendError;
 use super::TenantLimiter;
-use crate::config::gateway::OnBackendError;
-use crate::config::tenants::Tenant;
 use crate::observe::metrics::METRICS;
 use crate::reject::Reject;
+use crate::tenant::Tenant;
 
 /// Every request cell and a concurrency slot in one round trip.
 /// `KEYS[1..n-1]` are GCRA cells, `KEYS[n]` the slot set; `ARGV` is

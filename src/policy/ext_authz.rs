@@ -8,8 +8,10 @@
 //! Decisions are cached for `cache_ttl_ms`, keyed by tenant, route, model
 //! and feature set; errors are never cached.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -19,11 +21,31 @@ use pingora::tls::x509::X509;
 use pingora::upstreams::peer::HttpPeer;
 use quick_cache::sync::Cache;
 
-use crate::config::gateway::ExtAuthzConfig;
 use crate::forward::upstream::load_ca;
 use crate::observe::metrics::METRICS;
 use crate::policy::{policy_error, PolicyHeaders, PolicyRequest};
 use crate::reject::Reject;
+
+/// An Envoy-compatible HTTP external authorizer.
+#[derive(Debug, Clone)]
+pub struct ExtAuthzConfig {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    /// The URL's host: the `Host` header, and the name verified over TLS.
+    pub host: String,
+    /// The URL's path, prefixed to the request's path.
+    pub path_prefix: String,
+    pub ca: Option<PathBuf>,
+    pub timeout: Duration,
+    pub failure_mode_allow: bool,
+    /// Client request headers passed to the authorizer (lower case).
+    pub allowed_headers: Vec<String>,
+    /// Authorizer response headers passed to the router on an allow.
+    pub allowed_upstream_headers: Vec<String>,
+    /// Zero disables the decision cache.
+    pub cache_ttl: Duration,
+    pub cache_entries: usize,
+}
 
 /// The most of a denial's body the gateway relays.
 const MAX_DENY_BODY: usize = 8 * 1024;

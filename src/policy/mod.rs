@@ -14,11 +14,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use http::HeaderMap;
 use regorus::Value;
 
-use crate::config::tenants::{Feature, FeatureSet};
 use crate::identity::Identity;
 use crate::observe::metrics::METRICS;
 use crate::reject::Reject;
 use crate::route::RouteSpec;
+use crate::tenant::{Feature, FeatureSet};
 use ext_authz::ExtAuthz;
 use rego::RegoPolicy;
 

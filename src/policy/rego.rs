@@ -24,7 +24,7 @@ use regorus::rvm::vm::RegoVM;
 use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{CompiledPolicy, Engine, Rc, Value};
 
-use crate::config::diag::Diagnostic;
+use crate::diag::Diagnostic;
 use crate::policy::{intern_code, policy_header, PolicyHeaders, MAX_HEADERS, MAX_MESSAGE};
 use crate::reject::Reject;
 

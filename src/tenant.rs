@@ -1,0 +1,209 @@
+//! Tenants as the request path sees them: who a tenant is, its effective
+//! limits (plan plus overrides), what its plan enables, and the table that
+//! finds it by credential. `config::tenants` builds these from
+//! `tenants.toml`; every stage reads them.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use crate::limits::TenantLimiter;
+
+/// What a plan may enable. Routes need one (`chat`, `completions`,
+/// `embeddings`); the rest are body features checked by the body stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum Feature {
+    Chat = 1 << 0,
+    Completions = 1 << 1,
+    Embeddings = 1 << 2,
+    Stream = 1 << 3,
+    Tools = 1 << 4,
+    JsonMode = 1 << 5,
+    Logprobs = 1 << 6,
+    Vision = 1 << 7,
+    MultiChoice = 1 << 8,
+}
+
+impl Feature {
+    pub const ALL: [Feature; 9] = [
+        Feature::Chat,
+        Feature::Completions,
+        Feature::Embeddings,
+        Feature::Stream,
+        Feature::Tools,
+        Feature::JsonMode,
+        Feature::Logprobs,
+        Feature::Vision,
+        Feature::MultiChoice,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Feature::Chat => "chat",
+            Feature::Completions => "completions",
+            Feature::Embeddings => "embeddings",
+            Feature::Stream => "stream",
+            Feature::Tools => "tools",
+            Feature::JsonMode => "json_mode",
+            Feature::Logprobs => "logprobs",
+            Feature::Vision => "vision",
+            Feature::MultiChoice => "multi_choice",
+        }
+    }
+
+    pub(crate) fn parse(name: &str) -> Option<Feature> {
+        Feature::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+/// A set of features as a bit mask: membership tests cost one AND.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FeatureSet(u16);
+
+impl FeatureSet {
+    pub fn contains(self, f: Feature) -> bool {
+        self.0 & f as u16 != 0
+    }
+    pub fn insert(&mut self, f: Feature) {
+        self.0 |= f as u16;
+    }
+}
+
+/// A tenant's effective numeric limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    pub tokens_per_minute: u64,
+    pub tokens_per_day: u64,
+    pub max_concurrency: u32,
+    pub max_body_bytes: u64,
+    pub max_prompt_tokens: u64,
+    pub max_output_tokens: u64,
+}
+
+impl Limits {
+    /// The `x-tenant-limits` encoding: `key=value` pairs joined by `;`, in
+    /// this fixed order, numbers in decimal (`rps` may carry a fraction).
+    pub fn header_value(&self) -> String {
+        let mut s = String::with_capacity(96);
+        // Writing to a String cannot fail.
+        let _ = write!(
+            s,
+            "rps={};burst={};tpm={};tpd={};conc={};body={};prompt={};output={}",
+            self.requests_per_second,
+            self.burst,
+            self.tokens_per_minute,
+            self.tokens_per_day,
+            self.max_concurrency,
+            self.max_body_bytes,
+            self.max_prompt_tokens,
+            self.max_output_tokens
+        );
+        s
+    }
+}
+
+/// One configured tenant, with everything the request path needs precomputed.
+#[derive(Debug)]
+pub struct Tenant {
+    pub id: String,
+    pub org: String,
+    pub plan: String,
+    pub suspended: bool,
+    pub limits: Limits,
+    /// Allowed model names; an entry ending in `*` matches by prefix.
+    pub models: Vec<String>,
+    pub features: FeatureSet,
+    /// `None` allows every region.
+    pub regions: Option<Vec<String>>,
+    /// Top-level body fields this tenant may not send.
+    pub forbidden_fields: Vec<String>,
+    /// When not empty, a JWT for this tenant must carry one of these `sub` values.
+    pub jwt_subjects: Vec<String>,
+    pub mtls_identities: Vec<String>,
+    /// Precomputed `x-tenant-limits` value.
+    pub limits_header: String,
+    /// The tenant's live limit state; carried across reloads while its
+    /// limits do not change.
+    pub limiter: Arc<TenantLimiter>,
+}
+
+impl Tenant {
+    /// A tenant with `limits` and nothing else allowed yet (no models,
+    /// features, bindings). The derived fields are computed here, in one
+    /// place: the `x-tenant-limits` value, and the limiter, which is
+    /// `previous`'s when its limits are the same, so a reload keeps the
+    /// tenant's limit state.
+    pub fn new(
+        id: &str,
+        org: &str,
+        plan: &str,
+        limits: Limits,
+        previous: Option<&Tenant>,
+    ) -> Tenant {
+        let limiter = previous
+            .filter(|t| t.limiter.limits() == &limits)
+            .map(|t| t.limiter.clone())
+            .unwrap_or_else(|| Arc::new(TenantLimiter::new(&limits)));
+        Tenant {
+            id: id.into(),
+            org: org.into(),
+            plan: plan.into(),
+            suspended: false,
+            limits_header: limits.header_value(),
+            limits,
+            models: Vec::new(),
+            features: FeatureSet::default(),
+            regions: None,
+            forbidden_fields: Vec::new(),
+            jwt_subjects: Vec::new(),
+            mtls_identities: Vec::new(),
+            limiter,
+        }
+    }
+
+    /// The allowlist entry `model` matches: an exact name, or a prefix
+    /// for entries ending in `*`.
+    pub fn model_entry(&self, model: &str) -> Option<&str> {
+        self.models
+            .iter()
+            .find(|m| match m.strip_suffix('*') {
+                Some(prefix) => model.starts_with(prefix),
+                None => *m == model,
+            })
+            .map(String::as_str)
+    }
+
+    pub fn allows_region(&self, region: &str) -> bool {
+        self.regions
+            .as_ref()
+            .is_none_or(|r| r.iter().any(|x| x == region))
+    }
+}
+
+/// The tenant table with O(1) indexes for each kind of credential.
+#[derive(Debug, Default)]
+pub struct Tenants {
+    pub list: Vec<Arc<Tenant>>,
+    pub(crate) by_id: HashMap<String, usize>,
+    pub(crate) by_api_key: HashMap<[u8; 32], usize>,
+    pub(crate) by_mtls: HashMap<String, usize>,
+}
+
+impl Tenants {
+    pub fn by_id(&self, id: &str) -> Option<&Arc<Tenant>> {
+        self.by_id.get(id).map(|&i| &self.list[i])
+    }
+
+    /// Looks a tenant up by a name from a verified client certificate.
+    pub fn by_mtls_identity(&self, name: &str) -> Option<&Arc<Tenant>> {
+        self.by_mtls.get(name).map(|&i| &self.list[i])
+    }
+
+    /// Looks a tenant up by the SHA-256 digest of a presented API key.
+    pub fn by_api_key_hash(&self, digest: &[u8; 32]) -> Option<&Arc<Tenant>> {
+        self.by_api_key.get(digest).map(|&i| &self.list[i])
+    }
+}
