@@ -17,7 +17,7 @@ use http::{HeaderMap, Version};
 use pingora::http::RequestHeader;
 
 use crate::forward::spoofs_trusted_header;
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 
 /// Bounds on a request head, checked before anything else reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +45,7 @@ pub fn check_head(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Reject
     if req.raw_path().len() > limits.max_request_target {
         return Err(Reject::new(
             414,
-            "uri_too_long",
+            RejectCode::UriTooLong,
             format!(
                 "the request target exceeds {} bytes",
                 limits.max_request_target
@@ -55,7 +55,7 @@ pub fn check_head(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Reject
     if req.headers.len() > limits.max_headers {
         return Err(Reject::new(
             431,
-            "headers_too_large",
+            RejectCode::HeadersTooLarge,
             format!("more than {} header fields", limits.max_headers),
         ));
     }
@@ -67,14 +67,14 @@ pub fn check_head(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Reject
     if header_bytes > limits.max_header_bytes {
         return Err(Reject::new(
             431,
-            "headers_too_large",
+            RejectCode::HeadersTooLarge,
             format!("the headers exceed {} bytes", limits.max_header_bytes),
         ));
     }
     // HTTP/1.1 requires Host (RFC 9112 3.2); HTTP/2 carries :authority.
     if req.version == Version::HTTP_11 && req.headers.get_all(HOST).iter().count() != 1 {
         return Err(Reject::bad_request(
-            "invalid_request",
+            RejectCode::InvalidRequest,
             "an HTTP/1.1 request needs exactly one Host header",
         ));
     }
@@ -86,13 +86,13 @@ pub fn check_head(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Reject
         .is_some_and(|a| a.as_str().contains('@'))
     {
         return Err(Reject::bad_request(
-            "invalid_request",
+            RejectCode::InvalidRequest,
             "the request authority carries userinfo",
         ));
     }
     if !canonical_path(req.uri.path()) {
         return Err(Reject::bad_request(
-            "invalid_path",
+            RejectCode::InvalidPath,
             "the path is not canonical: no percent-encoding, dot or empty segments, backslashes or upper case",
         ));
     }
@@ -146,7 +146,7 @@ pub fn check(headers: &HeaderMap, raw_head: impl FnOnce() -> Option<Bytes>) -> R
     }
     if let Some(name) = headers.keys().find(|n| spoofs_trusted_header(n.as_str())) {
         return Err(Reject::bad_request(
-            "invalid_request",
+            RejectCode::InvalidRequest,
             format!("header {name} spells a gateway-controlled header with underscores"),
         ));
     }
@@ -169,7 +169,7 @@ fn raw_has_content_length(raw: &[u8]) -> bool {
 
 fn framing(what: &'static str) -> Reject {
     Reject::bad_request(
-        "invalid_request",
+        RejectCode::InvalidRequest,
         format!("ambiguous request framing: {what}"),
     )
 }
@@ -261,7 +261,8 @@ mod tests {
         };
         let host = [("host", "gw")];
         assert!(check_head(&req("/v1/models", &host), &limits).is_ok());
-        let code = |r: RequestHeader| check_head(&r, &limits).map_err(|e| (e.status, e.code));
+        let code =
+            |r: RequestHeader| check_head(&r, &limits).map_err(|e| (e.status, e.code.as_str()));
         assert_eq!(
             code(req(&format!("/v1/models?{}", "a".repeat(32)), &host)),
             Err((414, "uri_too_long"))
@@ -291,7 +292,7 @@ mod tests {
     #[test]
     fn underscore_spellings_of_trusted_headers_are_refused() {
         let r = check(&h(&[("x_tenant_id", "evil")]), no_raw).unwrap_err();
-        assert_eq!((r.status, r.code), (400, "invalid_request"));
+        assert_eq!((r.status, r.code.as_str()), (400, "invalid_request"));
         assert!(check(&h(&[("x_custom_thing", "ok")]), no_raw).is_ok());
     }
 }

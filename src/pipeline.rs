@@ -17,7 +17,7 @@ use crate::identity::mtls::CertIdentity;
 use crate::inbound;
 use crate::policy::PolicyRequest;
 use crate::proxy::{Gateway, RequestCtx};
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 use crate::tenant::Feature;
 
 /// What a request that passed every stage gets.
@@ -193,7 +193,7 @@ fn router_head(
 
 fn internal(what: &'static str) -> Reject {
     tracing::error!(what, "request path invariant broken");
-    Reject::new(500, "internal_error", "internal gateway error")
+    Reject::new(500, RejectCode::InternalError, "internal gateway error")
 }
 
 fn unix_now() -> u64 {

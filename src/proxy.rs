@@ -26,7 +26,7 @@ use crate::observe::access_log::{self, AccessRecord};
 use crate::observe::metrics::{status_label, METRICS};
 use crate::pipeline::{self, Outcome};
 use crate::policy::PolicyHeaders;
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 use crate::response::UsageTap;
 use crate::route::Route;
 
@@ -99,7 +99,7 @@ impl Gateway {
     }
 
     async fn reject(&self, session: &mut Session, ctx: &mut RequestCtx, r: &Reject) -> Result<()> {
-        ctx.reject_code = Some(r.code);
+        ctx.reject_code = Some(r.code.as_str());
         if r.status == 400 {
             // After a framing or header error the connection's state is suspect.
             session.set_keepalive(None);
@@ -136,7 +136,7 @@ impl Gateway {
             self.reject(session, ctx, &r).await?;
         } else {
             // Too late for a clean error: the client sees the answer cut.
-            ctx.reject_code = Some(exchange::upstream_reject(&e).code);
+            ctx.reject_code = Some(exchange::upstream_reject(&e).code.as_str());
         }
         Ok(())
     }
@@ -214,7 +214,7 @@ impl ProxyHttp for Gateway {
     {
         let mut code = 0;
         if e.esource() != &ErrorSource::Downstream && session.response_written().is_none() {
-            let r = Reject::new(500, "internal_error", "internal gateway error");
+            let r = Reject::new(500, RejectCode::InternalError, "internal gateway error");
             code = r.status;
             if let Err(err) = self.reject(session, ctx, &r).await {
                 tracing::debug!(error = %err, "could not send the error response");

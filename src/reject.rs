@@ -8,11 +8,84 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 
+/// Declares the stable codes in one table: the variant and the string
+/// clients, dashboards and tests outside the project key on.
+macro_rules! reject_codes {
+    ($($variant:ident => $name:literal),* $(,)?) => {
+        /// The stable `code` of a rejection.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum RejectCode {
+            $($variant,)*
+            /// A policy's own denial code: validated and interned, so the set
+            /// stays bounded (`policy::intern_code`).
+            Policy(&'static str),
+        }
+
+        impl RejectCode {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(RejectCode::$variant => $name,)*
+                    RejectCode::Policy(code) => code,
+                }
+            }
+        }
+    };
+}
+
+reject_codes! {
+    AuthRateLimited => "auth_rate_limited",
+    BodyTooLarge => "body_too_large",
+    ConcurrencyLimitExceeded => "concurrency_limit_exceeded",
+    ExtAuthzDenied => "ext_authz_denied",
+    FeatureNotAllowed => "feature_not_allowed",
+    GatewayOverloaded => "gateway_overloaded",
+    HeadersTooLarge => "headers_too_large",
+    IdentityMismatch => "identity_mismatch",
+    InternalError => "internal_error",
+    InvalidApiKey => "invalid_api_key",
+    InvalidJson => "invalid_json",
+    InvalidPath => "invalid_path",
+    InvalidRequest => "invalid_request",
+    InvalidToken => "invalid_token",
+    MethodNotAllowed => "method_not_allowed",
+    MissingCredentials => "missing_credentials",
+    ModelNotAllowed => "model_not_allowed",
+    PolicyDenied => "policy_denied",
+    PolicyError => "policy_error",
+    PromptTooLong => "prompt_too_long",
+    RateLimitExceeded => "rate_limit_exceeded",
+    RegionNotAllowed => "region_not_allowed",
+    RequestTimeout => "request_timeout",
+    RouteNotAllowed => "route_not_allowed",
+    RouteNotFound => "route_not_found",
+    SchemaViolation => "schema_violation",
+    TenantSuspended => "tenant_suspended",
+    TokensQuotaExceeded => "tokens_quota_exceeded",
+    UnknownTenant => "unknown_tenant",
+    UnsupportedMediaType => "unsupported_media_type",
+    UpstreamTimeout => "upstream_timeout",
+    UpstreamUnavailable => "upstream_unavailable",
+    UriTooLong => "uri_too_long",
+}
+
+impl std::fmt::Display for RejectCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// So a test can say `assert_eq!(r.code, "invalid_json")`.
+impl PartialEq<&str> for RejectCode {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// Why a request was refused, in the OpenAI error shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reject {
     pub status: u16,
-    pub code: &'static str,
+    pub code: RejectCode,
     pub message: Cow<'static, str>,
     /// The request field at fault, as OpenAI's `param`.
     pub param: Option<String>,
@@ -25,7 +98,7 @@ pub struct Reject {
 }
 
 impl Reject {
-    pub fn new(status: u16, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    pub fn new(status: u16, code: RejectCode, message: impl Into<Cow<'static, str>>) -> Self {
         Reject {
             status,
             code,
@@ -46,13 +119,13 @@ impl Reject {
         self
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    pub fn bad_request(code: RejectCode, message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(400, code, message)
     }
-    pub fn unauthorized(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    pub fn unauthorized(code: RejectCode, message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(401, code, message)
     }
-    pub fn forbidden(code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    pub fn forbidden(code: RejectCode, message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(403, code, message)
     }
 
@@ -86,7 +159,7 @@ impl Reject {
                 "message": self.message,
                 "type": self.error_type(),
                 "param": self.param,
-                "code": self.code,
+                "code": self.code.as_str(),
             }
         });
         // Serialising a `Value` built from strings cannot fail.
@@ -100,7 +173,7 @@ mod tests {
 
     #[test]
     fn renders_the_openai_shape() {
-        let r = Reject::forbidden("tenant_suspended", "tenant is suspended");
+        let r = Reject::forbidden(RejectCode::TenantSuspended, "tenant is suspended");
         let v: serde_json::Value = serde_json::from_slice(&r.body()).unwrap();
         assert_eq!(v["error"]["code"], "tenant_suspended");
         assert_eq!(v["error"]["type"], "permission_error");

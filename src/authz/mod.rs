@@ -7,7 +7,7 @@
 
 use http::Method;
 
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 use crate::route::{Route, Routes};
 use crate::tenant::Tenant;
 
@@ -21,31 +21,31 @@ pub fn admit(
 ) -> Result<Route, Reject> {
     if tenant.suspended {
         return Err(Reject::forbidden(
-            "tenant_suspended",
+            RejectCode::TenantSuspended,
             "this tenant is suspended",
         ));
     }
     let route = routes
         .lookup(path)
-        .ok_or_else(|| Reject::new(404, "route_not_found", "no such route"))?;
+        .ok_or_else(|| Reject::new(404, RejectCode::RouteNotFound, "no such route"))?;
     if !route.allows(method) {
         return Err(Reject::new(
             405,
-            "method_not_allowed",
+            RejectCode::MethodNotAllowed,
             format!("{} requires {}", route.path, route.allow_header()),
         )
         .with_header("allow", route.allow_header()));
     }
     if !tenant.allows_region(region) {
         return Err(Reject::forbidden(
-            "region_not_allowed",
+            RejectCode::RegionNotAllowed,
             "this tenant may not use this region",
         ));
     }
     if let Some(f) = route.feature {
         if !tenant.features.contains(f) {
             return Err(Reject::forbidden(
-                "route_not_allowed",
+                RejectCode::RouteNotAllowed,
                 format!("the plan does not include {}", f.name()),
             ));
         }
@@ -94,7 +94,7 @@ mod tests {
 
     fn code(r: Result<Route, Reject>) -> (u16, &'static str) {
         let r = r.unwrap_err();
-        (r.status, r.code)
+        (r.status, r.code.as_str())
     }
 
     #[test]

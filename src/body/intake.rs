@@ -10,7 +10,7 @@ use http::HeaderMap;
 use pingora::proxy::Session;
 
 use super::BodyConfig;
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 
 /// Checks the head of a request that carries a JSON body, against the
 /// effective size `limit`.
@@ -19,7 +19,7 @@ pub fn check_head(headers: &HeaderMap, limit: u64) -> Result<(), Reject> {
     if !ctype.is_some_and(is_json) {
         return Err(Reject::new(
             415,
-            "unsupported_media_type",
+            RejectCode::UnsupportedMediaType,
             "send the body as Content-Type: application/json (charset utf-8)",
         ));
     }
@@ -27,7 +27,7 @@ pub fn check_head(headers: &HeaderMap, limit: u64) -> Result<(), Reject> {
         if !coding.as_bytes().eq_ignore_ascii_case(b"identity") {
             return Err(Reject::new(
                 415,
-                "unsupported_media_type",
+                RejectCode::UnsupportedMediaType,
                 "compressed request bodies are not accepted (Content-Encoding must be identity)",
             ));
         }
@@ -37,7 +37,9 @@ pub fn check_head(headers: &HeaderMap, limit: u64) -> Result<(), Reject> {
             .to_str()
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| Reject::bad_request("invalid_request", "malformed Content-Length"))?;
+            .ok_or_else(|| {
+                Reject::bad_request(RejectCode::InvalidRequest, "malformed Content-Length")
+            })?;
         if declared > limit {
             return Err(too_large(limit));
         }
@@ -60,7 +62,7 @@ pub async fn read(session: &mut Session, cfg: &BodyConfig, limit: u64) -> Result
                 session.set_keepalive(None);
                 return Err(Reject::new(
                     408,
-                    "request_timeout",
+                    RejectCode::RequestTimeout,
                     if by_rate {
                         "the request body arrived too slowly"
                     } else {
@@ -71,7 +73,7 @@ pub async fn read(session: &mut Session, cfg: &BodyConfig, limit: u64) -> Result
             Ok(Err(_)) => {
                 session.set_keepalive(None);
                 return Err(Reject::bad_request(
-                    "invalid_request",
+                    RejectCode::InvalidRequest,
                     "the request body could not be read",
                 ));
             }
@@ -89,7 +91,7 @@ pub async fn read(session: &mut Session, cfg: &BodyConfig, limit: u64) -> Result
 pub fn too_large(limit: u64) -> Reject {
     Reject::new(
         413,
-        "body_too_large",
+        RejectCode::BodyTooLarge,
         format!("the request body exceeds {limit} bytes"),
     )
 }
@@ -125,7 +127,7 @@ mod tests {
     fn code(pairs: &[(&'static str, &'static str)]) -> Option<(u16, &'static str)> {
         check_head(&head(pairs), 100)
             .err()
-            .map(|r| (r.status, r.code))
+            .map(|r| (r.status, r.code.as_str()))
     }
 
     #[test]

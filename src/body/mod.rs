@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 use crate::route::RouteSpec;
 use crate::tenant::{FeatureSet, Tenant};
 use policy::OverCap;
@@ -97,11 +97,11 @@ pub fn judge(
     raw: &[u8],
 ) -> Result<Judged, Reject> {
     let mut doc = strict_json::parse(raw, cfg.max_depth)
-        .map_err(|e| Reject::bad_request("invalid_json", e.to_string()))?;
+        .map_err(|e| Reject::bad_request(RejectCode::InvalidJson, e.to_string()))?;
     schemas.check(route, &doc)?;
     let Value::Object(body) = &mut doc else {
         return Err(Reject::bad_request(
-            "invalid_json",
+            RejectCode::InvalidJson,
             "the body must be a JSON object",
         ));
     };
@@ -111,7 +111,7 @@ pub fn judge(
         .find(|f| body.contains_key(*f))
     {
         let mut r = Reject::bad_request(
-            "schema_violation",
+            RejectCode::SchemaViolation,
             format!("field {field} is not allowed for this plan"),
         );
         r.param = Some(format!("/{field}"));
@@ -134,7 +134,7 @@ pub fn judge(
     let prompt_tokens = api.prompt_tokens(&doc);
     if prompt_tokens > tenant.limits.max_prompt_tokens {
         let mut r = Reject::bad_request(
-            "prompt_too_long",
+            RejectCode::PromptTooLong,
             format!(
                 "the prompt is about {prompt_tokens} tokens; this plan allows {}",
                 tenant.limits.max_prompt_tokens
@@ -148,8 +148,13 @@ pub fn judge(
         _ => true,
     };
     let mut body = Vec::with_capacity(raw.len() + 32);
-    serde_json::to_writer(&mut body, &doc)
-        .map_err(|_| Reject::new(500, "internal_error", "could not serialise the body"))?;
+    serde_json::to_writer(&mut body, &doc).map_err(|_| {
+        Reject::new(
+            500,
+            RejectCode::InternalError,
+            "could not serialise the body",
+        )
+    })?;
     Ok(Judged {
         body: Bytes::from(body),
         model,

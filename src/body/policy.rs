@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 use crate::route::Api;
 use crate::tenant::{Feature, FeatureSet, Tenant};
 
@@ -84,7 +84,7 @@ pub fn check<'t>(
     let header_safe = model.bytes().all(|b| b.is_ascii_graphic());
     let Some(entry) = tenant.model_entry(model).filter(|_| header_safe) else {
         let mut r = Reject::forbidden(
-            "model_not_allowed",
+            RejectCode::ModelNotAllowed,
             "the model is not available to this tenant",
         );
         r.param = Some("model".into());
@@ -95,7 +95,7 @@ pub fn check<'t>(
         .find(|f| used.contains(*f) && !tenant.features.contains(*f))
     {
         let mut r = Reject::forbidden(
-            "feature_not_allowed",
+            RejectCode::FeatureNotAllowed,
             format!("the plan does not include {}", f.name()),
         );
         r.param = Some(feature_field(api, f).into());
@@ -119,7 +119,7 @@ pub fn cap_output(
         Some(asked) if asked <= cap => Ok(asked),
         Some(_) if over == OverCap::Reject => {
             let mut r = Reject::bad_request(
-                "invalid_request",
+                RejectCode::InvalidRequest,
                 format!("{field} is above the plan's limit of {cap}"),
             );
             r.param = Some(field.into());

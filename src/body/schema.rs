@@ -8,7 +8,7 @@ use jsonschema::Validator;
 use serde_json::Value;
 
 use crate::diag::Diagnostic;
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 use crate::route::{RouteSpec, Routes};
 
 /// The shipped schemas, used when `[policy] schemas` is not set.
@@ -98,7 +98,7 @@ impl Schemas {
         let Some(validator) = self.by_name.get(name) else {
             return Err(Reject::new(
                 500,
-                "internal_error",
+                RejectCode::InternalError,
                 "a route's schema is not loaded",
             ));
         };
@@ -128,7 +128,7 @@ impl Schemas {
             _ => e.to_string(),
         };
         let mut r = Reject::bad_request(
-            "schema_violation",
+            RejectCode::SchemaViolation,
             format!(
                 "{} at {}: {}",
                 route.path,

@@ -18,7 +18,7 @@ use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use super::upstream;
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 
 /// Attempts at sending one request when pooled connections turn out closed.
 const SEND_ATTEMPTS: u32 = 3;
@@ -197,15 +197,21 @@ pub fn upstream_reject(e: &Error) -> Reject {
         | ErrorType::ConnectRefused
         | ErrorType::ConnectTimedout
         | ErrorType::ConnectError
-        | ErrorType::TLSHandshakeFailure => {
-            Reject::new(502, "upstream_unavailable", "the router is unavailable")
-        }
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-            Reject::new(504, "upstream_timeout", "the router did not answer in time")
-        }
-        _ if e.esource() == &ErrorSource::Upstream => {
-            Reject::new(502, "upstream_unavailable", "the router is unavailable")
-        }
-        _ => Reject::new(500, "internal_error", "internal gateway error"),
+        | ErrorType::TLSHandshakeFailure => Reject::new(
+            502,
+            RejectCode::UpstreamUnavailable,
+            "the router is unavailable",
+        ),
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Reject::new(
+            504,
+            RejectCode::UpstreamTimeout,
+            "the router did not answer in time",
+        ),
+        _ if e.esource() == &ErrorSource::Upstream => Reject::new(
+            502,
+            RejectCode::UpstreamUnavailable,
+            "the router is unavailable",
+        ),
+        _ => Reject::new(500, RejectCode::InternalError, "internal gateway error"),
     }
 }

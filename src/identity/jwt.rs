@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::jwks::KeySet;
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 
 /// Where the JWT verification keys come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +77,7 @@ impl TokenError {
             TokenError::Invalid(m) => m,
             TokenError::UnknownKid => "token kid is not a known key",
         };
-        Reject::unauthorized("invalid_token", msg)
+        Reject::unauthorized(RejectCode::InvalidToken, msg)
     }
 }
 

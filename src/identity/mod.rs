@@ -15,7 +15,7 @@ use std::sync::Arc;
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 use crate::tenant::{Tenant, Tenants};
 use jwks_fetch::JwksRefresh;
 use jwt::{JwtVerifier, TokenError, VerifiedToken};
@@ -64,13 +64,13 @@ pub fn credential(headers: &HeaderMap) -> Result<Credential<'_>, Reject> {
     let (api, api_dup) = (api.next(), api.next().is_some());
     if auth_dup || api_dup {
         return Err(Reject::bad_request(
-            "invalid_request",
+            RejectCode::InvalidRequest,
             "credential headers must not be repeated",
         ));
     }
     match (auth, api) {
         (Some(_), Some(_)) => Err(Reject::bad_request(
-            "invalid_request",
+            RejectCode::InvalidRequest,
             "send one credential: Authorization or x-api-key, not both",
         )),
         (None, None) => Err(missing(
@@ -82,7 +82,9 @@ pub fn credential(headers: &HeaderMap) -> Result<Credential<'_>, Reject> {
                 .ok()
                 .map(str::trim)
                 .filter(|k| !k.is_empty())
-                .ok_or_else(|| Reject::unauthorized("invalid_api_key", "API key is malformed"))?;
+                .ok_or_else(|| {
+                    Reject::unauthorized(RejectCode::InvalidApiKey, "API key is malformed")
+                })?;
             Ok(Credential::ApiKey(key))
         }
         (Some(v), None) => {
@@ -106,7 +108,7 @@ pub fn credential(headers: &HeaderMap) -> Result<Credential<'_>, Reject> {
 }
 
 fn missing(msg: &'static str) -> Reject {
-    Reject::unauthorized("missing_credentials", msg)
+    Reject::unauthorized(RejectCode::MissingCredentials, msg)
 }
 
 /// Resolves the request's identity from its credential and, on TLS, its
@@ -129,7 +131,7 @@ pub fn resolve(
             let who = auth.authenticate(tenants, credential(headers)?, now)?;
             if who.tenant.id != tenant.id {
                 return Err(Reject::forbidden(
-                    "identity_mismatch",
+                    RejectCode::IdentityMismatch,
                     "the client certificate and the credential name different tenants",
                 ));
             }
@@ -142,12 +144,12 @@ pub fn resolve(
             token: None,
         }),
         (None, _) if cert.required => Err(Reject::forbidden(
-            "unknown_tenant",
+            RejectCode::UnknownTenant,
             "the client certificate names no configured tenant",
         )),
         (None, true) => auth.authenticate(tenants, credential(headers)?, now),
         (None, false) => Err(Reject::unauthorized(
-            "unknown_tenant",
+            RejectCode::UnknownTenant,
             "the client certificate names no configured tenant",
         )),
     }
@@ -171,7 +173,10 @@ impl Authenticator {
         match cred {
             Credential::Jwt(token) => {
                 let verifier = self.jwt.as_ref().ok_or_else(|| {
-                    Reject::unauthorized("invalid_token", "JWT authentication is not enabled")
+                    Reject::unauthorized(
+                        RejectCode::InvalidToken,
+                        "JWT authentication is not enabled",
+                    )
                 })?;
                 let verified = verifier.verify(token, now).inspect_err(|e| {
                     if *e == TokenError::UnknownKid {
@@ -182,7 +187,10 @@ impl Authenticator {
                 });
                 let verified = verified.map_err(TokenError::reject)?;
                 let tenant = tenants.by_id(&verified.tenant).ok_or_else(|| {
-                    Reject::unauthorized("unknown_tenant", "token names no configured tenant")
+                    Reject::unauthorized(
+                        RejectCode::UnknownTenant,
+                        "token names no configured tenant",
+                    )
                 })?;
                 if !tenant.jwt_subjects.is_empty()
                     && !verified
@@ -191,7 +199,7 @@ impl Authenticator {
                         .is_some_and(|s| tenant.jwt_subjects.contains(s))
                 {
                     return Err(Reject::unauthorized(
-                        "invalid_token",
+                        RejectCode::InvalidToken,
                         "token subject is not bound to its tenant",
                     ));
                 }
@@ -205,13 +213,13 @@ impl Authenticator {
             Credential::ApiKey(key) => {
                 if key.len() > api_key::MAX_KEY_BYTES {
                     return Err(Reject::unauthorized(
-                        "invalid_api_key",
+                        RejectCode::InvalidApiKey,
                         "API key is malformed",
                     ));
                 }
                 let digest = api_key::digest(key);
                 let tenant = tenants.by_api_key_hash(&digest).ok_or_else(|| {
-                    Reject::unauthorized("invalid_api_key", "API key is not valid")
+                    Reject::unauthorized(RejectCode::InvalidApiKey, "API key is not valid")
                 })?;
                 Ok(Identity {
                     kind: IdentityKind::ApiKey,
@@ -255,20 +263,20 @@ mod tests {
     #[test]
     fn ambiguous_or_missing_credentials_are_refused() {
         let r = credential(&headers(&[])).unwrap_err();
-        assert_eq!((r.status, r.code), (401, "missing_credentials"));
+        assert_eq!((r.status, r.code.as_str()), (401, "missing_credentials"));
         let r = credential(&headers(&[("authorization", "Basic dXNlcjpwYXNz")])).unwrap_err();
-        assert_eq!((r.status, r.code), (401, "missing_credentials"));
+        assert_eq!((r.status, r.code.as_str()), (401, "missing_credentials"));
         let r = credential(&headers(&[
             ("authorization", "Bearer a"),
             ("authorization", "Bearer b"),
         ]))
         .unwrap_err();
-        assert_eq!((r.status, r.code), (400, "invalid_request"));
+        assert_eq!((r.status, r.code.as_str()), (400, "invalid_request"));
         let r = credential(&headers(&[
             ("authorization", "Bearer a"),
             ("x-api-key", "b"),
         ]))
         .unwrap_err();
-        assert_eq!((r.status, r.code), (400, "invalid_request"));
+        assert_eq!((r.status, r.code.as_str()), (400, "invalid_request"));
     }
 }

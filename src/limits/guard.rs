@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pingora_limits::rate::Rate;
 
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 
 /// Failed authentications per client IP over a sliding minute.
 pub struct AuthFailures {
@@ -36,7 +36,7 @@ impl AuthFailures {
         if recent >= f64::from(self.per_minute) {
             return Err(Reject::new(
                 429,
-                "auth_rate_limited",
+                RejectCode::AuthRateLimited,
                 "too many failed authentications from this address",
             )
             .with_header("retry-after", "60"));
@@ -77,7 +77,7 @@ impl Overload {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
             return Err(Reject::new(
                 503,
-                "gateway_overloaded",
+                RejectCode::GatewayOverloaded,
                 "the gateway is at capacity; retry shortly",
             )
             .with_header("retry-after", "1"));
@@ -107,7 +107,10 @@ mod tests {
     fn the_cap_is_released_on_drop() {
         let o = Overload::new(1);
         let a = o.admit().unwrap();
-        assert_eq!(o.admit().err().map(|r| r.code), Some("gateway_overloaded"));
+        assert_eq!(
+            o.admit().err().map(|r| r.code.as_str()),
+            Some("gateway_overloaded")
+        );
         drop(a);
         assert!(o.admit().is_ok());
     }

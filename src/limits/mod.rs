@@ -18,7 +18,7 @@ use std::time::Duration;
 use cell::{now_ns, Cell, Exhausted, Rate};
 pub use held::{Held, Limiter};
 
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 use crate::tenant::Limits;
 
 /// Where quota state lives: in this process, or shared through Redis.
@@ -76,13 +76,17 @@ impl LimitKind {
     }
 
     /// The 429's code and message when the kind is exhausted.
-    fn exhausted(self) -> (&'static str, &'static str) {
+    fn exhausted(self) -> (RejectCode, &'static str) {
         match self {
-            LimitKind::Requests => ("rate_limit_exceeded", "request rate limit reached"),
-            LimitKind::TokensPerMinute => {
-                ("tokens_quota_exceeded", "token budget per minute reached")
-            }
-            LimitKind::TokensPerDay => ("tokens_quota_exceeded", "token budget per day reached"),
+            LimitKind::Requests => (RejectCode::RateLimitExceeded, "request rate limit reached"),
+            LimitKind::TokensPerMinute => (
+                RejectCode::TokensQuotaExceeded,
+                "token budget per minute reached",
+            ),
+            LimitKind::TokensPerDay => (
+                RejectCode::TokensQuotaExceeded,
+                "token budget per day reached",
+            ),
         }
     }
 }
@@ -164,7 +168,7 @@ impl TenantLimiter {
         if before >= self.limits.max_concurrency {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
             return Err(self.too_many_with(
-                "concurrency_limit_exceeded",
+                RejectCode::ConcurrencyLimitExceeded,
                 "too many requests in flight for this tenant",
                 Duration::from_secs(1),
                 self.request_backlog(now),
@@ -250,7 +254,7 @@ impl TenantLimiter {
     /// rate-limit headers for the given backlogs.
     pub(crate) fn too_many_with(
         &self,
-        code: &'static str,
+        code: RejectCode,
         message: &'static str,
         retry_after: Duration,
         req_backlog: u64,
@@ -367,7 +371,10 @@ mod tests {
         let a = l.admit().unwrap();
         let _b = l.admit().unwrap();
         let r = l.admit().unwrap_err();
-        assert_eq!((r.status, r.code), (429, "concurrency_limit_exceeded"));
+        assert_eq!(
+            (r.status, r.code.as_str()),
+            (429, "concurrency_limit_exceeded")
+        );
         drop(a);
         let _c = l.admit().expect("the dropped slot came back");
         assert!(l.admit().is_err(), "only one slot came back");

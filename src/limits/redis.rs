@@ -25,7 +25,7 @@ use tokio::sync::OnceCell;
 use super::OnBackendError;
 use super::TenantLimiter;
 use crate::observe::metrics::METRICS;
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 use crate::tenant::Tenant;
 
 /// Every request cell and a concurrency slot in one round trip.
@@ -264,7 +264,7 @@ impl RedisLimits {
             OnBackendError::Open => Ok(Decision::Unlimited),
             OnBackendError::Closed => Err(Reject::new(
                 503,
-                "gateway_overloaded",
+                RejectCode::GatewayOverloaded,
                 "the limits backend is unavailable; retry shortly",
             )
             .with_header("retry-after", "1")),
@@ -311,14 +311,14 @@ impl RedisLimits {
                 backlog_us.saturating_mul(1000),
             )),
             0 => Err(l.too_many_with(
-                "rate_limit_exceeded",
+                RejectCode::RateLimitExceeded,
                 "request rate limit reached",
                 retry,
                 backlog_us.saturating_mul(1000),
                 0,
             )),
             _ => Err(l.too_many_with(
-                "concurrency_limit_exceeded",
+                RejectCode::ConcurrencyLimitExceeded,
                 "too many requests in flight for this tenant",
                 retry,
                 backlog_us.saturating_mul(1000),
@@ -353,7 +353,7 @@ impl RedisLimits {
         };
         if status != 1 {
             return Err(l.too_many_with(
-                "tokens_quota_exceeded",
+                RejectCode::TokensQuotaExceeded,
                 "token budget reached",
                 Duration::from_micros(retry_us),
                 0,

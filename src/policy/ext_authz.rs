@@ -24,7 +24,7 @@ use quick_cache::sync::Cache;
 use crate::forward::upstream::load_ca;
 use crate::observe::metrics::METRICS;
 use crate::policy::{policy_error, PolicyHeaders, PolicyRequest};
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 
 /// An Envoy-compatible HTTP external authorizer.
 #[derive(Debug, Clone)]
@@ -159,7 +159,7 @@ impl ExtAuthz {
             } => {
                 let r = Reject::new(
                     *status,
-                    "ext_authz_denied",
+                    RejectCode::ExtAuthzDenied,
                     "denied by the external authorizer",
                 );
                 Err(if body.is_empty() {

@@ -16,7 +16,7 @@ use regorus::Value;
 
 use crate::identity::Identity;
 use crate::observe::metrics::METRICS;
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 use crate::route::RouteSpec;
 use crate::tenant::{Feature, FeatureSet};
 use ext_authz::ExtAuthz;
@@ -266,7 +266,7 @@ pub fn policy_error(engine: &'static str, detail: &str) -> Reject {
     METRICS.policy_errors.with_label_values(&[engine]).inc();
     tracing::error!(engine, error = detail, "policy evaluation failed; denying");
     Reject::forbidden(
-        "policy_error",
+        RejectCode::PolicyError,
         "the request could not be authorized by policy",
     )
 }

@@ -26,7 +26,7 @@ use regorus::{CompiledPolicy, Engine, Rc, Value};
 
 use crate::diag::Diagnostic;
 use crate::policy::{intern_code, policy_header, PolicyHeaders, MAX_HEADERS, MAX_MESSAGE};
-use crate::reject::Reject;
+use crate::reject::{Reject, RejectCode};
 
 /// The package a policy's entry rule lives in.
 const PACKAGE: &str = "data.portcullis.authz";
@@ -314,7 +314,7 @@ fn denial(code: &str, message: &str) -> Result<Reject, String> {
         .filter(|c| !c.is_control())
         .take(MAX_MESSAGE)
         .collect();
-    Ok(Reject::forbidden(code, message))
+    Ok(Reject::forbidden(RejectCode::Policy(code), message))
 }
 
 fn headers_of(v: &Value) -> Result<PolicyHeaders, String> {
@@ -455,7 +455,7 @@ mod tests {
 
     /// The denial code, or `None` with the headers on an allow.
     fn decide(p: &RegoPolicy, input: Value) -> Result<Vec<(String, String)>, &'static str> {
-        p.decide(input).unwrap().map_err(|r| r.code)
+        p.decide(input).unwrap().map_err(|r| r.code.as_str())
     }
 
     fn load_text(text: &str) -> Result<RegoPolicy, Vec<Diagnostic>> {
@@ -478,7 +478,10 @@ mod tests {
         let r = result_of(r#"{"deny": [{"code": "zeta", "message": "z"}, {"code": "alpha", "message": "a"}], "headers": {"x-tenant-policy-a": "1"}}"#)
             .unwrap()
             .unwrap_err();
-        assert_eq!((r.status, r.code, r.message.as_ref()), (403, "alpha", "a"));
+        assert_eq!(
+            (r.status, r.code.as_str(), r.message.as_ref()),
+            (403, "alpha", "a")
+        );
     }
 
     #[test]
@@ -507,12 +510,12 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert_eq!(
-            (r.status, r.code, r.message.as_ref()),
+            (r.status, r.code.as_str(), r.message.as_ref()),
             (403, "after_hours", "closed")
         );
         let r = decision_of(r#"{"allow": false}"#).unwrap().unwrap_err();
         assert_eq!(
-            (r.status, r.code, r.message.as_ref()),
+            (r.status, r.code.as_str(), r.message.as_ref()),
             (403, "policy_denied", "denied by policy")
         );
         let h = decision_of(
