@@ -183,21 +183,30 @@ async fn ready(gw: &Gateway) -> bool {
         == 200
 }
 
-/// Health checks reach a TLS router the way requests do: a whole mTLS
-/// handshake every interval, never a bare TCP connect that the router logs
-/// as a failed handshake.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_checks_of_a_tls_router_complete_their_handshakes() {
+/// A gateway in front of a counting TLS router, health-checking it every
+/// 100 ms, with or without the client certificate the router demands.
+async fn checked_every_100ms(
+    with_client_cert: bool,
+) -> (tempfile::TempDir, MockRouter, Arc<Handshakes>, Gateway) {
     let pki_dir = tempfile::tempdir().unwrap();
     dev_pki(pki_dir.path(), &pki_dir.path().join("none.toml"));
     let (router, addr, handshakes) = counting_tls_router(pki_dir.path()).await;
-    let mut lines = upstream(pki_dir.path(), addr, "router.internal", true);
+    let mut lines = upstream(pki_dir.path(), addr, "router.internal", with_client_cert);
     lines.push_str("health_check_interval_ms = 100\n");
     let gw = Gateway::start_with(Options {
         upstream_lines: Some(lines),
         ..Options::default()
     })
     .await;
+    (pki_dir, router, handshakes, gw)
+}
+
+/// Health checks reach a TLS router the way requests do: a whole mTLS
+/// handshake every interval, never a bare TCP connect that the router logs
+/// as a failed handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_of_a_tls_router_complete_their_handshakes() {
+    let (_pki, router, handshakes, gw) = checked_every_100ms(true).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let ok = handshakes.ok.load(Ordering::SeqCst);
     assert_eq!(
@@ -225,16 +234,7 @@ async fn health_checks_of_a_tls_router_complete_their_handshakes() {
 /// certificate for it) is marked down: not ready, and requests get 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_that_fails_the_handshake_is_marked_down() {
-    let pki_dir = tempfile::tempdir().unwrap();
-    dev_pki(pki_dir.path(), &pki_dir.path().join("none.toml"));
-    let (router, addr, handshakes) = counting_tls_router(pki_dir.path()).await;
-    let mut lines = upstream(pki_dir.path(), addr, "router.internal", false);
-    lines.push_str("health_check_interval_ms = 100\n");
-    let gw = Gateway::start_with(Options {
-        upstream_lines: Some(lines),
-        ..Options::default()
-    })
-    .await;
+    let (_pki, router, handshakes, gw) = checked_every_100ms(false).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while ready(&gw).await {
         assert!(
