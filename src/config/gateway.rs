@@ -664,24 +664,6 @@ fn socket_addrs(
         .collect()
 }
 
-/// Headers the gateway owns: an authorizer may neither see the client's
-/// (they are stripped first) nor set them for the router.
-fn reserved_header(name: &str) -> bool {
-    (crate::forward::is_trusted_header(name) && !name.starts_with("x-tenant-policy-"))
-        || matches!(
-            name,
-            "host"
-                | "content-length"
-                | "transfer-encoding"
-                | "connection"
-                | "keep-alive"
-                | "upgrade"
-                | "te"
-                | "trailer"
-                | "proxy-connection"
-        )
-}
-
 fn ext_authz(
     src: &SourceFile,
     raw: &RawExtAuthz,
@@ -732,7 +714,7 @@ fn ext_authz(
         list.iter()
             .filter_map(|h| {
                 let name = h.get_ref().to_ascii_lowercase();
-                if http::HeaderName::from_bytes(name.as_bytes()).is_err() || reserved_header(&name)
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() || crate::policy::ext_authz::reserved_header(&name)
                 {
                     errs.push(at(
                         h.span(),

@@ -77,6 +77,11 @@ const HOP_BY_HOP: [&str; 11] = [
     "content-length",
 ];
 
+/// Whether a (lower-case) header name describes one hop only.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+}
+
 /// Makes the client's head an HTTP/1.1 head for the router, whatever the
 /// client spoke: hop-by-hop headers go, also spelled with `_` (which
 /// nginx and CGI stacks fold into `-`, so `transfer_encoding` could frame
@@ -95,9 +100,7 @@ pub fn for_h1_router(req: &mut RequestHeader) -> pingora::Result<()> {
     let folded = req
         .headers
         .keys()
-        .filter(|n| {
-            n.as_str().contains('_') && HOP_BY_HOP.contains(&n.as_str().replace('_', "-").as_str())
-        })
+        .filter(|n| n.as_str().contains('_') && is_hop_by_hop(&n.as_str().replace('_', "-")))
         .cloned();
     let doomed: Vec<HeaderName> = nominated.chain(folded).collect();
     for name in doomed.iter().map(HeaderName::as_str).chain(HOP_BY_HOP) {

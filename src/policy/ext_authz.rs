@@ -21,6 +21,7 @@ use pingora::tls::x509::X509;
 use pingora::upstreams::peer::HttpPeer;
 use quick_cache::sync::Cache;
 
+use crate::forward;
 use crate::forward::upstream::load_ca;
 use crate::observe::metrics::METRICS;
 use crate::policy::{policy_error, PolicyHeaders, PolicyRequest};
@@ -45,6 +46,14 @@ pub struct ExtAuthzConfig {
     /// Zero disables the decision cache.
     pub cache_ttl: Duration,
     pub cache_entries: usize,
+}
+
+/// Headers the gateway owns: an authorizer may neither see the client's
+/// (they are stripped first) nor set them for the router.
+pub fn reserved_header(name: &str) -> bool {
+    name == "host"
+        || forward::is_hop_by_hop(name)
+        || (forward::is_trusted_header(name) && !name.starts_with("x-tenant-policy-"))
 }
 
 /// The most of a denial's body the gateway relays.
