@@ -1,9 +1,12 @@
 //! Portcullis: the edge gateway for multi-tenant LLM inference.
 //!
-//! Modules follow a request's path: [`connection`] limits, [`inbound`] sanity checks, [`identity`],
-//! [`authz`] against the [`route`] table, then [`forward`] to the router; [`config`] builds the snapshot
-//! they all read, [`observe`] records what happened, and [`proxy`] wires the
-//! stages into Pingora's hooks.
+//! Modules follow a request's path (docs/ARCHITECTURE.md): [`connection`]
+//! limits, then [`pipeline`] runs [`inbound`] sanity checks, [`identity`],
+//! [`authz`] against the [`route`] table, [`limits`], [`body`] and
+//! [`policy`]; [`forward`] sends the request to the router and [`response`]
+//! reads its answer. [`config`] builds the snapshot they all read,
+//! [`observe`] records what happened, and [`proxy`] wires it into Pingora's
+//! hooks.
 
 pub mod admin;
 pub mod authz;
