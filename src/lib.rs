@@ -17,6 +17,7 @@ pub mod demo;
 pub mod dev;
 pub mod diag;
 pub mod forward;
+pub mod http_client;
 pub mod identity;
 pub mod inbound;
 pub mod limits;

@@ -19,6 +19,7 @@ use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
 
 use super::jwks::KeySet;
+use crate::http_client;
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
@@ -95,11 +96,6 @@ impl JwksRefresh {
             .next()
             .ok_or_else(|| format!("{host} has no address"))?;
         let peer = HttpPeer::new(addr, tls, host.to_string());
-        let connector = Connector::new(None);
-        let (mut session, _) = connector
-            .get_http_session(&peer)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
         let path = self.url.path_and_query().map_or("/", |p| p.as_str());
         let mut req = RequestHeader::build("GET", path.as_bytes(), None)
             .map_err(|e| format!("request: {e}"))?;
@@ -110,32 +106,15 @@ impl JwksRefresh {
         req.insert_header("host", host_header)
             .and_then(|_| req.insert_header("accept", "application/json"))
             .map_err(|e| format!("request: {e}"))?;
-        session
-            .write_request_header(Box::new(req))
+        let (resp, body) = http_client::call(&Connector::new(None), &peer, req, MAX_JWKS_BYTES)
             .await
-            .map_err(|e| format!("send: {e}"))?;
-        session
-            .finish_request_body()
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        session
-            .read_response_header()
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        let status = session.response_header().map_or(0, |h| h.status.as_u16());
+            .map_err(|e| match e {
+                http_client::CallError::TooLarge(_) => "JWKS larger than 1 MiB".to_string(),
+                e => e.to_string(),
+            })?;
+        let status = resp.status.as_u16();
         if status != 200 {
             return Err(format!("status {status}"));
-        }
-        let mut body = BytesMut::new();
-        while let Some(chunk) = session
-            .read_response_body()
-            .await
-            .map_err(|e| format!("read: {e}"))?
-        {
-            if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                return Err("JWKS larger than 1 MiB".into());
-            }
-            body.extend_from_slice(&chunk);
         }
         Ok(body)
     }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::HeaderMap;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
@@ -23,6 +23,7 @@ use quick_cache::sync::Cache;
 
 use crate::forward;
 use crate::forward::upstream::load_ca;
+use crate::http_client;
 use crate::observe::metrics::METRICS;
 use crate::policy::{policy_error, PolicyHeaders, PolicyRequest};
 use crate::reject::{Reject, RejectCode};
@@ -218,30 +219,10 @@ impl ExtAuthz {
             peer.options.verify_hostname = true;
             peer.options.ca = self.ca.clone();
         }
-        let (mut session, _reused) = self.connector.get_http_session(&peer).await.map_err(e)?;
-        session
-            .write_request_header(Box::new(head))
+        let (resp, body) = http_client::call(&self.connector, &peer, head, MAX_DENY_BODY)
             .await
-            .map_err(e)?;
-        session.finish_request_body().await.map_err(e)?;
-        session.read_response_header().await.map_err(e)?;
-        let resp = session
-            .response_header()
-            .cloned()
-            .ok_or("the authorizer sent no response head")?;
+            .map_err(|e| e.to_string())?;
         let status = resp.status.as_u16();
-        let mut body = BytesMut::new();
-        while let Some(chunk) = session.read_response_body().await.map_err(e)? {
-            if body.len() + chunk.len() > MAX_DENY_BODY {
-                return Err(format!(
-                    "the authorizer's body exceeds {MAX_DENY_BODY} bytes"
-                ));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        self.connector
-            .release_http_session(session, &peer, peer.options.idle_timeout)
-            .await;
         match status {
             200..=299 => {
                 let mut headers = PolicyHeaders::new();
