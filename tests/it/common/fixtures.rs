@@ -1,0 +1,178 @@
+//! Files the tests run the gateway on: tenants, a dev PKI, replacing a file as config managers do.
+
+use std::path::Path;
+use std::process::Command;
+
+use super::*;
+use portcullis::identity::api_key;
+
+/// Plans and tenants the tests rely on.
+pub fn tenants_toml(keys: &Keys) -> String {
+    format!(
+        r#"
+[plans.basic]
+requests_per_second = 1000
+burst = 1000
+tokens_per_minute = 1_000_000
+tokens_per_day = 10_000_000
+max_concurrency = 100
+max_body_bytes = 65_536
+max_prompt_tokens = 4_096
+max_output_tokens = 1_024
+models = ["m-small"]
+features = ["chat", "embeddings"]
+regions = ["us-east-1"]
+
+[plans.gold]
+requests_per_second = 1000
+burst = 1000
+tokens_per_minute = 5_000_000
+tokens_per_day = 50_000_000
+max_concurrency = 100
+max_body_bytes = 1_048_576
+max_prompt_tokens = 100_000
+max_output_tokens = 8_192
+models = ["m-small", "m-large", "m-exp-*"]
+features = ["chat", "completions", "embeddings", "stream"]
+
+[plans.eu]
+requests_per_second = 1000
+burst = 1000
+tokens_per_minute = 1_000_000
+tokens_per_day = 10_000_000
+max_concurrency = 100
+max_body_bytes = 65_536
+max_prompt_tokens = 4_096
+max_output_tokens = 1_024
+models = ["m-small"]
+features = ["chat"]
+regions = ["eu-west-1"]
+
+[[tenants]]
+id = "acme"
+org = "acme-corp"
+plan = "basic"
+api_keys = ["{acme_hash}"]
+mtls_identities = ["spiffe://tenants/acme"]
+[tenants.overrides]
+tokens_per_minute = 500_000
+
+[[tenants]]
+id = "globex"
+org = "globex-inc"
+plan = "gold"
+
+[[tenants]]
+id = "initech"
+org = "initech-llc"
+plan = "basic"
+suspended = true
+
+[[tenants]]
+id = "euro"
+org = "euro-gmbh"
+plan = "eu"
+
+[plans.big]
+requests_per_second = 1000
+burst = 1000
+tokens_per_minute = 100_000_000
+tokens_per_day = 100_000_000
+max_concurrency = 100
+max_body_bytes = 2_097_152
+max_prompt_tokens = 1_000_000
+max_output_tokens = 4_096
+models = ["m-small"]
+features = ["chat", "completions", "embeddings", "stream"]
+forbidden_fields = ["logit_bias"]
+
+[plans.tight]
+requests_per_second = 1
+burst = 3
+tokens_per_minute = 1_500
+tokens_per_day = 100_000
+max_concurrency = 1
+max_body_bytes = 65_536
+max_prompt_tokens = 4_096
+max_output_tokens = 1_000
+models = ["m-small"]
+features = ["chat", "stream"]
+
+[[tenants]]
+id = "tiny"
+org = "tiny-co"
+plan = "tight"
+
+[[tenants]]
+id = "solo"
+org = "solo-co"
+plan = "tight"
+[tenants.overrides]
+requests_per_second = 1000
+burst = 1000
+tokens_per_minute = 1_000_000
+
+[plans.fleet]
+requests_per_second = 10
+burst = 10
+tokens_per_minute = 1_500
+tokens_per_day = 100_000
+max_concurrency = 100
+max_body_bytes = 65_536
+max_prompt_tokens = 4_096
+max_output_tokens = 1_000
+models = ["m-small"]
+features = ["chat"]
+
+[[tenants]]
+id = "fleet"
+org = "fleet-co"
+plan = "fleet"
+
+[[tenants]]
+id = "swarm"
+org = "swarm-co"
+plan = "fleet"
+[tenants.overrides]
+tokens_per_minute = 10_000_000
+
+[[tenants]]
+id = "bigco"
+org = "big-co"
+plan = "big"
+
+[[tenants]]
+id = "bound"
+org = "bound-co"
+plan = "gold"
+jwt_subjects = ["svc-1"]
+"#,
+        acme_hash = api_key::hash_entry(&keys.acme_key)
+    )
+}
+
+/// Writes a dev PKI into `dir` with `portcullis certs dev`, with a client
+/// certificate for each tenant in `tenants` that has an mTLS identity.
+pub fn dev_pki(dir: &Path, tenants: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["certs", "dev", "--out"])
+        .arg(dir)
+        .arg("--jwks")
+        .arg(dir.join("dev-jwks.json"))
+        .arg("--tenants")
+        .arg(tenants)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "certs dev: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Replaces a file by rename, as editors and config managers do.
+pub fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
