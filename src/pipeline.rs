@@ -22,8 +22,9 @@ use crate::tenant::Feature;
 
 /// What a request that passed every stage gets.
 pub enum Outcome {
-    /// Sent to the router: this head and the judged body.
-    Forward(Box<RequestHeader>, Bytes),
+    /// Sent to the router: the judged body, under the head
+    /// [`router_head`] writes.
+    Forward(Bytes),
     /// Answered by the gateway itself with this JSON body.
     Respond(Vec<u8>),
 }
@@ -98,9 +99,7 @@ pub async fn run(
     ));
     let body = judged.body.clone();
     ctx.judged = Some(judged);
-    let head = router_head(session, ctx, body.len())
-        .map_err(|_| internal("the router's request head could not be built"))?;
-    Ok(Outcome::Forward(Box::new(head), body))
+    Ok(Outcome::Forward(body))
 }
 
 /// Head sanity: size limits, Host, a canonical path, unambiguous framing.
@@ -152,11 +151,7 @@ fn identify(gw: &Gateway, session: &Session, ctx: &mut RequestCtx) -> Result<(),
 
 /// The head the router gets: HTTP/1.1 without the client's hop-by-hop and
 /// trusted headers, with the signed context, framing the judged body.
-fn router_head(
-    session: &Session,
-    ctx: &RequestCtx,
-    body_len: usize,
-) -> pingora::Result<RequestHeader> {
+pub fn router_head(session: &Session, ctx: &RequestCtx) -> pingora::Result<RequestHeader> {
     let Some(who) = &ctx.identity else {
         return pingora::Error::e_explain(pingora::ErrorType::InternalError, "no identity");
     };
@@ -187,6 +182,7 @@ fn router_head(
     let mut head = session.req_header().clone();
     forward::for_h1_router(&mut head)?;
     forward::apply(&mut head, &trusted, &ctx.snapshot.signer, unix_now())?;
+    let body_len = ctx.judged.as_ref().map_or(0, |j| j.body.len());
     head.insert_header("content-length", body_len.to_string())?;
     Ok(head)
 }

@@ -117,12 +117,11 @@ impl Gateway {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        head: RequestHeader,
         body: Bytes,
     ) -> Result<()> {
         ctx.upstream_started = Some(Instant::now());
         let sent = match self.upstream.peer() {
-            Ok(peer) => exchange::run(&self.connector, &peer, session, head, body, ctx).await,
+            Ok(peer) => exchange::run(&self.connector, &peer, session, body, ctx).await,
             Err(e) => Err(e),
         };
         let Err(e) = sent else {
@@ -175,7 +174,7 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(Some(idle));
         }
         match pipeline::run(self, session, ctx).await {
-            Ok(Outcome::Forward(head, body)) => self.forward(session, ctx, *head, body).await?,
+            Ok(Outcome::Forward(body)) => self.forward(session, ctx, body).await?,
             Ok(Outcome::Respond(body)) => {
                 self.respond(session, ctx, 200, "application/json", body.into(), &[])
                     .await?
@@ -279,6 +278,10 @@ impl ProxyHttp for Gateway {
 
 /// What the request does to the router's answer on its way back.
 impl Answer for RequestCtx {
+    fn request_head(&self, session: &Session) -> Result<RequestHeader> {
+        pipeline::router_head(session, self)
+    }
+
     fn head(&mut self, resp: &mut ResponseHeader) -> Result<()> {
         self.upstream_elapsed = self.upstream_started.map(|t| t.elapsed());
         let is_sse = resp

@@ -27,8 +27,12 @@ const COALESCE_BYTES: usize = 16 * 1024;
 /// Interim answers (100, 103) skipped before the router's final one.
 const MAX_INTERIM_ANSWERS: usize = 8;
 
-/// What the request does with the router's answer on its way back.
+/// What the request puts into the exchange, and does with the answer on
+/// its way back.
 pub trait Answer {
+    /// The head the router gets, built for each attempt (a retry on a
+    /// pooled connection the router closed needs a new one).
+    fn request_head(&self, session: &Session) -> Result<RequestHeader>;
     /// The gateway's part of the answer's head (request id, rate-limit
     /// headers, re-framing).
     fn head(&mut self, resp: &mut ResponseHeader) -> Result<()>;
@@ -38,18 +42,17 @@ pub trait Answer {
     fn end(&mut self) -> Option<Bytes>;
 }
 
-/// Sends `head` and `body` to `peer` and relays the answer to the client.
-/// An error's source says who failed: the router (`Upstream`) or the client
-/// (`Downstream`).
+/// Sends the request's head and `body` to `peer` and relays the answer to
+/// the client. An error's source says who failed: the router (`Upstream`)
+/// or the client (`Downstream`).
 pub async fn run(
     connector: &Connector,
     peer: &HttpPeer,
     session: &mut Session,
-    head: RequestHeader,
     body: Bytes,
     answer: &mut impl Answer,
 ) -> Result<()> {
-    let mut up = send(connector, peer, session, head, body).await?;
+    let mut up = send(connector, peer, session, body, answer).await?;
     let mut resp = up
         .response_header()
         .cloned()
@@ -121,26 +124,21 @@ async fn send(
     connector: &Connector,
     peer: &HttpPeer,
     session: &mut Session,
-    head: RequestHeader,
     body: Bytes,
+    answer: &impl Answer,
 ) -> Result<ClientSession> {
     let mut attempt = 1;
-    let mut head = Some(head);
     loop {
+        let head = answer.request_head(session)?;
         let (mut up, reused) = connector
             .get_http_session(peer)
             .await
             .map_err(|e| e.into_up())?;
         up.set_read_timeout(peer.options.read_timeout);
         up.set_write_timeout(peer.options.write_timeout);
-        // Only a reused connection's failure is retried, so only then is a
-        // copy of the head kept.
-        let Some(this_head) = (if reused { head.clone() } else { head.take() }) else {
-            return Error::e_explain(ErrorType::InternalError, "no request head left to send");
-        };
         let sent = tokio::select! {
             biased;
-            sent = send_on(&mut up, this_head, body.clone()) => sent,
+            sent = send_on(&mut up, head, body.clone()) => sent,
             gone = session.read_body_or_idle(true) => return Err(client_gone(gone)),
         };
         match sent {
