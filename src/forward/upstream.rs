@@ -228,8 +228,8 @@ impl Upstream {
 
 /// Holds a router connection's writes in the kernel (`on`) until released
 /// (`off`), so a request head and its body leave as one segment: one trip
-/// through the network stack instead of two, 5 % of a 1 KiB request's CPU
-/// (bench/RESULTS.md). Best effort: a socket that refuses the option just
+/// through the network stack instead of two (what it buys: bench/RESULTS.md).
+/// Best effort: a socket that refuses the option just
 /// sends as before.
 pub fn cork(up: &ClientSession, on: bool) {
     let Some(fd) = up.as_http1().map(UniqueID::id).filter(|fd| *fd >= 0) else {
