@@ -96,26 +96,28 @@ impl Snapshot {
                             });
                         (Arc::new(ArcSwap::from_pointee(keys)), None)
                     }
-                    JwksSource::Url(url) => match previous
-                        .and_then(|p| p.auth.jwks_refresh.as_ref())
-                        .filter(|r| r.url() == url)
-                    {
-                        Some(r) => (r.keys(), Some(r.clone())),
-                        None => {
-                            let keys = Arc::new(ArcSwap::from_pointee(KeySet::default()));
-                            let refresh = JwksRefresh::new(
-                                url,
-                                keys.clone(),
-                                jwt.algorithms.clone(),
-                                jwt.jwks_refresh,
-                                jwt.jwks_unknown_kid_refresh,
-                            )
-                            .map_err(|m| errs.push(gateway_diag(&gateway, m)))
-                            .ok()
-                            .map(Arc::new);
-                            (keys, refresh)
+                    // The refresh task the process started at boot is the
+                    // only one that runs: a reload keeps it (and its keys),
+                    // and a changed URL is reported as restart needed.
+                    JwksSource::Url(url) => {
+                        match previous.and_then(|p| p.auth.jwks_refresh.as_ref()) {
+                            Some(r) => (r.keys(), Some(r.clone())),
+                            None => {
+                                let keys = Arc::new(ArcSwap::from_pointee(KeySet::default()));
+                                let refresh = JwksRefresh::new(
+                                    url,
+                                    keys.clone(),
+                                    jwt.algorithms.clone(),
+                                    jwt.jwks_refresh,
+                                    jwt.jwks_unknown_kid_refresh,
+                                )
+                                .map_err(|m| errs.push(gateway_diag(&gateway, m)))
+                                .ok()
+                                .map(Arc::new);
+                                (keys, refresh)
+                            }
                         }
-                    },
+                    }
                 };
                 Authenticator {
                     jwt: Some(JwtVerifier::new(jwt, keys)),

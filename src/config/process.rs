@@ -50,6 +50,16 @@ const PROCESS_ONLY: &[Setting] = &[
         format!("{:?}", g.server.tls.as_ref().map(|t| t.client_cert))
     }),
     ("[admin] listen", |g| format!("{:?}", g.admin)),
+    // The JWKS refresh task starts with the process (a JWKS file reloads).
+    ("[auth.jwt] jwks_url", |g| {
+        format!(
+            "{:?}",
+            g.jwt.as_ref().and_then(|j| match &j.jwks {
+                crate::identity::jwt::JwksSource::Url(u) => Some(u),
+                crate::identity::jwt::JwksSource::File(_) => None,
+            })
+        )
+    }),
     ("[upstream]", |g| format!("{:?}", g.upstream)),
     ("[limits] backend", |g| format!("{:?}", g.limits.backend)),
     ("[limits] redis_url", |g| {

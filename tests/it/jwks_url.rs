@@ -183,3 +183,44 @@ async fn keys_from_a_url_rotate_and_survive_idp_failure() {
         "an invalid JWKS replaced good keys"
     );
 }
+
+/// The JWKS refresh task starts with the process: a reload that points
+/// `jwks_url` elsewhere keeps the running task and its keys (tokens go on
+/// verifying) and reports a restart as needed, rather than swapping in an
+/// empty key set that nothing would ever fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_jwks_url_keeps_the_running_keys_and_asks_for_a_restart() {
+    let keys = Keys::generate();
+    let idp = Idp::start(keys.jwks.to_string()).await;
+    let other = Idp::start(keys.jwks.to_string()).await;
+    let gw = Gateway::start_with(Options {
+        keys: Some(keys),
+        jwks_line: Some(format!("jwks_url = \"http://{}/jwks.json\"", idp.addr)),
+        ..Options::default()
+    })
+    .await;
+    let acme = gw.keys.token("acme");
+    assert!(accepted_within(&gw, &acme, Duration::from_secs(5)).await);
+    let path = gw.dir.path().join("gateway.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    replace_file(
+        &path,
+        &text.replace(&idp.addr.to_string(), &other.addr.to_string()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = send(gw.admin, &get("/readyz").build()).await.unwrap();
+        let body = String::from_utf8_lossy(&r.body).to_string();
+        if body.contains("restart needed: [auth.jwt] jwks_url") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no restart flagged: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        status_of(&gw, &acme).await,
+        200,
+        "the reload dropped the keys"
+    );
+    assert_eq!(other.fetches(), 0);
+}
