@@ -367,7 +367,11 @@ async fn hostile_heads_get_their_code_and_reach_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_and_long_lived_ones_are_closed() {
     let gw = Gateway::start_with(Options {
-        server_extra: "idle_timeout_seconds = 1\nmax_requests_per_connection = 2",
+        config: toml::toml! {
+            [server]
+            idle_timeout_seconds = 1
+            max_requests_per_connection = 2
+        },
         ..Options::default()
     })
     .await;

@@ -195,7 +195,10 @@ async fn chunked_bodies_are_counted_and_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_body_gets_408() {
     let gw = Gateway::start_with(Options {
-        gateway_extra: "[body]\nread_timeout_ms = 300".into(),
+        config: toml::toml! {
+            [body]
+            read_timeout_ms = 300
+        },
         ..Options::default()
     })
     .await;
@@ -351,7 +354,10 @@ async fn model_and_feature_policy_carry_their_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_cap_output_can_be_refused_instead() {
     let gw = Gateway::start_with(Options {
-        gateway_extra: "[body]\nmax_tokens_over_cap = \"reject\"".into(),
+        config: toml::toml! {
+            [body]
+            max_tokens_over_cap = "reject"
+        },
         ..Options::default()
     })
     .await;

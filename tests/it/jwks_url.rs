@@ -89,10 +89,16 @@ async fn keys_from_a_url_rotate_and_survive_idp_failure() {
     let idp = Idp::start(keys.jwks.to_string()).await;
     let gw = Gateway::start_with(Options {
         keys: Some(keys),
-        jwks_line: Some(format!("jwks_url = \"http://{}/jwks.json\"", idp.addr)),
-        jwt_extra: "jwks_refresh_seconds = 300\njwks_unknown_kid_refresh_seconds = 1".into(),
+        jwks_url: Some(format!("http://{}/jwks.json", idp.addr)),
         // This test fails authentication on purpose, many times.
-        gateway_extra: "[limits]\nauth_failures_per_ip_per_minute = 100000".into(),
+        config: toml::toml! {
+            [auth.jwt]
+            jwks_refresh_seconds = 300
+            jwks_unknown_kid_refresh_seconds = 1
+
+            [limits]
+            auth_failures_per_ip_per_minute = 100000
+        },
         ..Options::default()
     })
     .await;
@@ -195,7 +201,7 @@ async fn a_changed_jwks_url_keeps_the_running_keys_and_asks_for_a_restart() {
     let other = Idp::start(keys.jwks.to_string()).await;
     let gw = Gateway::start_with(Options {
         keys: Some(keys),
-        jwks_line: Some(format!("jwks_url = \"http://{}/jwks.json\"", idp.addr)),
+        jwks_url: Some(format!("http://{}/jwks.json", idp.addr)),
         ..Options::default()
     })
     .await;

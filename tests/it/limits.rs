@@ -246,7 +246,10 @@ async fn token_budgets_refund_real_usage_and_charge_lost_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_authentications_are_limited_per_address() {
     let gw = Gateway::start_with(Options {
-        gateway_extra: "[limits]\nauth_failures_per_ip_per_minute = 5".into(),
+        config: toml::toml! {
+            [limits]
+            auth_failures_per_ip_per_minute = 5
+        },
         ..Options::default()
     })
     .await;
@@ -280,7 +283,10 @@ async fn a_full_gateway_sheds_load_while_health_answers() {
             delay: Duration::from_millis(800),
             ..MockOptions::default()
         }),
-        gateway_extra: "[limits]\nmax_inflight = 1".into(),
+        config: toml::toml! {
+            [limits]
+            max_inflight = 1
+        },
         ..Options::default()
     })
     .await;

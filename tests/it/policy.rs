@@ -14,14 +14,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CHAT: &str = "/v1/chat/completions";
 
-fn rego_line(path: &Path) -> String {
-    format!("rego = \"{}\"\nrego_timeout_ms = 20", path.display())
+/// `[policy] rego = path` with a 20 ms evaluation limit.
+fn rego_line(path: &Path) -> toml::Table {
+    set(
+        toml::toml! {
+            [policy]
+            rego_timeout_ms = 20
+        },
+        "policy.rego",
+        path.display().to_string(),
+    )
 }
 
 /// A gateway whose `[policy] rego` is `policy`, as `authz.rego` in its dir.
 async fn with_policy(policy: &str) -> Gateway {
     Gateway::start_with(Options {
-        policy_extra: rego_line(Path::new("authz.rego")),
+        config: rego_line(Path::new("authz.rego")),
         files: vec![("authz.rego", policy.to_string())],
         ..Options::default()
     })
@@ -36,7 +44,7 @@ fn chat(model: &str) -> serde_json::Value {
 async fn the_shipped_policy_denies_tokens_without_the_write_scope() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/authz.rego");
     let gw = Gateway::start_with(Options {
-        policy_extra: rego_line(&shipped),
+        config: rego_line(&shipped),
         ..Options::default()
     })
     .await;
@@ -183,7 +191,7 @@ fn utc_day_and_hour() -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_written_to_the_documented_decision_contract_works() {
     let gw = Gateway::start_with(Options {
-        policy_extra: rego_line(Path::new("authz.rego")),
+        config: rego_line(Path::new("authz.rego")),
         files: vec![("authz.rego", DECISION_POLICY.to_string())],
         capture_logs: true,
         ..Options::default()
@@ -412,18 +420,23 @@ async fn mock_authz() -> (SocketAddr, Arc<Mutex<Vec<AuthzCall>>>) {
     (addr, calls)
 }
 
-fn ext_authz_table(addr: SocketAddr, extra: &str) -> String {
-    format!(
-        "[policy.ext_authz]\nurl = \"http://{addr}/check\"\ntimeout_ms = 200\n\
-         allowed_headers = [\"user-agent\"]\nallowed_upstream_headers = [\"x-authz-user\"]\n{extra}\n"
-    )
+/// `[policy.ext_authz]` for an authorizer at `addr`, with `extra` merged in.
+fn ext_authz_table(addr: SocketAddr, extra: toml::Table) -> toml::Table {
+    let mut table = toml::toml! {
+        timeout_ms = 200
+        allowed_headers = ["user-agent"]
+        allowed_upstream_headers = ["x-authz-user"]
+    };
+    table.insert("url".into(), format!("http://{addr}/check").into());
+    table.extend(extra);
+    set(toml::Table::new(), "policy.ext_authz", table)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_authorizer_allows_denies_and_its_decisions_are_cached() {
     let (addr, calls) = mock_authz().await;
     let gw = Gateway::start_with(Options {
-        gateway_extra: ext_authz_table(addr, "cache_ttl_ms = 60000"),
+        config: ext_authz_table(addr, toml::toml! { cache_ttl_ms = 60000 }),
         ..Options::default()
     })
     .await;
@@ -493,7 +506,7 @@ async fn an_external_authorizer_allows_denies_and_its_decisions_are_cached() {
 async fn an_authorizer_that_times_out_or_is_down_fails_closed_unless_configured_open() {
     let (addr, calls) = mock_authz().await;
     let gw = Gateway::start_with(Options {
-        gateway_extra: ext_authz_table(addr, "cache_ttl_ms = 0"),
+        config: ext_authz_table(addr, toml::toml! { cache_ttl_ms = 0 }),
         ..Options::default()
     })
     .await;
@@ -516,7 +529,7 @@ async fn an_authorizer_that_times_out_or_is_down_fails_closed_unless_configured_
     // Down: nothing listens there.
     let down: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let closed = Gateway::start_with(Options {
-        gateway_extra: ext_authz_table(down, ""),
+        config: ext_authz_table(down, toml::Table::new()),
         ..Options::default()
     })
     .await;
@@ -536,7 +549,7 @@ async fn an_authorizer_that_times_out_or_is_down_fails_closed_unless_configured_
     );
 
     let open = Gateway::start_with(Options {
-        gateway_extra: ext_authz_table(down, "failure_mode_allow = true"),
+        config: ext_authz_table(down, toml::toml! { failure_mode_allow = true }),
         ..Options::default()
     })
     .await;

@@ -8,17 +8,20 @@ use portcullis::mock_router::MockOptions;
 
 const CHAT: &str = "/v1/chat/completions";
 
-fn redis_limits(redis: &Redis, on_error: &str) -> String {
-    format!(
-        "[limits]\nbackend = \"redis\"\nredis_url = \"{}\"\non_backend_error = \"{on_error}\"\nredis_timeout_ms = 100",
-        redis.url()
-    )
+fn redis_limits(redis: &Redis, on_error: &str) -> toml::Table {
+    let t = toml::toml! {
+        [limits]
+        backend = "redis"
+        redis_timeout_ms = 100
+    };
+    let t = set(t, "limits.redis_url", redis.url());
+    set(t, "limits.on_backend_error", on_error)
 }
 
 async fn fleet(redis: &Redis, on_error: &str, router: MockOptions) -> (Gateway, Gateway) {
     let opts = || Options {
         router: RouterMode::Up(router.clone()),
-        gateway_extra: redis_limits(redis, on_error),
+        config: redis_limits(redis, on_error),
         ..Options::default()
     };
     (

@@ -159,7 +159,10 @@ async fn twenty_reloads_under_load_lose_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_only_change_is_reported_as_restart_needed() {
     let gw = Gateway::start_with(Options {
-        gateway_extra: "[limits]\nmax_inflight = 1000\n".into(),
+        config: toml::toml! {
+            [limits]
+            max_inflight = 1000
+        },
         capture_logs: true,
         ..Options::default()
     })

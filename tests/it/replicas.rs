@@ -6,6 +6,15 @@ use std::time::Duration;
 use crate::common::*;
 use portcullis::mock_router::{MockOptions, MockRouter};
 
+/// `[upstream]` with these replicas, health-checked every 100 ms.
+fn replicas(addresses: &[String]) -> toml::Table {
+    let t = toml::toml! {
+        [upstream]
+        health_check_interval_ms = 100
+    };
+    set(t, "upstream.address", addresses.to_vec())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_spread_over_healthy_replicas_only() {
     let a = MockRouter::start("127.0.0.1:0", MockOptions::default())
@@ -16,11 +25,7 @@ async fn requests_spread_over_healthy_replicas_only() {
         .unwrap();
     let dead = format!("127.0.0.1:{}", free_port());
     let gw = Gateway::start_with(Options {
-        upstream_lines: Some(format!(
-            "address = [\"{}\", \"{}\", \"{dead}\"]\nhealth_check_interval_ms = 100",
-            a.addr(),
-            b.addr()
-        )),
+        config: replicas(&[a.addr().to_string(), b.addr().to_string(), dead]),
         ..Options::default()
     })
     .await;
@@ -52,11 +57,10 @@ async fn requests_spread_over_healthy_replicas_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_healthy_router_means_not_ready_and_502() {
     let gw = Gateway::start_with(Options {
-        upstream_lines: Some(format!(
-            "address = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\nhealth_check_interval_ms = 100",
-            free_port(),
-            free_port()
-        )),
+        config: replicas(&[
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        ]),
         ..Options::default()
     })
     .await;

@@ -21,7 +21,10 @@ async fn read_until_closed(s: &mut TcpStream) -> Option<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_head_is_cut_at_the_header_deadline() {
     let gw = Gateway::start_with(Options {
-        server_extra: "request_header_timeout_ms = 1000",
+        config: toml::toml! {
+            [server]
+            request_header_timeout_ms = 1000
+        },
         ..Options::default()
     })
     .await;
@@ -97,7 +100,10 @@ async fn a_trickled_head_is_cut_at_the_header_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_below_the_minimum_rate_gets_408_and_reaches_nothing() {
     let gw = Gateway::start_with(Options {
-        gateway_extra: "[body]\nmin_bytes_per_second = 1000\n".into(),
+        config: toml::toml! {
+            [body]
+            min_bytes_per_second = 1000
+        },
         ..Options::default()
     })
     .await;
@@ -154,7 +160,10 @@ async fn a_body_below_the_minimum_rate_gets_408_and_reaches_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_client_address_are_capped() {
     let gw = Gateway::start_with(Options {
-        server_extra: "max_connections_per_ip = 3",
+        config: toml::toml! {
+            [server]
+            max_connections_per_ip = 3
+        },
         ..Options::default()
     })
     .await;

@@ -320,7 +320,10 @@ fn publish_crl(dir: &Path, number: u64, serials: &[u64]) {
 async fn expired_server_only_and_revoked_client_certificates_fail_the_handshake() {
     let gw = Gateway::start_with(Options {
         tls: Some("required"),
-        tls_extra: "crl = \"ca.crl\"",
+        config: toml::toml! {
+            [server.tls]
+            crl = "ca.crl"
+        },
         ..Options::default()
     })
     .await;

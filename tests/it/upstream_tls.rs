@@ -68,20 +68,27 @@ async fn counting_tls_router(dir: &Path) -> (MockRouter, std::net::SocketAddr, A
     (router, addr, counts)
 }
 
-fn upstream(dir: &Path, addr: std::net::SocketAddr, sni: &str, with_client_cert: bool) -> String {
-    let client = if with_client_cert {
-        format!(
-            "client_cert = \"{}\"\nclient_key = \"{}\"\n",
-            dir.join("gateway-client.crt").display(),
-            dir.join("gateway-client.key").display()
-        )
-    } else {
-        String::new()
+/// `[upstream]` over TLS to `addr` as `sni`, trusting the dev CA, with or
+/// without the gateway's client certificate.
+fn upstream(
+    dir: &Path,
+    addr: std::net::SocketAddr,
+    sni: &str,
+    with_client_cert: bool,
+) -> toml::Table {
+    let file = |name: &str| dir.join(name).display().to_string();
+    let mut t = toml::toml! {
+        [upstream]
+        tls = true
     };
-    format!(
-        "address = \"{addr}\"\ntls = true\nsni = \"{sni}\"\nca = \"{}\"\n{client}",
-        dir.join("ca.crt").display()
-    )
+    t = set(t, "upstream.address", addr.to_string());
+    t = set(t, "upstream.sni", sni);
+    t = set(t, "upstream.ca", file("ca.crt"));
+    if with_client_cert {
+        t = set(t, "upstream.client_cert", file("gateway-client.crt"));
+        t = set(t, "upstream.client_key", file("gateway-client.key"));
+    }
+    t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,7 +97,7 @@ async fn the_router_gets_the_gateways_client_certificate() {
     dev_pki(pki_dir.path(), &pki_dir.path().join("none.toml"));
     let (router, addr) = tls_router(pki_dir.path()).await;
     let gw = Gateway::start_with(Options {
-        upstream_lines: Some(upstream(pki_dir.path(), addr, "router.internal", true)),
+        config: upstream(pki_dir.path(), addr, "router.internal", true),
         ..Options::default()
     })
     .await;
@@ -116,7 +123,7 @@ async fn a_router_without_our_client_certificate_or_with_the_wrong_name_gets_not
     let (router, addr) = tls_router(pki_dir.path()).await;
     for (sni, client_cert) in [("wrong.internal", true), ("router.internal", false)] {
         let gw = Gateway::start_with(Options {
-            upstream_lines: Some(upstream(pki_dir.path(), addr, sni, client_cert)),
+            config: upstream(pki_dir.path(), addr, sni, client_cert),
             ..Options::default()
         })
         .await;
@@ -144,10 +151,17 @@ async fn an_acknowledged_insecure_router_works_but_is_announced() {
     let (router, addr) = tls_router(pki_dir.path()).await;
     // A router name that would fail verification: with verification off
     // (and acknowledged), the request goes through.
-    let mut lines = upstream(pki_dir.path(), addr, "wrong.internal", true);
-    lines.push_str("verify = false\ninsecure = true\n");
+    let lines = set(
+        set(
+            upstream(pki_dir.path(), addr, "wrong.internal", true),
+            "upstream.verify",
+            false,
+        ),
+        "upstream.insecure",
+        true,
+    );
     let gw = Gateway::start_with(Options {
-        upstream_lines: Some(lines),
+        config: lines,
         capture_logs: true,
         ..Options::default()
     })
@@ -191,10 +205,13 @@ async fn checked_every_100ms(
     let pki_dir = tempfile::tempdir().unwrap();
     dev_pki(pki_dir.path(), &pki_dir.path().join("none.toml"));
     let (router, addr, handshakes) = counting_tls_router(pki_dir.path()).await;
-    let mut lines = upstream(pki_dir.path(), addr, "router.internal", with_client_cert);
-    lines.push_str("health_check_interval_ms = 100\n");
+    let lines = set(
+        upstream(pki_dir.path(), addr, "router.internal", with_client_cert),
+        "upstream.health_check_interval_ms",
+        100,
+    );
     let gw = Gateway::start_with(Options {
-        upstream_lines: Some(lines),
+        config: lines,
         ..Options::default()
     })
     .await;
@@ -267,12 +284,17 @@ async fn an_http_health_check_gets_the_path_over_mtls_and_needs_a_200() {
     dev_pki(pki_dir.path(), &pki_dir.path().join("none.toml"));
     for (path, healthy) in [("/healthz", true), ("/missing", false)] {
         let (router, addr, handshakes) = counting_tls_router(pki_dir.path()).await;
-        let mut lines = upstream(pki_dir.path(), addr, "router.internal", true);
-        lines.push_str(&format!(
-            "health_check_interval_ms = 100\nhealth_check_path = \"{path}\"\n"
-        ));
+        let lines = set(
+            set(
+                upstream(pki_dir.path(), addr, "router.internal", true),
+                "upstream.health_check_interval_ms",
+                100,
+            ),
+            "upstream.health_check_path",
+            path,
+        );
         let gw = Gateway::start_with(Options {
-            upstream_lines: Some(lines),
+            config: lines,
             ..Options::default()
         })
         .await;

@@ -26,30 +26,22 @@ pub enum RouterMode {
 pub struct Options {
     pub router: RouterMode,
     pub read_timeout_ms: u64,
-    /// Replaces the `[auth.jwt]` JWKS source line (default: a jwks.json file).
-    pub jwks_line: Option<String>,
-    /// Extra lines appended to `[auth.jwt]`.
-    pub jwt_extra: String,
-    /// Replaces the `[upstream]` address line (the mock router is then unused).
-    pub upstream_lines: Option<String>,
+    /// Fetch the JWT keys from this URL instead of the jwks.json file.
+    pub jwks_url: Option<String>,
     /// Signing material to use instead of freshly generated keys.
     pub keys: Option<Keys>,
-    /// Extra tables appended to gateway.toml (such as `[body]`).
-    pub gateway_extra: String,
+    /// Deep-merged over the generated gateway.toml: a table in both is
+    /// merged, any other value replaced. Build it with `toml::toml!` and
+    /// [`set`] for computed values.
+    pub config: toml::Table,
     /// Write the gateway's stdout (logs at `info`) to `gateway.log` in its
     /// dir, and its stderr to `gateway.stderr`.
     pub capture_logs: bool,
     /// Add a TLS listener with this `client_cert` mode, on a dev PKI
     /// generated into the gateway's dir by `portcullis certs dev`.
     pub tls: Option<&'static str>,
-    /// Extra lines for the `[server.tls]` table (such as `crl = "ca.crl"`).
-    pub tls_extra: &'static str,
-    /// Extra lines for the `[policy]` table (such as `rego = "..."`).
-    pub policy_extra: String,
     /// Files written into the gateway's dir before it starts.
     pub files: Vec<(&'static str, String)>,
-    /// Extra lines for the `[server]` table.
-    pub server_extra: &'static str,
 }
 
 impl Default for Options {
@@ -57,17 +49,42 @@ impl Default for Options {
         Options {
             router: RouterMode::Up(MockOptions::default()),
             read_timeout_ms: 5000,
-            jwks_line: None,
-            jwt_extra: String::new(),
-            upstream_lines: None,
+            jwks_url: None,
             keys: None,
-            gateway_extra: String::new(),
+            config: toml::Table::new(),
             capture_logs: false,
             tls: None,
-            tls_extra: "",
-            policy_extra: String::new(),
             files: Vec::new(),
-            server_extra: "",
+        }
+    }
+}
+
+/// `table` with `dotted` (such as `"upstream.address"`) set to `value`,
+/// creating the tables on the way.
+pub fn set(mut table: toml::Table, dotted: &str, value: impl Into<toml::Value>) -> toml::Table {
+    let mut keys: Vec<&str> = dotted.split('.').collect();
+    let last = keys.pop().expect("a key");
+    let mut at = &mut table;
+    for k in keys {
+        at = at
+            .entry(k)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .expect("a table on the way");
+    }
+    at.insert(last.into(), value.into());
+    table
+}
+
+/// Merges `over` into `base`: tables in both merge, anything else is
+/// replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
         }
     }
 }
@@ -125,26 +142,22 @@ impl Gateway {
                 dev_pki(d, &d.join("tenants.toml"));
                 format!(
                     "[server.tls]\nlisten = [\"{a}\"]\ncert = \"gateway.crt\"\nkey = \"gateway.key\"\n\
-                     client_ca = \"ca.crt\"\nclient_cert = \"{mode}\"\n{}\n",
-                    opts.tls_extra
+                     client_ca = \"ca.crt\"\nclient_cert = \"{mode}\"\n"
                 )
             }
             _ => String::new(),
         };
-        let upstream_lines = opts
-            .upstream_lines
-            .unwrap_or_else(|| format!("address = \"{router_addr}\""));
-        let jwks_line = opts
-            .jwks_line
-            .unwrap_or_else(|| "jwks_file = \"jwks.json\"".into());
-        let gateway_toml = format!(
+        let jwks_line = match &opts.jwks_url {
+            Some(url) => format!("jwks_url = \"{url}\""),
+            None => "jwks_file = \"jwks.json\"".into(),
+        };
+        let base = format!(
             r#"
 [server]
 listen = ["{addr}"]
 threads = 1
 region = "us-east-1"
 grace_period_seconds = 1
-{server_extra}
 graceful_shutdown_timeout_seconds = 1
 pid_file = "{dir}/portcullis.pid"
 upgrade_sock = "{dir}/upgrade.sock"
@@ -154,7 +167,7 @@ upgrade_sock = "{dir}/upgrade.sock"
 listen = "{admin}"
 
 [upstream]
-{upstream_lines}
+address = "{router_addr}"
 connect_timeout_ms = 500
 read_timeout_ms = {read_timeout}
 
@@ -164,24 +177,19 @@ audiences = ["{AUDIENCE}"]
 {jwks_line}
 tenant_claim = "tenant"
 leeway_seconds = 30
-{jwt_extra}
 
 [policy]
 tenants = "tenants.toml"
-{policy_extra}
 
 [context]
 signing_key_file = "context.key"
-
-{gateway_extra}
 "#,
-            gateway_extra = opts.gateway_extra,
-            policy_extra = opts.policy_extra,
-            server_extra = opts.server_extra,
             dir = d.display(),
             read_timeout = opts.read_timeout_ms,
-            jwt_extra = opts.jwt_extra,
         );
+        let mut config: toml::Table = base.parse().expect("the harness's own gateway.toml");
+        merge(&mut config, opts.config);
+        let gateway_toml = toml::to_string(&config).expect("serialise gateway.toml");
         std::fs::write(d.join("gateway.toml"), gateway_toml).unwrap();
 
         let (level, stdout, stderr) = if opts.capture_logs {
