@@ -45,7 +45,10 @@ pub async fn run(
     let (tenant, route) = (who.tenant.clone(), route.clone());
     ctx.limits = Some(gw.limiter.admit(&tenant, &ctx.request_id).await?);
     if route.api.answered_by_gateway() {
-        return Ok(Outcome::Respond(authz::models_body(&tenant)));
+        let path = session.req_header().uri.path();
+        return Ok(Outcome::Respond(authz::models_answer(
+            &tenant, &route, path,
+        )?));
     }
 
     // The body gate: bounded read, then the pure judgement.

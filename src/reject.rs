@@ -48,6 +48,7 @@ reject_codes! {
     InvalidRequest => "invalid_request",
     InvalidToken => "invalid_token",
     MethodNotAllowed => "method_not_allowed",
+    ModelNotFound => "model_not_found",
     MissingCredentials => "missing_credentials",
     ModelNotAllowed => "model_not_allowed",
     PolicyDenied => "policy_denied",

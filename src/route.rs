@@ -234,6 +234,14 @@ impl Routes {
                 None,
                 "models",
             ),
+            RouteSpec::new(
+                "/v1/models/{id}",
+                &[Method::GET],
+                OpenAiModels,
+                None,
+                None,
+                "model",
+            ),
         ];
         Routes {
             specs: specs.into_iter().map(Arc::new).collect(),

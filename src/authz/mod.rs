@@ -8,7 +8,7 @@
 use http::Method;
 
 use crate::reject::{Reject, RejectCode};
-use crate::route::{Route, Routes};
+use crate::route::{Route, RouteSpec, Routes};
 use crate::tenant::Tenant;
 
 /// Decides whether `tenant` may call `method path` through a gateway in `region`.
@@ -53,14 +53,45 @@ pub fn admit(
     Ok(route.clone())
 }
 
+/// The gateway's own answer on an `openai.models` route: the list, or on a
+/// route ending `/{id}`, the one model named, which must be one the tenant
+/// may use (an allowlist wildcard counts), else 404 `model_not_found`.
+pub fn models_answer(tenant: &Tenant, route: &RouteSpec, path: &str) -> Result<Vec<u8>, Reject> {
+    if !route.path.ends_with("/{id}") {
+        return Ok(models_body(tenant));
+    }
+    let id = path.rsplit('/').next().unwrap_or_default();
+    if tenant.model_entry(id).is_none() {
+        let mut r = Reject::new(
+            404,
+            RejectCode::ModelNotFound,
+            format!("the model {id} does not exist or is not available to this tenant"),
+        );
+        r.param = Some("model".into());
+        return Err(r);
+    }
+    serde_json::to_vec(&model_object(id)).map_err(|_| {
+        Reject::new(
+            500,
+            RejectCode::InternalError,
+            "could not serialise the model",
+        )
+    })
+}
+
+/// OpenAI's model object.
+fn model_object(id: &str) -> serde_json::Value {
+    serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "portcullis"})
+}
+
 /// The OpenAI list body for `GET /v1/models`: the tenant's literal model
 /// names (wildcard patterns are policy, not models, and are not listed).
-pub fn models_body(tenant: &Tenant) -> Vec<u8> {
+fn models_body(tenant: &Tenant) -> Vec<u8> {
     let data: Vec<_> = tenant
         .models
         .iter()
         .filter(|m| !m.contains('*'))
-        .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "portcullis"}))
+        .map(|m| model_object(m))
         .collect();
     serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).unwrap_or_default()
 }
@@ -143,5 +174,25 @@ mod tests {
         assert_eq!(v["object"], "list");
         assert_eq!(v["data"].as_array().unwrap().len(), 1);
         assert_eq!(v["data"][0]["id"], "m-1");
+    }
+
+    #[test]
+    fn one_model_is_answered_when_the_tenant_may_use_it() {
+        let t = tenant(&[], None, false);
+        let routes = Routes::built_in();
+        let one = routes.lookup("/v1/models/m-1").unwrap();
+        assert_eq!(one.label, "model");
+        let v: serde_json::Value =
+            serde_json::from_slice(&models_answer(&t, one, "/v1/models/m-1").unwrap()).unwrap();
+        assert_eq!(
+            (v["id"].as_str(), v["object"].as_str()),
+            (Some("m-1"), Some("model"))
+        );
+        // A wildcard entry allows the model without listing it.
+        assert!(models_answer(&t, one, "/v1/models/m-anything").is_ok());
+        let r = models_answer(&t, one, "/v1/models/other").unwrap_err();
+        assert_eq!((r.status, r.code.as_str()), (404, "model_not_found"));
+        let list = routes.lookup("/v1/models").unwrap();
+        assert!(models_answer(&t, list, "/v1/models").is_ok());
     }
 }

@@ -390,6 +390,48 @@ async fn models_are_listed_by_the_gateway() {
     assert_eq!(gw.router_count(), 0, "the router is never asked for models");
 }
 
+/// `GET /v1/models/{id}` (the OpenAI SDK's `models.retrieve`) is answered
+/// by the gateway: a model the tenant may use, wildcard entries included,
+/// is 200 with OpenAI's model object; any other is 404 `model_not_found`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_model_is_looked_up_by_the_gateway() {
+    let gw = Gateway::start().await;
+    let globex = gw.keys.token("globex"); // m-small, m-large, m-exp-*
+    for id in ["m-small", "m-exp-7"] {
+        let r = gw
+            .send(&get(&format!("/v1/models/{id}")).bearer(&globex).build())
+            .await;
+        assert_eq!(r.status, 200, "{id}: {}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        assert_eq!(
+            (v["id"].as_str(), v["object"].as_str()),
+            (Some(id), Some("model"))
+        );
+        assert!(r.header("x-ratelimit-remaining-requests").is_some());
+    }
+    let acme = gw.keys.token("acme"); // m-small only
+    let r = gw
+        .send(&get("/v1/models/m-large").bearer(&acme).build())
+        .await;
+    assert_rejected(&gw, &r, 404, "model_not_found");
+    assert_eq!(r.json()["error"]["param"], "model");
+    let r = gw.send(&get("/v1/models/m-small").build()).await;
+    assert_rejected(&gw, &r, 401, "missing_credentials");
+    let r = gw
+        .send(
+            &post("/v1/models/m-small", &chat_body())
+                .bearer(&acme)
+                .build(),
+        )
+        .await;
+    assert_rejected(&gw, &r, 405, "method_not_allowed");
+    assert_eq!(r.header("allow"), Some("GET"));
+    let r = gw
+        .send(&get("/v1/models/m-small/x").bearer(&acme).build())
+        .await;
+    assert_rejected(&gw, &r, 404, "route_not_found");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_methods_regions_and_features_are_enforced_in_order() {
     let gw = Gateway::start().await;
