@@ -54,7 +54,10 @@ pub async fn run(
     // The body gate: bounded read, then the pure judgement.
     let snap = ctx.snapshot.clone();
     let cfg = &snap.gateway.body;
-    let limit = tenant.limits.max_body_bytes.min(cfg.max_body_bytes);
+    let limit = route
+        .max_body_bytes
+        .unwrap_or(tenant.limits.max_body_bytes)
+        .min(cfg.max_body_bytes);
     intake::check_head(&session.req_header().headers, limit)?;
     let raw = intake::read(session, cfg, limit).await?;
     let judged = body::judge(&route, &tenant, cfg, &snap.schemas, &raw)?;

@@ -27,6 +27,18 @@ pub enum Api {
 }
 
 impl Api {
+    pub const ALL: [Api; 4] = [
+        Api::OpenAiChat,
+        Api::OpenAiCompletions,
+        Api::OpenAiEmbeddings,
+        Api::OpenAiModels,
+    ];
+
+    /// The kind a routes file names.
+    pub fn from_name(name: &str) -> Option<Api> {
+        Api::ALL.into_iter().find(|a| a.name() == name)
+    }
+
     /// The name routes files use for the kind.
     pub fn name(self) -> &'static str {
         match self {
@@ -124,6 +136,9 @@ pub struct RouteSpec {
     pub schema: Option<String>,
     /// A bounded label for metrics and logs.
     pub label: String,
+    /// This route's body cap instead of the plan's (still within
+    /// `[body] max_body_bytes`).
+    pub max_body_bytes: Option<u64>,
 }
 
 /// A route as a request holds it: cheap to clone, and it outlives a reload.
@@ -145,6 +160,7 @@ impl RouteSpec {
             feature,
             schema: schema.map(Into::into),
             label: label.into(),
+            max_body_bytes: None,
         }
     }
 
@@ -243,6 +259,12 @@ impl Routes {
                 "model",
             ),
         ];
+        Routes {
+            specs: specs.into_iter().map(Arc::new).collect(),
+        }
+    }
+
+    pub fn new(specs: Vec<RouteSpec>) -> Routes {
         Routes {
             specs: specs.into_iter().map(Arc::new).collect(),
         }

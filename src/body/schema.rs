@@ -33,8 +33,8 @@ pub struct Schemas {
 }
 
 impl Schemas {
-    /// Compiles every schema the routes name, from `dir`, or the built-in
-    /// ones.
+    /// Compiles every schema the routes name: a path as is (routes files
+    /// name them so), a file name from `dir`, or the built-in one.
     pub fn load(dir: Option<&Path>, routes: &Routes) -> Result<Schemas, Vec<Diagnostic>> {
         let mut errs = Vec::new();
         let mut by_name = HashMap::new();
@@ -42,7 +42,16 @@ impl Schemas {
             if by_name.contains_key(name) {
                 continue;
             }
+            let named = Path::new(name);
             let (file, text) = match dir {
+                // A routes file names its schemas by path.
+                _ if named.is_absolute() => match std::fs::read_to_string(named) {
+                    Ok(t) => (named.to_path_buf(), t),
+                    Err(e) => {
+                        errs.push(diag(named, format!("cannot read schema: {e}")));
+                        continue;
+                    }
+                },
                 Some(d) => {
                     let p = d.join(name);
                     match std::fs::read_to_string(&p) {

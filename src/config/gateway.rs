@@ -244,6 +244,7 @@ fn default_auth_failures() -> u32 {
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     tenants: Spanned<String>,
+    routes: Option<Spanned<String>>,
     schemas: Option<Spanned<String>>,
     rego: Option<Spanned<String>>,
     rego_timeout_ms: Option<u64>,
@@ -312,6 +313,8 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
     pub tenants: PathBuf,
+    /// The routes file; without it, the built-in table.
+    pub routes: Option<PathBuf>,
     pub schemas: Option<PathBuf>,
     /// A `.rego` file, or a folder of them.
     pub rego: Option<PathBuf>,
@@ -486,6 +489,11 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
         .and_then(|e| ext_authz(&src, e, &mut errs));
     let policy = PolicyConfig {
         tenants: existing_file(&src, &raw.policy.tenants, &mut errs),
+        routes: raw
+            .policy
+            .routes
+            .as_ref()
+            .map(|p| existing_file(&src, p, &mut errs)),
         schemas: raw.policy.schemas.as_ref().map(|p| {
             let path = src.resolve(p.get_ref());
             if !path.is_dir() {

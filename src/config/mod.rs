@@ -8,6 +8,7 @@ pub mod diag;
 pub mod gateway;
 pub mod process;
 pub mod reload;
+pub mod routes;
 pub mod tenants;
 
 use std::path::Path;
@@ -126,7 +127,13 @@ impl Snapshot {
             }
         };
 
-        let routes = Routes::built_in();
+        let routes = match &gateway.policy.routes {
+            Some(p) => routes::load(p).unwrap_or_else(|e| {
+                errs.extend(e);
+                Routes::built_in()
+            }),
+            None => Routes::built_in(),
+        };
         let schemas =
             Schemas::load(gateway.policy.schemas.as_deref(), &routes).map_err(|e| errs.extend(e));
         let rego = gateway.policy.rego.as_deref().and_then(|p| {

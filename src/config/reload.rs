@@ -135,6 +135,14 @@ impl Reloader {
         let snap = self.shared.load();
         let g = &snap.gateway;
         let mut files = BTreeSet::from([self.gateway_path.clone(), g.policy.tenants.clone()]);
+        files.extend(g.policy.routes.clone());
+        // Schemas a routes file names by path.
+        files.extend(
+            snap.routes
+                .iter()
+                .filter_map(|r| r.schema.as_deref().map(PathBuf::from))
+                .filter(|p| p.is_absolute()),
+        );
         let mut trees: Vec<PathBuf> = g.policy.schemas.iter().cloned().collect();
         match &g.policy.rego {
             Some(r) if r.is_dir() => trees.push(r.clone()),

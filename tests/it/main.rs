@@ -16,6 +16,7 @@ mod policy;
 mod redis_limits;
 mod reload;
 mod replicas;
+mod routes;
 mod slow_clients;
 mod tls;
 mod token_estimate;
