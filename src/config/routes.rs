@@ -112,10 +112,12 @@ pub fn load(path: &Path) -> Result<Routes, Vec<Diagnostic>> {
         if !seen_labels.insert(label.clone()) {
             errs.push(at(r.path.span(), format!("label {label:?} is used twice")));
         }
-        let schema = r
-            .schema
-            .as_deref()
-            .map(|s| src.resolve(s).display().to_string());
+        // Absolute, so the schema stage reads it as a path of its own
+        // rather than a name in `[policy] schemas`.
+        let schema = r.schema.as_deref().map(|s| {
+            let p = src.resolve(s);
+            std::path::absolute(&p).unwrap_or(p).display().to_string()
+        });
         if let Some(api) = api {
             specs.push(RouteSpec {
                 path: route_path,

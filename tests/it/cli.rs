@@ -238,6 +238,7 @@ fn dev_credentials_mint_tokens_the_shipped_config_accepts() {
     for f in [
         "deploy/gateway.toml",
         "policies/tenants.toml",
+        "policies/routes.toml",
         "policies/schemas/chat_completions.json",
         "policies/schemas/completions.json",
         "policies/schemas/embeddings.json",
