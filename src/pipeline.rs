@@ -173,7 +173,11 @@ pub fn router_head(session: &Session, ctx: &RequestCtx) -> pingora::Result<Reque
     let trusted = TrustedContext {
         tenant: &who.tenant,
         request_id: &ctx.request_id,
-        model: ctx.judged.as_ref().map(|j| j.model.as_str()),
+        model: ctx
+            .judged
+            .as_ref()
+            .map(|j| j.model.as_str())
+            .filter(|m| !m.is_empty()),
         client_ip: &client_ip,
         proto: if tls { "https" } else { "http" },
         policy: &ctx.policy_headers,

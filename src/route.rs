@@ -24,14 +24,20 @@ pub enum Api {
     OpenAiEmbeddings,
     /// Answered by the gateway itself from the tenant's allowlist.
     OpenAiModels,
+    /// Any JSON endpoint (tokenize, moderations, rerank): strict JSON, the
+    /// schema if the route names one, and `model` against the allowlist
+    /// when the body has one. No estimate and no reservation: the usage
+    /// the router reports is charged after the answer.
+    Json,
 }
 
 impl Api {
-    pub const ALL: [Api; 4] = [
+    pub const ALL: [Api; 5] = [
         Api::OpenAiChat,
         Api::OpenAiCompletions,
         Api::OpenAiEmbeddings,
         Api::OpenAiModels,
+        Api::Json,
     ];
 
     /// The kind a routes file names.
@@ -46,7 +52,21 @@ impl Api {
             Api::OpenAiCompletions => "openai.completions",
             Api::OpenAiEmbeddings => "openai.embeddings",
             Api::OpenAiModels => "openai.models",
+            Api::Json => "json",
         }
+    }
+
+    /// Whether a body without `model` is accepted (it is then checked
+    /// against no allowlist).
+    pub fn model_optional(self) -> bool {
+        self == Api::Json
+    }
+
+    /// Whether the body speaks OpenAI's request members (`stream`, `tools`,
+    /// `n`, `stream_options`...), so the features and the stream-usage
+    /// opt-in apply to it.
+    pub fn openai_members(self) -> bool {
+        self != Api::Json
     }
 
     /// Whether the gateway answers the route itself, without the router.
@@ -60,7 +80,7 @@ impl Api {
         match self {
             Api::OpenAiChat | Api::OpenAiModels => "messages",
             Api::OpenAiCompletions => "prompt",
-            Api::OpenAiEmbeddings => "input",
+            Api::OpenAiEmbeddings | Api::Json => "input",
         }
     }
 
@@ -71,7 +91,7 @@ impl Api {
             Api::OpenAiCompletions | Api::OpenAiEmbeddings => {
                 tokens::estimate_prompt(doc.get(self.prompt_field()))
             }
-            Api::OpenAiModels => 0,
+            Api::OpenAiModels | Api::Json => 0,
         }
     }
 
@@ -88,7 +108,7 @@ impl Api {
                 Some("max_completion_tokens")
             }
             Api::OpenAiChat | Api::OpenAiCompletions => Some("max_tokens"),
-            Api::OpenAiEmbeddings | Api::OpenAiModels => None,
+            Api::OpenAiEmbeddings | Api::OpenAiModels | Api::Json => None,
         }
     }
 

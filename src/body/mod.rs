@@ -123,8 +123,16 @@ pub fn judge(
         .unwrap_or_default()
         .to_string();
     let api = route.api;
-    let features = policy::features_used(api, body);
-    let model_label = policy::check(api, tenant, &model, features)?.to_string();
+    let features = if api.openai_members() {
+        policy::features_used(api, body)
+    } else {
+        FeatureSet::default()
+    };
+    let model_label = if model.is_empty() && api.model_optional() {
+        "-".to_string()
+    } else {
+        policy::check(api, tenant, &model, features)?.to_string()
+    };
     let max_output_tokens = policy::cap_output(
         api,
         body,
@@ -144,7 +152,7 @@ pub fn judge(
         return Err(r);
     }
     let usage_requested = match &mut doc {
-        Value::Object(body) => policy::force_stream_usage(body),
+        Value::Object(body) if api.openai_members() => policy::force_stream_usage(body),
         _ => true,
     };
     let mut body = Vec::with_capacity(raw.len() + 32);
@@ -169,6 +177,60 @@ pub fn judge(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::route::{Api, RouteSpec, Routes};
+    use crate::tenant::Limits;
+
+    fn json_route() -> RouteSpec {
+        RouteSpec {
+            path: "/v1/tokenize".into(),
+            methods: vec![http::Method::POST],
+            api: Api::Json,
+            feature: None,
+            schema: None,
+            label: "tokenize".into(),
+            max_body_bytes: None,
+        }
+    }
+
+    #[test]
+    fn a_json_route_checks_only_json_and_a_model_when_there_is_one() {
+        let limits = Limits {
+            requests_per_second: 1.0,
+            burst: 1,
+            tokens_per_minute: 1,
+            tokens_per_day: 1,
+            max_concurrency: 1,
+            max_body_bytes: 1 << 20,
+            max_prompt_tokens: 1,
+            max_output_tokens: 1,
+        };
+        let tenant = Tenant {
+            models: vec!["m-small".into()],
+            ..Tenant::new("t", "o", "p", limits, None)
+        };
+        let schemas = Schemas::load(None, &Routes::built_in()).unwrap();
+        let cfg = BodyConfig::default();
+        let route = json_route();
+        let judge = |raw: &[u8]| judge(&route, &tenant, &cfg, &schemas, raw);
+        // No model, OpenAI-looking members left alone, nothing estimated.
+        let j = judge(br#"{"text": "a long prompt", "stream": true, "n": 4}"#).unwrap();
+        assert_eq!(
+            (j.model_label.as_str(), j.prompt_tokens, j.max_output_tokens),
+            ("-", 0, 0)
+        );
+        assert_eq!(j.features, FeatureSet::default());
+        let sent: Value = serde_json::from_slice(&j.body).unwrap();
+        assert_eq!(
+            sent,
+            serde_json::json!({"text": "a long prompt", "stream": true, "n": 4}),
+            "no stream_options or max_tokens added"
+        );
+        assert!(judge(br#"{"model": "m-small", "text": "x"}"#).is_ok());
+        let r = judge(br#"{"model": "m-large", "text": "x"}"#).unwrap_err();
+        assert_eq!((r.status, r.code.as_str()), (403, "model_not_allowed"));
+        let r = judge(br#"{"text": "x", "text": "y"}"#).unwrap_err();
+        assert_eq!(r.code.as_str(), "invalid_json");
+    }
 
     #[test]
     fn the_rate_floor_tightens_the_deadline_until_the_whole_body_timeout_binds() {

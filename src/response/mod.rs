@@ -32,11 +32,18 @@ impl Usage {
         Usage::from_member(v.get("usage")?)
     }
 
+    /// OpenAI's `prompt_tokens` and `completion_tokens`; an answer that
+    /// reports only `total_tokens` (rerank, a tokenizer) has it counted as
+    /// prompt tokens.
     fn from_member(u: &Value) -> Option<Usage> {
-        let field = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let field = |k: &str| u.get(k).and_then(Value::as_u64);
+        let (prompt, completion) = (field("prompt_tokens"), field("completion_tokens"));
         Some(Usage {
-            prompt_tokens: field("prompt_tokens"),
-            completion_tokens: field("completion_tokens"),
+            prompt_tokens: prompt
+                .or(completion.map(|_| 0))
+                .or(field("total_tokens"))
+                .unwrap_or(0),
+            completion_tokens: completion.unwrap_or(0),
         })
     }
 }
@@ -213,6 +220,19 @@ mod tests {
         let mut broken = UsageTap::json();
         broken.push(Bytes::from_static(b"{\"usage\":"), true);
         assert_eq!(broken.usage(), None);
+        // A rerank or tokenizer answer reports only a total.
+        let mut total = UsageTap::json();
+        total.push(
+            Bytes::from_static(br#"{"results":[],"usage":{"total_tokens":9}}"#),
+            true,
+        );
+        assert_eq!(
+            total.usage(),
+            Some(Usage {
+                prompt_tokens: 9,
+                completion_tokens: 0
+            })
+        );
     }
 
     #[test]

@@ -29,6 +29,89 @@ fn routes_file(with_alt: bool) -> String {
     )
 }
 
+/// A JSON route added by an edit (`api = "json"`): strict JSON, `model`
+/// against the allowlist when the body has one, forwarded as judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_route_is_an_edit_of_the_routes_file() {
+    let file = format!(
+        "{}[[routes]]\npath = \"/v1/tokenize\"\nmethods = [\"POST\"]\napi = \"json\"\n",
+        routes_file(false)
+    );
+    let gw = Gateway::start_with(Options {
+        files: vec![("routes.toml", file)],
+        config: toml::toml! {
+            [policy]
+            routes = "routes.toml"
+        },
+        ..Options::default()
+    })
+    .await;
+    let acme = gw.keys.token("acme");
+    let r = gw
+        .send(
+            &post("/v1/tokenize", &json!({"text": "hello", "stream": true}))
+                .bearer(&acme)
+                .build(),
+        )
+        .await;
+    let rec = gw
+        .router()
+        .requests()
+        .pop()
+        .expect("the JSON route was forwarded");
+    assert_eq!(rec.path, "/v1/tokenize");
+    assert_eq!(rec.header("x-tenant-id"), Some("acme"));
+    assert!(
+        rec.header("x-tenant-model").is_none(),
+        "no model, no model header"
+    );
+    let sent: serde_json::Value = serde_json::from_slice(&rec.body).unwrap();
+    assert_eq!(
+        sent,
+        json!({"text": "hello", "stream": true}),
+        "forwarded as judged"
+    );
+    assert_eq!(r.code(), "not_found", "the mock router's own answer");
+    let r = gw
+        .send(
+            &post("/v1/tokenize", &json!({"model": "m-small", "text": "x"}))
+                .bearer(&acme)
+                .build(),
+        )
+        .await;
+    assert_eq!(
+        gw.router()
+            .requests()
+            .pop()
+            .unwrap()
+            .header("x-tenant-model"),
+        Some("m-small")
+    );
+    assert_eq!(r.code(), "not_found");
+    let routed = gw.router_count();
+    let r = gw
+        .send(
+            &post("/v1/tokenize", &json!({"model": "m-large", "text": "x"}))
+                .bearer(&acme)
+                .build(),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (403, "model_not_allowed".to_string()));
+    let r = gw
+        .send(
+            &post_raw("/v1/tokenize", br#"{"a": 1, "a": 2}"#.to_vec())
+                .bearer(&acme)
+                .build(),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (400, "invalid_json".to_string()));
+    assert_eq!(
+        gw.router_count(),
+        routed,
+        "a rejected request reached the router"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_routes_file_adds_a_route_with_an_edit_and_reloads() {
     let gw = Gateway::start_with(Options {
