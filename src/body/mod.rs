@@ -128,7 +128,9 @@ pub fn judge(
     } else {
         FeatureSet::default()
     };
-    let model_label = if model.is_empty() && api.model_optional() {
+    // Only an absent `model` skips the allowlist: one that is not a string
+    // (`["m-large"]`, `null`) is refused, since a router might still read it.
+    let model_label = if !body.contains_key("model") && api.model_optional() {
         "-".to_string()
     } else {
         policy::check(api, tenant, &model, features)?.to_string()
@@ -226,8 +228,15 @@ mod tests {
             "no stream_options or max_tokens added"
         );
         assert!(judge(br#"{"model": "m-small", "text": "x"}"#).is_ok());
-        let r = judge(br#"{"model": "m-large", "text": "x"}"#).unwrap_err();
-        assert_eq!((r.status, r.code.as_str()), (403, "model_not_allowed"));
+        for refused in [
+            &br#"{"model": "m-large", "text": "x"}"#[..],
+            br#"{"model": ["m-large"], "text": "x"}"#,
+            br#"{"model": null, "text": "x"}"#,
+            br#"{"model": "", "text": "x"}"#,
+        ] {
+            let r = judge(refused).unwrap_err();
+            assert_eq!((r.status, r.code.as_str()), (403, "model_not_allowed"));
+        }
         let r = judge(br#"{"text": "x", "text": "y"}"#).unwrap_err();
         assert_eq!(r.code.as_str(), "invalid_json");
     }
