@@ -29,6 +29,19 @@ fn routes_file(with_alt: bool) -> String {
     )
 }
 
+/// A gateway whose `[policy] routes` is `file`, as `routes.toml`.
+async fn with_routes(file: String) -> Gateway {
+    Gateway::start_with(Options {
+        files: vec![("routes.toml", file)],
+        config: toml::toml! {
+            [policy]
+            routes = "routes.toml"
+        },
+        ..Options::default()
+    })
+    .await
+}
+
 /// A JSON route added by an edit (`api = "json"`): strict JSON, `model`
 /// against the allowlist when the body has one, forwarded as judged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,15 +50,7 @@ async fn a_json_route_is_an_edit_of_the_routes_file() {
         "{}[[routes]]\npath = \"/v1/tokenize\"\nmethods = [\"POST\"]\napi = \"json\"\n",
         routes_file(false)
     );
-    let gw = Gateway::start_with(Options {
-        files: vec![("routes.toml", file)],
-        config: toml::toml! {
-            [policy]
-            routes = "routes.toml"
-        },
-        ..Options::default()
-    })
-    .await;
+    let gw = with_routes(file).await;
     let acme = gw.keys.token("acme");
     let r = gw
         .send(
@@ -114,15 +119,7 @@ async fn a_json_route_is_an_edit_of_the_routes_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_routes_file_adds_a_route_with_an_edit_and_reloads() {
-    let gw = Gateway::start_with(Options {
-        files: vec![("routes.toml", routes_file(true))],
-        config: toml::toml! {
-            [policy]
-            routes = "routes.toml"
-        },
-        ..Options::default()
-    })
-    .await;
+    let gw = with_routes(routes_file(true)).await;
     let acme = gw.keys.token("acme");
     let r = gw
         .send(&post("/v1/chat/alt", &chat_body()).bearer(&acme).build())

@@ -101,13 +101,7 @@ async fn the_router_gets_the_gateways_client_certificate() {
         ..Options::default()
     })
     .await;
-    let r = gw
-        .send(
-            &post("/v1/chat/completions", &chat_body())
-                .bearer(&gw.keys.token("acme"))
-                .build(),
-        )
-        .await;
+    let r = chat_as_acme(&gw).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let rec = router
         .requests()
@@ -127,13 +121,7 @@ async fn a_router_without_our_client_certificate_or_with_the_wrong_name_gets_not
             ..Options::default()
         })
         .await;
-        let r = gw
-            .send(
-                &post("/v1/chat/completions", &chat_body())
-                    .bearer(&gw.keys.token("acme"))
-                    .build(),
-            )
-            .await;
+        let r = chat_as_acme(&gw).await;
         assert_eq!(
             (r.status, r.code()),
             (502, "upstream_unavailable".to_string()),
@@ -166,13 +154,7 @@ async fn an_acknowledged_insecure_router_works_but_is_announced() {
         ..Options::default()
     })
     .await;
-    let r = gw
-        .send(
-            &post("/v1/chat/completions", &chat_body())
-                .bearer(&gw.keys.token("acme"))
-                .build(),
-        )
-        .await;
+    let r = chat_as_acme(&gw).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(router.requests().len(), 1);
     let metrics = send(gw.admin, &get("/metrics").build()).await.unwrap();
@@ -186,6 +168,16 @@ async fn an_acknowledged_insecure_router_works_but_is_announced() {
         warning.contains("\"level\":\"WARN\"") && warning.contains("NOT verified"),
         "{warning}"
     );
+}
+
+/// A chat request as tenant acme.
+async fn chat_as_acme(gw: &Gateway) -> Response {
+    gw.send(
+        &post("/v1/chat/completions", &chat_body())
+            .bearer(&gw.keys.token("acme"))
+            .build(),
+    )
+    .await
 }
 
 /// Whether the gateway's admin listener reports a healthy router.
@@ -237,13 +229,7 @@ async fn health_checks_of_a_tls_router_complete_their_handshakes() {
         router.requests().is_empty(),
         "a health check sent a request"
     );
-    let r = gw
-        .send(
-            &post("/v1/chat/completions", &chat_body())
-                .bearer(&gw.keys.token("acme"))
-                .build(),
-        )
-        .await;
+    let r = chat_as_acme(&gw).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
 
@@ -261,13 +247,7 @@ async fn a_router_that_fails_the_handshake_is_marked_down() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(handshakes.failed.load(Ordering::SeqCst) >= 1);
-    let r = gw
-        .send(
-            &post("/v1/chat/completions", &chat_body())
-                .bearer(&gw.keys.token("acme"))
-                .build(),
-        )
-        .await;
+    let r = chat_as_acme(&gw).await;
     assert_eq!(
         (r.status, r.code()),
         (502, "upstream_unavailable".to_string())
