@@ -48,7 +48,10 @@ impl Schemas {
                 _ if named.is_absolute() => match std::fs::read_to_string(named) {
                     Ok(t) => (named.to_path_buf(), t),
                     Err(e) => {
-                        errs.push(diag(named, format!("cannot read schema: {e}")));
+                        errs.push(Diagnostic::in_file(
+                            named,
+                            format!("cannot read schema: {e}"),
+                        ));
                         continue;
                     }
                 },
@@ -57,7 +60,7 @@ impl Schemas {
                     match std::fs::read_to_string(&p) {
                         Ok(t) => (p, t),
                         Err(e) => {
-                            errs.push(diag(&p, format!("cannot read schema: {e}")));
+                            errs.push(Diagnostic::in_file(&p, format!("cannot read schema: {e}")));
                             continue;
                         }
                     }
@@ -67,7 +70,7 @@ impl Schemas {
                     match BUILT_IN.iter().find(|(n, _)| *n == name) {
                         Some((_, text)) => (file, text.to_string()),
                         None => {
-                            errs.push(diag(&file, "no such built-in schema".into()));
+                            errs.push(Diagnostic::in_file(&file, "no such built-in schema"));
                             continue;
                         }
                     }
@@ -88,7 +91,7 @@ impl Schemas {
                 Ok(v) => {
                     by_name.insert(name.to_string(), v);
                 }
-                Err(e) => errs.push(diag(&file, format!("invalid schema: {e}"))),
+                Err(e) => errs.push(Diagnostic::in_file(&file, format!("invalid schema: {e}"))),
             }
         }
         if errs.is_empty() {
@@ -147,14 +150,6 @@ impl Schemas {
         );
         r.param = Some(pointer);
         Err(r)
-    }
-}
-
-fn diag(file: &Path, message: String) -> Diagnostic {
-    Diagnostic {
-        file: file.to_path_buf(),
-        line: None,
-        message,
     }
 }
 

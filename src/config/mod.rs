@@ -171,9 +171,5 @@ impl Snapshot {
 }
 
 fn gateway_diag(g: &GatewayConfig, message: String) -> Diagnostic {
-    Diagnostic {
-        file: g.path.clone(),
-        line: None,
-        message,
-    }
+    Diagnostic::in_file(&g.path, message)
 }

@@ -102,9 +102,9 @@ impl RegoPolicy {
     /// Parses the `.rego` file, or every `.rego` file under a folder, and
     /// checks that the entry point exists. `timeout` bounds one evaluation.
     pub fn load(path: &Path, timeout: Duration) -> Result<Self, Vec<Diagnostic>> {
-        let files = rego_files(path).map_err(|m| vec![diag(path, m)])?;
+        let files = rego_files(path).map_err(|m| vec![Diagnostic::in_file(path, m)])?;
         if files.is_empty() {
-            return Err(vec![diag(path, "no .rego file".into())]);
+            return Err(vec![Diagnostic::in_file(path, "no .rego file")]);
         }
         // Evaluation time is checked every few hundred steps of work.
         let timer = ExecutionTimerConfig {
@@ -140,9 +140,12 @@ impl RegoPolicy {
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => errs.push(diag(f, format!("rego does not compile: {e}"))),
+                    Err(e) => errs.push(Diagnostic::in_file(
+                        f,
+                        format!("rego does not compile: {e}"),
+                    )),
                 },
-                Err(e) => errs.push(diag(f, format!("cannot read file: {e}"))),
+                Err(e) => errs.push(Diagnostic::in_file(f, format!("cannot read file: {e}"))),
             }
         }
         if !errs.is_empty() {
@@ -151,7 +154,7 @@ impl RegoPolicy {
         let path_of = entry.path();
         let rule: Rc<str> = Rc::from(path_of);
         let policy = engine.compile_with_entrypoint(&rule).map_err(|e| {
-            vec![diag(
+            vec![Diagnostic::in_file(
                 path,
                 format!(
                     "rego has no usable {} or {}: {e}",
@@ -175,7 +178,7 @@ impl RegoPolicy {
         };
         // One evaluation on an empty input proves the entry point runs.
         loaded.eval(Value::new_object()).map_err(|e| {
-            vec![diag(
+            vec![Diagnostic::in_file(
                 path,
                 format!("evaluating {path_of} on an empty input failed: {e}"),
             )]
@@ -336,14 +339,6 @@ fn headers_of(v: &Value) -> Result<PolicyHeaders, String> {
         _ => return Err("the policy's headers must be an object".into()),
     }
     Ok(headers)
-}
-
-fn diag(file: &Path, message: String) -> Diagnostic {
-    Diagnostic {
-        file: file.to_path_buf(),
-        line: None,
-        message,
-    }
 }
 
 /// A line regorus's compiler printed for a policy. regorus writes some
