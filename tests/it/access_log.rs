@@ -40,14 +40,28 @@ async fn one_line_per_request_and_no_secrets() {
         sent.iter().map(|r| r.status).collect::<Vec<_>>(),
         [200, 200, 401, 401]
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let log = std::fs::read_to_string(gw.dir.path().join("gateway.log")).unwrap();
-    let access: Vec<Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["target"] == "access")
-        .collect();
+    // Lines reach the file through a non-blocking writer: wait for them
+    // (a loaded machine can take longer than a fixed pause).
+    let read = || {
+        let log = std::fs::read_to_string(gw.dir.path().join("gateway.log")).unwrap();
+        let access: Vec<Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "access")
+            .collect();
+        (log, access)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (mut log, mut access) = read();
+    while access.len() < 4 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        (log, access) = read();
+    }
+    // Anything more would have arrived by now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if access.len() == 4 {
+        (log, access) = read();
+    }
     assert_eq!(access.len(), 4, "one access line per request:\n{log}");
     let ok = &access[0];
     assert_eq!(ok["request_id"], sent[0].header("x-request-id").unwrap());
