@@ -8,7 +8,8 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use portcullis::body::schema::Schemas;
-use portcullis::body::{judge, BodyConfig};
+use portcullis::body::{judge, BodyConfig, Gate};
+use portcullis::ids::{Binding, ResponseIds};
 use portcullis::route::Routes;
 use serde_json::{json, Value};
 
@@ -42,10 +43,16 @@ fn bench(c: &mut Criterion) {
     let schemas = Schemas::load(None, &routes).expect("built-in schemas");
     let tenant = tenant();
     let cfg = BodyConfig::default();
+    let keys = ResponseIds::from_key(&[1; 32]).expect("id keys");
+    let gate = Gate {
+        cfg: &cfg,
+        schemas: &schemas,
+        ids: Binding::new(&keys, &tenant.id),
+    };
     let mut group = c.benchmark_group("body_stage");
     for (label, size) in [("1KiB", 1024), ("32KiB", 32 * 1024), ("256KiB", 256 * 1024)] {
         let raw = chat_body(size);
-        assert!(judge(chat, &tenant, &cfg, &schemas, &raw).is_ok());
+        assert!(judge(chat, &tenant, &gate, &raw).is_ok());
         group.throughput(Throughput::Bytes(raw.len() as u64));
         group.bench_with_input(
             BenchmarkId::new("serde_json_value", label),
@@ -53,7 +60,7 @@ fn bench(c: &mut Criterion) {
             |b, raw| b.iter(|| serde_json::from_slice::<Value>(black_box(raw)).unwrap()),
         );
         group.bench_with_input(BenchmarkId::new("judge", label), &raw, |b, raw| {
-            b.iter(|| judge(chat, &tenant, &cfg, &schemas, black_box(raw)).unwrap())
+            b.iter(|| judge(chat, &tenant, &gate, black_box(raw)).unwrap())
         });
     }
     group.finish();

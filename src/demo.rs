@@ -65,6 +65,9 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
          -d '{{\"model\":\"llama-3.1-8b-instruct\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'\n\n\
          Or with acme's API key (shown once):\n\n  \
          curl -s http://{listen}/v1/models -H 'x-api-key: {key}'\n\n\
+         The official SDKs work as they are (Responses, Messages, audio and the rest):\n\n  \
+         OpenAI(base_url=\"http://{listen}/v1\", api_key=\"{key}\").responses.create(model=\"llama-3.1-8b-instruct\", input=\"Hello\")\n  \
+         Anthropic(base_url=\"http://{listen}\", api_key=\"{key}\").messages.create(model=\"llama-3.1-8b-instruct\", max_tokens=64, messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}])\n\n\
          Mint another token: portcullis token mint --tenant globex\n",
         listen = args.listen,
         router = args.router,
@@ -176,8 +179,8 @@ max_concurrency = 32
 max_body_bytes = 1_048_576
 max_prompt_tokens = 128_000
 max_output_tokens = 8_192
-models = ["llama-3.1-8b-instruct", "llama-3.1-70b-instruct"]
-features = ["chat", "completions", "embeddings", "stream", "tools", "json_mode"]
+models = ["llama-3.1-8b-instruct", "llama-3.1-70b-instruct", "whisper-large-v3", "rerank-v1", "omni-moderation-latest"]
+features = ["chat", "completions", "embeddings", "stream", "tools", "json_mode", "vision", "responses", "messages", "moderations", "rerank", "audio"]
 
 [[tenants]]
 id = "acme"

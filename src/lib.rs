@@ -19,6 +19,7 @@ pub mod diag;
 pub mod forward;
 pub mod http_client;
 pub mod identity;
+pub mod ids;
 pub mod inbound;
 pub mod limits;
 pub mod mock_router;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -80,6 +81,8 @@ impl Default for MockOptions {
 struct State {
     requests: Mutex<Vec<Recorded>>,
     connections: AtomicUsize,
+    /// Numbers the Responses objects it makes.
+    responses: AtomicUsize,
 }
 
 /// A running mock router; it stops when its runtime does.
@@ -156,7 +159,8 @@ async fn serve_connection(
         let Some((req, keep_alive)) = read_request(&mut stream, &mut buf).await? else {
             return Ok(());
         };
-        let answer = answer(&req, opts.stream_chunks);
+        let serial = state.responses.fetch_add(1, Ordering::Relaxed);
+        let answer = answer(&req, opts.stream_chunks, serial);
         // What the router saw of identity, so a benchmark can check each
         // proxy's first answer without a recording.
         let echo = format!(
@@ -339,11 +343,12 @@ enum Answer {
     Stream(Vec<String>),
 }
 
-/// An OpenAI-shaped answer for each route; unknown routes get 404. A chat
-/// request with `stream: true` gets three content chunks, the usage-only
-/// chunk when `stream_options.include_usage` asks for it, and `[DONE]`.
-fn answer(req: &Recorded, stream_chunks: usize) -> Answer {
-    let parsed: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+/// An answer in each shipped route's dialect; unknown routes get 404. A
+/// streamed chat has `stream_chunks` content chunks, the usage-only chunk
+/// when `stream_options.include_usage` asks for it, and `[DONE]`; a
+/// streamed response or message has its dialect's events, usage included.
+fn answer(req: &Recorded, stream_chunks: usize, serial: usize) -> Answer {
+    let parsed: Value = serde_json::from_slice(&req.body).unwrap_or_default();
     let model = parsed
         .get("model")
         .and_then(|m| m.as_str())
@@ -351,34 +356,38 @@ fn answer(req: &Recorded, stream_chunks: usize) -> Answer {
     let prompt_tokens = req.body.len() / 4;
     let path = req.path.split('?').next().unwrap_or_default();
     let streaming = parsed.get("stream").and_then(|s| s.as_bool()) == Some(true);
-    if path == "/v1/chat/completions" && streaming {
-        let mut events: Vec<String> = ["Hello", " from the", " mock router."]
-            .iter()
+    let pieces = || {
+        ["Hello", " from the", " mock router."]
+            .into_iter()
             .cycle()
             .take(stream_chunks)
-            .map(|piece| {
-                let chunk = serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
-                    "model": model, "choices": [{"index": 0, "delta": {"content": piece}}]});
-                format!("data: {chunk}\n\n")
-            })
-            .collect();
-        let usage = parsed
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(|u| u.as_bool())
-            == Some(true);
-        if usage {
-            let chunk = serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
-                "model": model, "choices": [],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3,
-                          "total_tokens": prompt_tokens + 3}});
-            events.push(format!("data: {chunk}\n\n"));
+    };
+    let segments: Vec<&str> = path.split('/').collect();
+    let body = match (req.method.as_str(), segments.as_slice()) {
+        ("POST", ["", "v1", "chat", "completions"]) if streaming => {
+            let mut events: Vec<String> = pieces()
+                .map(|piece| {
+                    let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                        "model": model, "choices": [{"index": 0, "delta": {"content": piece}}]});
+                    format!("data: {chunk}\n\n")
+                })
+                .collect();
+            let usage = parsed
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(|u| u.as_bool())
+                == Some(true);
+            if usage {
+                let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                    "model": model, "choices": [],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3,
+                              "total_tokens": prompt_tokens + 3}});
+                events.push(format!("data: {chunk}\n\n"));
+            }
+            events.push("data: [DONE]\n\n".into());
+            return Answer::Stream(events);
         }
-        events.push("data: [DONE]\n\n".into());
-        return Answer::Stream(events);
-    }
-    let body = match path {
-        "/v1/chat/completions" => serde_json::json!({
+        ("POST", ["", "v1", "chat", "completions"]) => json!({
             "id": "chatcmpl-mock",
             "object": "chat.completion",
             "created": 0,
@@ -388,7 +397,7 @@ fn answer(req: &Recorded, stream_chunks: usize) -> Answer {
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 6,
                       "total_tokens": prompt_tokens + 6}
         }),
-        "/v1/completions" => serde_json::json!({
+        ("POST", ["", "v1", "completions"]) => json!({
             "id": "cmpl-mock",
             "object": "text_completion",
             "created": 0,
@@ -399,12 +408,96 @@ fn answer(req: &Recorded, stream_chunks: usize) -> Answer {
         }),
         // What a router's load balancer (or the gateway's
         // `health_check_path`) polls.
-        "/healthz" => serde_json::json!({"status": "ok"}),
-        "/v1/embeddings" => serde_json::json!({
+        ("GET", ["", "healthz"]) => json!({"status": "ok"}),
+        ("POST", ["", "v1", "embeddings"]) => json!({
             "object": "list",
             "model": model,
             "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.1, 0.2]}],
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+        }),
+        ("POST", ["", "v1", "responses"]) => {
+            let id = format!("resp_mock{serial:04x}");
+            let previous = parsed.get("previous_response_id").cloned().unwrap_or(Value::Null);
+            let done = response_object(&id, model, "completed", prompt_tokens, previous.clone());
+            if !streaming {
+                done
+            } else {
+                let mut started = response_object(&id, model, "in_progress", 0, previous);
+                started["usage"] = Value::Null;
+                let mut events = vec![
+                    sse("response.created", json!({"type": "response.created", "sequence_number": 0, "response": started})),
+                ];
+                for (i, piece) in pieces().enumerate() {
+                    events.push(sse("response.output_text.delta", json!({"type": "response.output_text.delta",
+                        "sequence_number": i + 1, "item_id": "msg_mock", "output_index": 0,
+                        "content_index": 0, "delta": piece, "logprobs": []})));
+                }
+                events.push(sse("response.completed", json!({"type": "response.completed",
+                    "sequence_number": stream_chunks + 1, "response": done})));
+                return Answer::Stream(events);
+            }
+        }
+        ("POST", ["", "v1", "responses", "input_tokens"]) => {
+            json!({"object": "response.input_tokens", "input_tokens": prompt_tokens})
+        }
+        ("GET", ["", "v1", "responses", id]) => {
+            response_object(id, "mock-model", "completed", 8, Value::Null)
+        }
+        ("DELETE", ["", "v1", "responses", id]) => {
+            json!({"id": id, "object": "response.deleted", "deleted": true})
+        }
+        ("POST", ["", "v1", "responses", id, "cancel"]) => {
+            response_object(id, "mock-model", "cancelled", 8, Value::Null)
+        }
+        ("GET", ["", "v1", "responses", _, "input_items"]) => json!({
+            "object": "list",
+            "data": [{"id": "msg_input", "type": "message", "role": "user", "status": "completed",
+                      "content": [{"type": "input_text", "text": "Hello"}]}],
+            "first_id": "msg_input", "last_id": "msg_input", "has_more": false
+        }),
+        ("POST", ["", "v1", "messages"]) => {
+            let usage = json!({"input_tokens": prompt_tokens, "output_tokens": 6,
+                "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0});
+            if !streaming {
+                json!({"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+                    "content": [{"type": "text", "text": "Hello from the mock router."}],
+                    "stop_reason": "end_turn", "stop_sequence": null, "usage": usage})
+            } else {
+                let mut start_usage = usage.clone();
+                start_usage["output_tokens"] = json!(1);
+                let mut events = vec![
+                    sse("message_start", json!({"type": "message_start", "message": {"id": "msg_mock",
+                        "type": "message", "role": "assistant", "model": model, "content": [],
+                        "stop_reason": null, "stop_sequence": null, "usage": start_usage}})),
+                    sse("content_block_start", json!({"type": "content_block_start", "index": 0,
+                        "content_block": {"type": "text", "text": ""}})),
+                ];
+                for piece in pieces() {
+                    events.push(sse("content_block_delta", json!({"type": "content_block_delta",
+                        "index": 0, "delta": {"type": "text_delta", "text": piece}})));
+                }
+                events.push(sse("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
+                events.push(sse("message_delta", json!({"type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                    "usage": {"output_tokens": 6}})));
+                events.push(sse("message_stop", json!({"type": "message_stop"})));
+                return Answer::Stream(events);
+            }
+        }
+        ("POST", ["", "v1", "messages", "count_tokens"]) => json!({"input_tokens": prompt_tokens}),
+        ("POST", ["", "v1", "moderations"]) => json!({
+            "id": "modr-mock", "model": model,
+            "results": [{"flagged": false, "categories": {}, "category_scores": {}}]
+        }),
+        ("POST", ["", "v1", "rerank"]) => json!({
+            "id": "rerank-mock", "model": model,
+            "results": [{"index": 0, "relevance_score": 0.9}],
+            "usage": {"total_tokens": prompt_tokens}
+        }),
+        ("POST", ["", "v1", "audio", "transcriptions" | "translations"]) => json!({
+            "text": "Hello from the mock router.",
+            "usage": {"type": "tokens", "input_tokens": prompt_tokens, "output_tokens": 6,
+                      "total_tokens": prompt_tokens + 6}
         }),
         _ => {
             return Answer::Json(
@@ -414,4 +507,24 @@ fn answer(req: &Recorded, stream_chunks: usize) -> Answer {
         }
     };
     Answer::Json("200 OK", serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// A named SSE event.
+fn sse(name: &str, data: Value) -> String {
+    format!("event: {name}\ndata: {data}\n\n")
+}
+
+/// A Responses object as the API returns it.
+fn response_object(id: &str, model: &str, status: &str, input: usize, previous: Value) -> Value {
+    json!({
+        "id": id, "object": "response", "created_at": 0, "status": status, "model": model,
+        "output": [{"type": "message", "id": "msg_mock", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": "Hello from the mock router.", "annotations": []}]}],
+        "previous_response_id": previous,
+        "parallel_tool_calls": true, "tool_choice": "auto", "tools": [], "metadata": {},
+        "error": null, "incomplete_details": null, "instructions": null,
+        "usage": {"input_tokens": input, "output_tokens": 6, "total_tokens": input + 6,
+                  "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens_details": {"reasoning_tokens": 0}}
+    })
 }

@@ -10,14 +10,16 @@ use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 
 use crate::authz;
-use crate::body::{self, intake};
+use crate::body::{self, intake, multipart, response_not_found, Gate};
 use crate::forward::{self, TrustedContext};
 use crate::identity;
 use crate::identity::mtls::CertIdentity;
+use crate::ids::Binding;
 use crate::inbound;
 use crate::policy::PolicyRequest;
 use crate::proxy::{Gateway, RequestCtx};
 use crate::reject::{Reject, RejectCode};
+use crate::route::{Api, RouteSpec};
 use crate::tenant::Feature;
 
 /// What a request that passed every stage gets.
@@ -51,16 +53,36 @@ pub async fn run(
         )?));
     }
 
-    // The body gate: bounded read, then the pure judgement.
     let snap = ctx.snapshot.clone();
+    let ids = Binding::new(&snap.response_ids, &tenant.id);
+    if route.api.binds_path_id() {
+        ctx.router_path = Some(open_path_id(&route, &session.req_header().uri, &ids)?);
+    }
+
+    // The body gate: bounded read, then the pure judgement. A route's own
+    // cap (an audio route's) replaces the plan's and the gateway's.
     let cfg = &snap.gateway.body;
     let limit = route
         .max_body_bytes
-        .unwrap_or(tenant.limits.max_body_bytes)
-        .min(cfg.max_body_bytes);
-    intake::check_head(&session.req_header().headers, limit)?;
+        .unwrap_or(tenant.limits.max_body_bytes.min(cfg.max_body_bytes));
+    let headers = &session.req_header().headers;
+    intake::check_head(headers, limit, route.api.media())?;
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let raw = intake::read(session, cfg, limit).await?;
-    let judged = body::judge(&route, &tenant, cfg, &snap.schemas, &raw)?;
+    let body_bytes = raw.len();
+    let judged = if route.api == Api::Multipart {
+        multipart::judge(&route, &tenant, content_type.as_deref(), raw.freeze()).await?
+    } else {
+        let gate = Gate {
+            cfg,
+            schemas: &snap.schemas,
+            ids,
+        };
+        body::judge(&route, &tenant, &gate, &raw)?
+    };
 
     // Policy: Rego, then the external authorizer.
     if !snap.policies.is_empty() {
@@ -80,7 +102,7 @@ pub async fn run(
             model: &judged.model,
             features,
             region: &snap.gateway.server.region,
-            body_bytes: raw.len(),
+            body_bytes,
             prompt_tokens: judged.prompt_tokens,
         };
         let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -99,10 +121,10 @@ pub async fn run(
     if let Some(held) = ctx.limits.as_mut() {
         gw.limiter.reserve(held, &tenant, reserve).await?;
     }
-    ctx.usage_tap = Some(route.api.usage_tap(
+    ctx.usage_tap = route.api.usage_tap(
         judged.features.contains(Feature::Stream),
         !judged.usage_requested,
-    ));
+    );
     let body = judged.body.clone();
     ctx.judged = Some(judged);
     Ok(Outcome::Forward(body))
@@ -155,6 +177,34 @@ fn identify(gw: &Gateway, session: &Session, ctx: &mut RequestCtx) -> Result<(),
     Ok(())
 }
 
+/// The router's path for a stored response: the bound `{id}` of the
+/// client's path opened, the query kept. Another tenant's, an unbound or
+/// an altered id is 404 before the router is asked.
+fn open_path_id(route: &RouteSpec, uri: &http::Uri, ids: &Binding) -> Result<String, Reject> {
+    let at = route
+        .path
+        .split('/')
+        .position(|seg| seg.starts_with('{'))
+        .ok_or_else(|| internal("an id route without an {id} segment"))?;
+    let mut segments: Vec<String> = uri.path().split('/').map(str::to_owned).collect();
+    let slot = segments
+        .get_mut(at)
+        .ok_or_else(|| internal("a path that does not match its route"))?;
+    *slot = ids
+        .open(slot)
+        .filter(|id| {
+            id.bytes()
+                .all(|b| b.is_ascii_graphic() && !b"/?#%".contains(&b))
+        })
+        .ok_or_else(|| response_not_found("response_id"))?;
+    let mut path = segments.join("/");
+    if let Some(q) = uri.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    Ok(path)
+}
+
 /// The head the router gets: HTTP/1.1 without the client's hop-by-hop and
 /// trusted headers, with the signed context, framing the judged body.
 pub fn router_head(session: &Session, ctx: &RequestCtx) -> pingora::Result<RequestHeader> {
@@ -191,6 +241,12 @@ pub fn router_head(session: &Session, ctx: &RequestCtx) -> pingora::Result<Reque
     };
     let mut head = session.req_header().clone();
     forward::for_h1_router(&mut head)?;
+    if let Some(path) = &ctx.router_path {
+        let uri = path.parse::<http::Uri>().map_err(|e| {
+            pingora::Error::because(pingora::ErrorType::InternalError, "router path", e)
+        })?;
+        head.set_uri(uri);
+    }
     forward::apply(&mut head, &trusted, &ctx.snapshot.signer, unix_now())?;
     let body_len = ctx.judged.as_ref().map_or(0, |j| j.body.len());
     head.insert_header("content-length", body_len.to_string())?;

@@ -4,7 +4,7 @@
 //! [`crate::forward::exchange`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -20,13 +20,14 @@ use crate::config::{SharedSnapshot, Snapshot};
 use crate::forward::exchange::{self, Answer};
 use crate::forward::upstream::Upstream;
 use crate::identity::Identity;
+use crate::ids::Binding;
 use crate::limits::guard::{Admission, AuthFailures, Overload};
 use crate::limits::{Held, Limiter};
 use crate::observe::access_log::{self, AccessRecord};
 use crate::observe::metrics::{status_label, METRICS};
 use crate::pipeline::{self, Outcome};
 use crate::policy::PolicyHeaders;
-use crate::reject::{Reject, RejectCode};
+use crate::reject::{ErrorShape, Reject, RejectCode};
 use crate::response::UsageTap;
 use crate::route::Route;
 
@@ -50,6 +51,9 @@ pub struct RequestCtx {
     started: Instant,
     pub(crate) identity: Option<Identity>,
     pub(crate) route: Option<Route>,
+    /// The router's path when it differs from the client's (a bound
+    /// Responses id opened).
+    pub(crate) router_path: Option<String>,
     reject_code: Option<&'static str>,
     upstream_started: Option<Instant>,
     upstream_elapsed: Option<Duration>,
@@ -106,7 +110,7 @@ impl Gateway {
         } else if !session.is_body_done() {
             keep_alive_past_unread_body(session, r.status).await;
         }
-        let (content_type, body) = r.content();
+        let (content_type, body) = r.content(error_shape(session, ctx), &ctx.request_id);
         self.respond(session, ctx, r.status, content_type, body, &r.headers)
             .await
     }
@@ -156,6 +160,7 @@ impl ProxyHttp for Gateway {
             started: Instant::now(),
             identity: None,
             route: None,
+            router_path: None,
             reject_code: None,
             upstream_started: None,
             upstream_elapsed: None,
@@ -288,27 +293,39 @@ impl Answer for RequestCtx {
             .headers
             .get("content-type")
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        if let Some(UsageTap::Stream(tap)) = &self.usage_tap {
+        if let Some(tap) = &self.usage_tap {
             if !is_sse {
-                self.usage_tap = Some(UsageTap::json());
-            } else if tap.hide_usage {
-                // The body will shrink: let it be re-framed.
-                resp.remove_header("content-length");
+                if let Some(json) = tap.as_json() {
+                    self.usage_tap = Some(json);
+                }
             }
+        }
+        if self.usage_tap.as_ref().is_some_and(UsageTap::rewrites) {
+            // The body may change length: let it be re-framed.
+            resp.remove_header("content-length");
         }
         resp.insert_header("x-request-id", self.request_id.as_str())?;
         rate_limit_headers(self, resp)
     }
 
     fn chunk(&mut self, chunk: Bytes) -> Bytes {
-        match self.usage_tap.as_mut() {
-            Some(t) => t.push(chunk, false),
-            None => chunk,
-        }
+        let (Some(tap), Some(who)) = (self.usage_tap.as_mut(), &self.identity) else {
+            return chunk;
+        };
+        tap.push(
+            chunk,
+            false,
+            &Binding::new(&self.snapshot.response_ids, &who.tenant.id),
+        )
     }
 
     fn end(&mut self) -> Option<Bytes> {
-        self.usage_tap.as_mut().map(|t| t.push(Bytes::new(), true))
+        let (tap, who) = (self.usage_tap.as_mut()?, self.identity.as_ref()?);
+        Some(tap.push(
+            Bytes::new(),
+            true,
+            &Binding::new(&self.snapshot.response_ids, &who.tenant.id),
+        ))
     }
 }
 
@@ -336,15 +353,39 @@ async fn keep_alive_past_unread_body(session: &mut Session, status: u16) {
     }
 }
 
-/// OpenAI's `x-ratelimit-*` headers, on every authenticated response.
+/// OpenAI's `x-ratelimit-*` headers on every authenticated response, and
+/// Anthropic's `anthropic-ratelimit-*` beside them on its routes.
 fn rate_limit_headers(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
-    let headers = match (&ctx.limits, &ctx.identity) {
-        (Some(held), _) => held.headers(),
-        (None, Some(who)) => who.tenant.limiter.headers(),
+    let state = match (&ctx.limits, &ctx.identity) {
+        (Some(held), _) => held.rate_state(),
+        (None, Some(who)) => who.tenant.limiter.rate_state(),
         (None, None) => return Ok(()),
     };
-    for (name, value) in headers {
+    for (name, value) in state.openai_headers() {
         resp.insert_header(name, value)?;
     }
+    if ctx.route.as_ref().is_some_and(|r| r.api.anthropic()) {
+        for (name, value) in state.anthropic_headers(SystemTime::now()) {
+            resp.insert_header(name, value)?;
+        }
+    }
     Ok(())
+}
+
+/// The error shape of the request's route: known once identity has run,
+/// else looked up by path, so a 401 on `/v1/messages` is Anthropic's too.
+fn error_shape(session: &Session, ctx: &RequestCtx) -> ErrorShape {
+    let anthropic = match &ctx.route {
+        Some(route) => route.api.anthropic(),
+        None => ctx
+            .snapshot
+            .routes
+            .lookup(session.req_header().uri.path())
+            .is_some_and(|r| r.api.anthropic()),
+    };
+    if anthropic {
+        ErrorShape::Anthropic
+    } else {
+        ErrorShape::OpenAi
+    }
 }

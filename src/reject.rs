@@ -57,6 +57,7 @@ reject_codes! {
     RateLimitExceeded => "rate_limit_exceeded",
     RegionNotAllowed => "region_not_allowed",
     RequestTimeout => "request_timeout",
+    ResponseNotFound => "response_not_found",
     RouteNotAllowed => "route_not_allowed",
     RouteNotFound => "route_not_found",
     SchemaViolation => "schema_violation",
@@ -80,6 +81,13 @@ impl PartialEq<&str> for RejectCode {
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other
     }
+}
+
+/// Which API's error shape a refusal takes: the route's dialect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    OpenAi,
+    Anthropic,
 }
 
 /// Why a request was refused, in the OpenAI error shape.
@@ -142,15 +150,48 @@ impl Reject {
         }
     }
 
-    /// The content type and body to send.
-    pub fn content(&self) -> (&str, Bytes) {
-        match self.raw_body.as_deref() {
-            Some((ct, body)) => (
+    /// The content type and body to send, in the route's error shape.
+    pub fn content(&self, shape: ErrorShape, request_id: &str) -> (&str, Bytes) {
+        match (self.raw_body.as_deref(), shape) {
+            (Some((ct, body)), _) => (
                 ct.as_deref().unwrap_or("application/octet-stream"),
                 body.clone(),
             ),
-            None => ("application/json", Bytes::from(self.body())),
+            (None, ErrorShape::OpenAi) => ("application/json", Bytes::from(self.body())),
+            (None, ErrorShape::Anthropic) => (
+                "application/json",
+                Bytes::from(self.anthropic_body(request_id)),
+            ),
         }
+    }
+
+    /// Anthropic's `type` for this status, which its SDK maps to an
+    /// exception class.
+    pub fn anthropic_error_type(&self) -> &'static str {
+        match self.status {
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            500..=599 => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// `{"type":"error","error":{"type","message","code"},"request_id"}`:
+    /// Anthropic's shape, with the Portcullis code beside its type.
+    pub fn anthropic_body(&self, request_id: &str) -> Vec<u8> {
+        let body = serde_json::json!({
+            "type": "error",
+            "error": {
+                "type": self.anthropic_error_type(),
+                "message": self.message,
+                "code": self.code.as_str(),
+                "param": self.param,
+            },
+            "request_id": request_id,
+        });
+        serde_json::to_vec(&body).unwrap_or_default()
     }
 
     /// The JSON body: `{"error":{"message","type","param","code"}}`.
@@ -180,5 +221,27 @@ mod tests {
         assert_eq!(v["error"]["type"], "permission_error");
         assert_eq!(v["error"]["message"], "tenant is suspended");
         assert!(v["error"]["param"].is_null());
+    }
+
+    #[test]
+    fn renders_the_anthropic_shape_with_the_portcullis_code() {
+        for (status, kind) in [
+            (400, "invalid_request_error"),
+            (401, "authentication_error"),
+            (403, "permission_error"),
+            (404, "invalid_request_error"),
+            (413, "invalid_request_error"),
+            (429, "rate_limit_error"),
+            (502, "api_error"),
+            (503, "overloaded_error"),
+        ] {
+            let r = Reject::new(status, RejectCode::RateLimitExceeded, "m");
+            let (_, body) = r.content(ErrorShape::Anthropic, "req1");
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["type"], "error");
+            assert_eq!(v["error"]["type"], kind, "{status}");
+            assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+            assert_eq!(v["request_id"], "req1");
+        }
     }
 }

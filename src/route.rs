@@ -12,6 +12,7 @@ use std::sync::Arc;
 use http::Method;
 use serde_json::{Map, Value};
 
+use crate::body::intake::Media;
 use crate::body::tokens;
 use crate::response::{StreamTap, UsageTap};
 use crate::tenant::{Feature, FeatureSet};
@@ -24,20 +25,48 @@ pub enum Api {
     OpenAiEmbeddings,
     /// Answered by the gateway itself from the tenant's allowlist.
     OpenAiModels,
+    /// `POST /v1/responses`: `instructions` + `input`, `max_output_tokens`,
+    /// usage from the JSON or the final `response.*` event; the ids in the
+    /// answer are bound to the tenant ([`crate::ids`]).
+    OpenAiResponses,
+    /// A stored response, by its bound `{id}`: no body to judge (or a JSON
+    /// one), no reservation.
+    OpenAiResponsesObject,
+    /// `POST /v1/messages`: `system` + `messages`, `max_tokens` always set,
+    /// usage from the JSON or `message_start` + `message_delta`.
+    AnthropicMessages,
+    /// `POST /v1/messages/count_tokens`: the model only, no reservation.
+    AnthropicCountTokens,
     /// Any JSON endpoint (tokenize, moderations, rerank): strict JSON, the
     /// schema if the route names one, and `model` against the allowlist
     /// when the body has one. No estimate and no reservation: the usage
     /// the router reports is charged after the answer.
     Json,
+    /// `multipart/form-data` (audio): strict framing, the `model` part
+    /// against the allowlist, forwarded byte for byte.
+    Multipart,
+}
+
+/// Where an answer's usage (and, for Responses, its ids) is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    OpenAi,
+    Responses,
+    Anthropic,
 }
 
 impl Api {
-    pub const ALL: [Api; 5] = [
+    pub const ALL: [Api; 10] = [
         Api::OpenAiChat,
         Api::OpenAiCompletions,
         Api::OpenAiEmbeddings,
         Api::OpenAiModels,
+        Api::OpenAiResponses,
+        Api::OpenAiResponsesObject,
+        Api::AnthropicMessages,
+        Api::AnthropicCountTokens,
         Api::Json,
+        Api::Multipart,
     ];
 
     /// The kind a routes file names.
@@ -52,21 +81,43 @@ impl Api {
             Api::OpenAiCompletions => "openai.completions",
             Api::OpenAiEmbeddings => "openai.embeddings",
             Api::OpenAiModels => "openai.models",
+            Api::OpenAiResponses => "openai.responses",
+            Api::OpenAiResponsesObject => "openai.responses.object",
+            Api::AnthropicMessages => "anthropic.messages",
+            Api::AnthropicCountTokens => "anthropic.count_tokens",
             Api::Json => "json",
+            Api::Multipart => "multipart",
         }
+    }
+
+    /// Whether errors on the route take Anthropic's shape.
+    pub fn anthropic(self) -> bool {
+        matches!(self, Api::AnthropicMessages | Api::AnthropicCountTokens)
     }
 
     /// Whether a body without `model` is accepted (it is then checked
     /// against no allowlist).
     pub fn model_optional(self) -> bool {
-        self == Api::Json
+        matches!(self, Api::Json | Api::OpenAiResponsesObject)
     }
 
-    /// Whether the body speaks OpenAI's request members (`stream`, `tools`,
-    /// `n`, `stream_options`...), so the features and the stream-usage
-    /// opt-in apply to it.
-    pub fn openai_members(self) -> bool {
-        self != Api::Json
+    /// Whether the body can ask for plan features (`stream`, `tools`,
+    /// `n`...), so they are read and checked.
+    pub fn reads_features(self) -> bool {
+        matches!(
+            self,
+            Api::OpenAiChat
+                | Api::OpenAiCompletions
+                | Api::OpenAiEmbeddings
+                | Api::OpenAiResponses
+                | Api::AnthropicMessages
+        )
+    }
+
+    /// Whether a stream reports usage only when asked
+    /// (`stream_options.include_usage`), so the gateway asks for it.
+    pub fn asks_for_stream_usage(self) -> bool {
+        matches!(self, Api::OpenAiChat | Api::OpenAiCompletions)
     }
 
     /// Whether the gateway answers the route itself, without the router.
@@ -74,24 +125,52 @@ impl Api {
         self == Api::OpenAiModels
     }
 
+    /// The body the route takes.
+    pub fn media(self) -> Media {
+        match self {
+            Api::OpenAiResponsesObject => Media::JsonOrNone,
+            Api::Multipart => Media::Multipart,
+            _ => Media::Json,
+        }
+    }
+
+    /// Whether the route's `{id}` is a bound Responses id.
+    pub fn binds_path_id(self) -> bool {
+        self == Api::OpenAiResponsesObject
+    }
+
     /// The body member that holds the prompt: what a `prompt_too_long`
     /// names as its `param`.
     pub fn prompt_field(self) -> &'static str {
         match self {
-            Api::OpenAiChat | Api::OpenAiModels => "messages",
+            Api::OpenAiChat
+            | Api::OpenAiModels
+            | Api::AnthropicMessages
+            | Api::AnthropicCountTokens => "messages",
             Api::OpenAiCompletions => "prompt",
-            Api::OpenAiEmbeddings | Api::Json => "input",
+            Api::Multipart => "file",
+            Api::OpenAiEmbeddings
+            | Api::OpenAiResponses
+            | Api::OpenAiResponsesObject
+            | Api::Json => "input",
         }
     }
 
-    /// The prompt's size in estimated tokens.
+    /// The prompt's size in estimated tokens; 0 for a route that reserves
+    /// none.
     pub fn prompt_tokens(self, doc: &Value) -> u64 {
         match self {
             Api::OpenAiChat => tokens::estimate_chat(doc),
             Api::OpenAiCompletions | Api::OpenAiEmbeddings => {
                 tokens::estimate_prompt(doc.get(self.prompt_field()))
             }
-            Api::OpenAiModels | Api::Json => 0,
+            Api::OpenAiResponses => tokens::estimate_responses(doc),
+            Api::AnthropicMessages => tokens::estimate_messages(doc),
+            Api::OpenAiModels
+            | Api::OpenAiResponsesObject
+            | Api::AnthropicCountTokens
+            | Api::Json
+            | Api::Multipart => 0,
         }
     }
 
@@ -107,40 +186,83 @@ impl Api {
             {
                 Some("max_completion_tokens")
             }
-            Api::OpenAiChat | Api::OpenAiCompletions => Some("max_tokens"),
-            Api::OpenAiEmbeddings | Api::OpenAiModels | Api::Json => None,
+            Api::OpenAiChat | Api::OpenAiCompletions | Api::AnthropicMessages => Some("max_tokens"),
+            Api::OpenAiResponses => Some("max_output_tokens"),
+            _ => None,
+        }
+    }
+
+    /// The field that asks for `json_mode`.
+    pub fn json_mode_field(self) -> &'static str {
+        match self {
+            Api::OpenAiResponses => "text",
+            _ => "response_format",
         }
     }
 
     /// The features the body asks for that only this dialect can express
     /// (the common ones are read for every dialect by the body stage).
     pub fn dialect_features(self, body: &Map<String, Value>, set: &mut FeatureSet) {
-        if self == Api::OpenAiChat && has_image_part(body) {
+        let vision = match self {
+            Api::OpenAiChat => has_part(body.get("messages"), "image_url"),
+            Api::AnthropicMessages => has_part(body.get("messages"), "image"),
+            Api::OpenAiResponses => {
+                let format = body
+                    .get("text")
+                    .and_then(|t| t.get("format"))
+                    .and_then(|f| f.get("type"))
+                    .and_then(Value::as_str);
+                if matches!(format, Some("json_object" | "json_schema")) {
+                    set.insert(Feature::JsonMode);
+                }
+                has_part(body.get("input"), "input_image")
+            }
+            _ => false,
+        };
+        if vision {
             set.insert(Feature::Vision);
         }
     }
 
-    /// Reads the router's usage from the answer: the final chunk of an
-    /// OpenAI stream (hidden when the client did not ask for usage), or the
-    /// JSON body's `usage`.
-    pub fn usage_tap(self, streaming: bool, hide_usage: bool) -> UsageTap {
-        match self {
+    /// Reads the router's usage (and binds the Responses ids) in the
+    /// answer: from an SSE stream in the route's dialect, where an OpenAI
+    /// stream's usage chunk is hidden when the client did not ask for it,
+    /// or from the JSON body's `usage`. `None`: nothing to read.
+    pub fn usage_tap(self, streaming: bool, hide_usage: bool) -> Option<UsageTap> {
+        let tap = match self {
             Api::OpenAiChat | Api::OpenAiCompletions if streaming => {
-                UsageTap::Stream(StreamTap::new(hide_usage))
+                UsageTap::Stream(StreamTap::new(Dialect::OpenAi, hide_usage))
             }
-            _ => UsageTap::json(),
-        }
+            Api::OpenAiResponses if streaming => {
+                UsageTap::Stream(StreamTap::new(Dialect::Responses, false))
+            }
+            Api::AnthropicMessages if streaming => {
+                UsageTap::Stream(StreamTap::new(Dialect::Anthropic, false))
+            }
+            Api::OpenAiResponses => UsageTap::json(true),
+            // A stored response's usage was charged when it was made.
+            Api::OpenAiResponsesObject => UsageTap::ids_only(),
+            Api::AnthropicCountTokens | Api::OpenAiModels => return None,
+            _ => UsageTap::json(false),
+        };
+        Some(tap)
     }
 }
 
-fn has_image_part(body: &Map<String, Value>) -> bool {
-    body.get("messages")
-        .and_then(Value::as_array)
+/// Whether any item of `list` (messages or Responses input items) has a
+/// content part of type `kind`, or is one.
+fn has_part(list: Option<&Value>, kind: &str) -> bool {
+    let is = |v: &Value| v.get("type").and_then(Value::as_str) == Some(kind);
+    list.and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|m| m.get("content").and_then(Value::as_array))
-        .flatten()
-        .any(|part| part.get("type").and_then(Value::as_str) == Some("image_url"))
+        .any(|item| {
+            is(item)
+                || item
+                    .get("content")
+                    .and_then(Value::as_array)
+                    .is_some_and(|parts| parts.iter().any(is))
+        })
 }
 
 /// One route the gateway serves.
@@ -156,10 +278,14 @@ pub struct RouteSpec {
     pub schema: Option<String>,
     /// A bounded label for metrics and logs.
     pub label: String,
-    /// This route's body cap instead of the plan's (still within
-    /// `[body] max_body_bytes`).
+    /// This route's body cap, instead of the plan's and `[body]
+    /// max_body_bytes` (an upload route needs more than any JSON body).
     pub max_body_bytes: Option<u64>,
 }
+
+/// The shipped audio routes' body cap: OpenAI's 25 MB upload limit, in MiB
+/// so a 25 MiB file passes.
+pub const AUDIO_MAX_BODY_BYTES: u64 = 26_214_400;
 
 /// A route as a request holds it: cheap to clone, and it outlives a reload.
 pub type Route = Arc<RouteSpec>;
@@ -233,51 +359,136 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// The routes the gateway serves when no routes file is configured.
+    /// The routes the gateway serves when no routes file is configured:
+    /// the same table as the shipped `policies/routes.toml`.
     pub fn built_in() -> Routes {
         use Api::*;
-        let post = [Method::POST];
+        use Feature::{Audio, Chat, Completions, Embeddings, Messages, Moderations, Rerank};
+        let (get, post) = ([Method::GET], [Method::POST]);
+        let responses = Some(Feature::Responses);
+        let audio_cap = Some(AUDIO_MAX_BODY_BYTES);
+        let r = RouteSpec::new;
         let specs = [
-            RouteSpec::new(
+            r(
                 "/v1/chat/completions",
                 &post,
                 OpenAiChat,
-                Some(Feature::Chat),
+                Some(Chat),
                 Some("chat_completions.json"),
                 "chat_completions",
             ),
-            RouteSpec::new(
+            r(
                 "/v1/completions",
                 &post,
                 OpenAiCompletions,
-                Some(Feature::Completions),
+                Some(Completions),
                 Some("completions.json"),
                 "completions",
             ),
-            RouteSpec::new(
+            r(
                 "/v1/embeddings",
                 &post,
                 OpenAiEmbeddings,
-                Some(Feature::Embeddings),
+                Some(Embeddings),
                 Some("embeddings.json"),
                 "embeddings",
             ),
-            RouteSpec::new(
-                "/v1/models",
-                &[Method::GET],
-                OpenAiModels,
-                None,
-                None,
-                "models",
+            r("/v1/models", &get, OpenAiModels, None, None, "models"),
+            r("/v1/models/{id}", &get, OpenAiModels, None, None, "model"),
+            r(
+                "/v1/responses",
+                &post,
+                OpenAiResponses,
+                responses,
+                Some("responses.json"),
+                "responses",
             ),
-            RouteSpec::new(
-                "/v1/models/{id}",
-                &[Method::GET],
-                OpenAiModels,
+            r(
+                "/v1/responses/{id}",
+                &[Method::GET, Method::DELETE],
+                OpenAiResponsesObject,
+                responses,
                 None,
-                None,
-                "model",
+                "responses_get",
             ),
+            r(
+                "/v1/responses/{id}/cancel",
+                &post,
+                OpenAiResponsesObject,
+                responses,
+                None,
+                "responses_cancel",
+            ),
+            r(
+                "/v1/responses/{id}/input_items",
+                &get,
+                OpenAiResponsesObject,
+                responses,
+                None,
+                "responses_input_items",
+            ),
+            r(
+                "/v1/responses/input_tokens",
+                &post,
+                Json,
+                responses,
+                None,
+                "responses_input_tokens",
+            ),
+            r(
+                "/v1/messages",
+                &post,
+                AnthropicMessages,
+                Some(Messages),
+                Some("messages.json"),
+                "messages",
+            ),
+            r(
+                "/v1/messages/count_tokens",
+                &post,
+                AnthropicCountTokens,
+                Some(Messages),
+                None,
+                "messages_count_tokens",
+            ),
+            r(
+                "/v1/moderations",
+                &post,
+                Json,
+                Some(Moderations),
+                Some("moderations.json"),
+                "moderations",
+            ),
+            r(
+                "/v1/rerank",
+                &post,
+                Json,
+                Some(Rerank),
+                Some("rerank.json"),
+                "rerank",
+            ),
+            RouteSpec {
+                max_body_bytes: audio_cap,
+                ..r(
+                    "/v1/audio/transcriptions",
+                    &post,
+                    Multipart,
+                    Some(Audio),
+                    None,
+                    "audio_transcriptions",
+                )
+            },
+            RouteSpec {
+                max_body_bytes: audio_cap,
+                ..r(
+                    "/v1/audio/translations",
+                    &post,
+                    Multipart,
+                    Some(Audio),
+                    None,
+                    "audio_translations",
+                )
+            },
         ];
         Routes {
             specs: specs.into_iter().map(Arc::new).collect(),
@@ -365,11 +576,39 @@ mod tests {
         assert_eq!(Api::OpenAiEmbeddings.prompt_field(), "input");
         assert!(matches!(
             Api::OpenAiChat.usage_tap(true, false),
-            UsageTap::Stream(_)
+            Some(UsageTap::Stream(_))
         ));
         assert!(matches!(
             Api::OpenAiEmbeddings.usage_tap(true, false),
-            UsageTap::Json { .. }
+            Some(UsageTap::Json(_))
         ));
+        assert!(Api::AnthropicCountTokens.usage_tap(false, false).is_none());
+        assert!(Api::OpenAiResponses
+            .usage_tap(false, false)
+            .is_some_and(|t| t.rewrites()));
+        // Responses: max_output_tokens, json_mode from text.format, vision
+        // from input_image; Anthropic: max_tokens, vision from image blocks.
+        let r = body(
+            serde_json::json!({"text": {"format": {"type": "json_schema"}},
+            "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
+        );
+        let mut set = FeatureSet::default();
+        Api::OpenAiResponses.dialect_features(&r, &mut set);
+        assert!(set.contains(Feature::JsonMode) && set.contains(Feature::Vision));
+        assert_eq!(
+            Api::OpenAiResponses.output_cap_field(&r),
+            Some("max_output_tokens")
+        );
+        let m = body(
+            serde_json::json!({"messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "data": "x"}}]}]}),
+        );
+        let mut set = FeatureSet::default();
+        Api::AnthropicMessages.dialect_features(&m, &mut set);
+        assert!(set.contains(Feature::Vision) && !set.contains(Feature::JsonMode));
+        assert_eq!(
+            Api::AnthropicMessages.output_cap_field(&m),
+            Some("max_tokens")
+        );
     }
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use crate::limits::TenantLimiter;
 
 /// What a plan may enable. Routes need one (`chat`, `completions`,
-/// `embeddings`); the rest are body features checked by the body stage.
+/// `embeddings`, `responses`, `messages`, `moderations`, `rerank`,
+/// `audio`); the rest are body features checked by the body stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u16)]
 pub enum Feature {
@@ -23,10 +24,15 @@ pub enum Feature {
     Logprobs = 1 << 6,
     Vision = 1 << 7,
     MultiChoice = 1 << 8,
+    Responses = 1 << 9,
+    Messages = 1 << 10,
+    Moderations = 1 << 11,
+    Rerank = 1 << 12,
+    Audio = 1 << 13,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 9] = [
+    pub const ALL: [Feature; 14] = [
         Feature::Chat,
         Feature::Completions,
         Feature::Embeddings,
@@ -36,6 +42,11 @@ impl Feature {
         Feature::Logprobs,
         Feature::Vision,
         Feature::MultiChoice,
+        Feature::Responses,
+        Feature::Messages,
+        Feature::Moderations,
+        Feature::Rerank,
+        Feature::Audio,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +60,11 @@ impl Feature {
             Feature::Logprobs => "logprobs",
             Feature::Vision => "vision",
             Feature::MultiChoice => "multi_choice",
+            Feature::Responses => "responses",
+            Feature::Messages => "messages",
+            Feature::Moderations => "moderations",
+            Feature::Rerank => "rerank",
+            Feature::Audio => "audio",
         }
     }
 

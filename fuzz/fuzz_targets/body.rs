@@ -5,7 +5,8 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use portcullis::body::schema::Schemas;
-use portcullis::body::{judge, BodyConfig};
+use portcullis::body::{judge, BodyConfig, Gate};
+use portcullis::ids::{Binding, ResponseIds};
 use portcullis::tenant::{Feature, FeatureSet, Limits, Tenant};
 use portcullis::route::Routes;
 
@@ -26,6 +27,10 @@ static TENANT: LazyLock<Tenant> = LazyLock::new(|| {
         Feature::Completions,
         Feature::Embeddings,
         Feature::Stream,
+        Feature::Responses,
+        Feature::Messages,
+        Feature::Moderations,
+        Feature::Rerank,
     ] {
         features.insert(f);
     }
@@ -42,10 +47,16 @@ static SCHEMAS: LazyLock<Schemas> =
 
 fuzz_target!(|data: &[u8]| {
     let cfg = BodyConfig::default();
+    let keys = ResponseIds::from_key(&[1; 32]).expect("id keys");
+    let gate = Gate {
+        cfg: &cfg,
+        schemas: &SCHEMAS,
+        ids: Binding::new(&keys, &TENANT.id),
+    };
     for route in ROUTES.iter().filter(|r| r.schema.is_some()) {
-        if let Ok(judged) = judge(route, &TENANT, &cfg, &SCHEMAS, data) {
+        if let Ok(judged) = judge(route, &TENANT, &gate, data) {
             // The normalised body is what the router gets: it must pass again.
-            let again = judge(route, &TENANT, &cfg, &SCHEMAS, &judged.body);
+            let again = judge(route, &TENANT, &gate, &judged.body);
             assert!(again.is_ok(), "normalised body refused: {:?}", again.err());
         }
     }

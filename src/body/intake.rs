@@ -5,22 +5,47 @@
 use std::time::Instant;
 
 use bytes::BytesMut;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use http::HeaderMap;
 use pingora::proxy::Session;
 
 use super::BodyConfig;
 use crate::reject::{Reject, RejectCode};
 
-/// Checks the head of a request that carries a JSON body, against the
-/// effective size `limit`.
-pub fn check_head(headers: &HeaderMap, limit: u64) -> Result<(), Reject> {
+/// The body a route takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Media {
+    Json,
+    /// No body at all, or a JSON one (a stored response's routes).
+    JsonOrNone,
+    /// `multipart/form-data` (its framing is checked by `body::multipart`).
+    Multipart,
+}
+
+/// Checks the head of a request for a route that takes `media`, against
+/// the effective size `limit`.
+pub fn check_head(headers: &HeaderMap, limit: u64, media: Media) -> Result<(), Reject> {
     let ctype = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
-    if !ctype.is_some_and(is_json) {
+    let no_body = !headers.contains_key(TRANSFER_ENCODING)
+        && headers
+            .get(CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0");
+    let (fits, wanted) = match media {
+        Media::Json => (
+            ctype.is_some_and(is_json),
+            "application/json (charset utf-8)",
+        ),
+        Media::JsonOrNone => (
+            ctype.map_or(no_body, is_json),
+            "application/json (charset utf-8), or send no body",
+        ),
+        Media::Multipart => (ctype.is_some_and(is_multipart), "multipart/form-data"),
+    };
+    if !fits {
         return Err(Reject::new(
             415,
             RejectCode::UnsupportedMediaType,
-            "send the body as Content-Type: application/json (charset utf-8)",
+            format!("send the body as Content-Type: {wanted}"),
         ));
     }
     for coding in headers.get_all(CONTENT_ENCODING) {
@@ -96,6 +121,15 @@ pub fn too_large(limit: u64) -> Reject {
     )
 }
 
+/// `multipart/form-data`, whatever its parameters (the boundary is
+/// checked with the framing).
+fn is_multipart(value: &str) -> bool {
+    value
+        .split(';')
+        .next()
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("multipart/form-data"))
+}
+
 /// `application/json`, optionally with `charset=utf-8`, nothing else.
 fn is_json(value: &str) -> bool {
     let mut parts = value.split(';');
@@ -125,7 +159,7 @@ mod tests {
     }
 
     fn code(pairs: &[(&'static str, &'static str)]) -> Option<(u16, &'static str)> {
-        check_head(&head(pairs), 100)
+        check_head(&head(pairs), 100, Media::Json)
             .err()
             .map(|r| (r.status, r.code.as_str()))
     }
@@ -163,6 +197,45 @@ mod tests {
             ("content-encoding", "identity"),
         ];
         assert_eq!(code(&id), None);
+    }
+
+    #[test]
+    fn object_routes_take_no_body_and_audio_routes_a_form() {
+        let check = |pairs: &[(&'static str, &'static str)], media| {
+            check_head(&head(pairs), 100, media).err().map(|r| r.status)
+        };
+        assert_eq!(check(&[], Media::JsonOrNone), None);
+        assert_eq!(check(&[("content-length", "0")], Media::JsonOrNone), None);
+        assert_eq!(
+            check(&[("content-length", "5")], Media::JsonOrNone),
+            Some(415)
+        );
+        assert_eq!(
+            check(&[("transfer-encoding", "chunked")], Media::JsonOrNone),
+            Some(415)
+        );
+        assert_eq!(
+            check(
+                &[
+                    ("content-type", "application/json"),
+                    ("content-length", "5")
+                ],
+                Media::JsonOrNone
+            ),
+            None
+        );
+        assert_eq!(
+            check(
+                &[("content-type", "multipart/form-data; boundary=x")],
+                Media::Multipart
+            ),
+            None
+        );
+        assert_eq!(
+            check(&[("content-type", "application/json")], Media::Multipart),
+            Some(415)
+        );
+        assert_eq!(check(&[], Media::Multipart), Some(415));
     }
 
     #[test]

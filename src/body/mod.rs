@@ -6,6 +6,7 @@
 //! the router before `judge` has accepted it.
 
 pub mod intake;
+pub mod multipart;
 pub mod policy;
 pub mod schema;
 pub mod strict_json;
@@ -16,8 +17,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 
+use crate::ids::Binding;
 use crate::reject::{Reject, RejectCode};
-use crate::route::RouteSpec;
+use crate::route::{Api, RouteSpec};
 use crate::tenant::{FeatureSet, Tenant};
 use policy::OverCap;
 use schema::Schemas;
@@ -88,14 +90,26 @@ pub struct Judged {
     pub usage_requested: bool,
 }
 
-/// Judges a complete body for `route` on behalf of `tenant`.
+/// What a JSON body is judged with: the snapshot's body settings and
+/// schemas, and the request's id binding (for `previous_response_id`).
+#[derive(Clone, Copy)]
+pub struct Gate<'a> {
+    pub cfg: &'a BodyConfig,
+    pub schemas: &'a Schemas,
+    pub ids: Binding<'a>,
+}
+
+/// Judges a complete JSON body for `route` on behalf of `tenant`.
 pub fn judge(
     route: &RouteSpec,
     tenant: &Tenant,
-    cfg: &BodyConfig,
-    schemas: &Schemas,
+    gate: &Gate,
     raw: &[u8],
 ) -> Result<Judged, Reject> {
+    let Gate { cfg, schemas, ids } = *gate;
+    if raw.is_empty() && route.api == Api::OpenAiResponsesObject {
+        return Ok(Judged::empty());
+    }
     let mut doc = strict_json::parse(raw, cfg.max_depth)
         .map_err(|e| Reject::bad_request(RejectCode::InvalidJson, e.to_string()))?;
     schemas.check(route, &doc)?;
@@ -123,7 +137,7 @@ pub fn judge(
         .unwrap_or_default()
         .to_string();
     let api = route.api;
-    let features = if api.openai_members() {
+    let features = if api.reads_features() {
         policy::features_used(api, body)
     } else {
         FeatureSet::default()
@@ -154,9 +168,14 @@ pub fn judge(
         return Err(r);
     }
     let usage_requested = match &mut doc {
-        Value::Object(body) if api.openai_members() => policy::force_stream_usage(body),
+        Value::Object(body) if api.asks_for_stream_usage() => policy::force_stream_usage(body),
         _ => true,
     };
+    if api == Api::OpenAiResponses {
+        if let Value::Object(body) = &mut doc {
+            open_previous_response(body, &ids)?;
+        }
+    }
     let mut body = Vec::with_capacity(raw.len() + 32);
     serde_json::to_writer(&mut body, &doc).map_err(|_| {
         Reject::new(
@@ -174,6 +193,52 @@ pub fn judge(
         max_output_tokens,
         usage_requested,
     })
+}
+
+impl Judged {
+    /// A request without a body (a stored response's GET or DELETE).
+    pub fn empty() -> Judged {
+        Judged {
+            body: Bytes::new(),
+            model: String::new(),
+            model_label: "-".into(),
+            features: FeatureSet::default(),
+            prompt_tokens: 0,
+            max_output_tokens: 0,
+            usage_requested: true,
+        }
+    }
+}
+
+/// Gives the router the original id behind a bound `previous_response_id`;
+/// another tenant's, an unbound or an altered one is 404.
+fn open_previous_response(
+    body: &mut serde_json::Map<String, Value>,
+    ids: &Binding,
+) -> Result<(), Reject> {
+    const FIELD: &str = "previous_response_id";
+    let Some(slot) = body.get_mut(FIELD).filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let original = slot.as_str().and_then(|bound| ids.open(bound));
+    match original {
+        Some(id) => {
+            *slot = Value::String(id);
+            Ok(())
+        }
+        None => Err(response_not_found(FIELD)),
+    }
+}
+
+/// 404 `response_not_found`, naming the field that held the id.
+pub fn response_not_found(param: &str) -> Reject {
+    let mut r = Reject::new(
+        404,
+        RejectCode::ResponseNotFound,
+        "no response with this id exists for this tenant",
+    );
+    r.param = Some(param.into());
+    r
 }
 
 #[cfg(test)]
@@ -212,8 +277,14 @@ mod tests {
         };
         let schemas = Schemas::load(None, &Routes::built_in()).unwrap();
         let cfg = BodyConfig::default();
+        let keys = crate::ids::ResponseIds::from_key(&[1; 32]).unwrap();
+        let gate = Gate {
+            cfg: &cfg,
+            schemas: &schemas,
+            ids: Binding::new(&keys, "t"),
+        };
         let route = json_route();
-        let judge = |raw: &[u8]| judge(&route, &tenant, &cfg, &schemas, raw);
+        let judge = |raw: &[u8]| judge(&route, &tenant, &gate, raw);
         // No model, OpenAI-looking members left alone, nothing estimated.
         let j = judge(br#"{"text": "a long prompt", "stream": true, "n": 4}"#).unwrap();
         assert_eq!(

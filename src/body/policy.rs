@@ -68,7 +68,14 @@ fn feature_field(api: Api, f: Feature) -> &'static str {
         Feature::Logprobs => "logprobs",
         Feature::MultiChoice => "n",
         Feature::Vision => api.prompt_field(),
-        Feature::Chat | Feature::Completions | Feature::Embeddings => "model",
+        Feature::Chat
+        | Feature::Completions
+        | Feature::Embeddings
+        | Feature::Responses
+        | Feature::Messages
+        | Feature::Moderations
+        | Feature::Rerank
+        | Feature::Audio => "model",
     }
 }
 

@@ -12,7 +12,7 @@ use crate::reject::{Reject, RejectCode};
 use crate::route::{RouteSpec, Routes};
 
 /// The shipped schemas, used when `[policy] schemas` is not set.
-const BUILT_IN: [(&str, &str); 3] = [
+const BUILT_IN: [(&str, &str); 7] = [
     (
         "chat_completions.json",
         include_str!("../../policies/schemas/chat_completions.json"),
@@ -24,6 +24,22 @@ const BUILT_IN: [(&str, &str); 3] = [
     (
         "embeddings.json",
         include_str!("../../policies/schemas/embeddings.json"),
+    ),
+    (
+        "responses.json",
+        include_str!("../../policies/schemas/responses.json"),
+    ),
+    (
+        "messages.json",
+        include_str!("../../policies/schemas/messages.json"),
+    ),
+    (
+        "moderations.json",
+        include_str!("../../policies/schemas/moderations.json"),
+    ),
+    (
+        "rerank.json",
+        include_str!("../../policies/schemas/rerank.json"),
     ),
 ];
 

@@ -172,9 +172,38 @@ pub fn estimate_chat(body: &Value) -> u64 {
     let framing = messages.map_or(0, |m| m.len() as u64 * MESSAGE_OVERHEAD);
     framing
         + messages.map_or(0, |m| m.iter().map(estimate_value).sum())
-        + body.get("tools").map_or(0, estimate_value)
+        + tools(body)
         + body.get("functions").map_or(0, estimate_value)
         + REPLY_PRIMING
+}
+
+/// Estimates a Responses request's prompt: `instructions` plus `input` (a
+/// string, or items whose content is a string or parts), with the framing
+/// of each item, plus tool definitions.
+pub fn estimate_responses(body: &Value) -> u64 {
+    framed(body.get("input")) + framed(body.get("instructions")) + tools(body) + REPLY_PRIMING
+}
+
+/// Estimates an Anthropic Messages request's prompt: `system` (a string or
+/// text blocks) plus `messages`, with their framing, plus tool definitions.
+pub fn estimate_messages(body: &Value) -> u64 {
+    framed(body.get("system")) + framed(body.get("messages")) + tools(body) + REPLY_PRIMING
+}
+
+/// A string, or a list of messages or items each with its framing.
+fn framed(v: Option<&Value>) -> u64 {
+    match v {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| MESSAGE_OVERHEAD + estimate_value(i))
+            .sum(),
+        Some(other) => estimate_value(other),
+        None => 0,
+    }
+}
+
+fn tools(body: &Value) -> u64 {
+    body.get("tools").map_or(0, estimate_value)
 }
 
 /// Estimates a prompt given as a string, strings, or token-id arrays
@@ -222,6 +251,23 @@ mod tests {
         let without = json!({"messages": [{"role": "user", "content": "hi"}]});
         assert!(estimate_chat(&body) > estimate_chat(&without));
         assert!(estimate_chat(&without) > MESSAGE_OVERHEAD + REPLY_PRIMING);
+    }
+
+    #[test]
+    fn responses_and_messages_count_their_instructions_and_every_text() {
+        let text = "the quick brown fox jumps over the lazy dog";
+        let plain = estimate_text(text);
+        let as_string = estimate_responses(&json!({"input": text}));
+        let as_items = estimate_responses(&json!({"input": [{"role": "user",
+            "content": [{"type": "input_text", "text": text}]}]}));
+        assert!(as_string > plain && as_items > as_string);
+        let with_instructions = estimate_responses(&json!({"input": text, "instructions": text}));
+        assert!(with_instructions >= as_string + plain);
+        let messages = json!({"messages": [{"role": "user", "content": text}]});
+        let with_system = json!({"system": [{"type": "text", "text": text}],
+            "messages": [{"role": "user", "content": text}]});
+        assert!(estimate_messages(&messages) > plain);
+        assert!(estimate_messages(&with_system) >= estimate_messages(&messages) + plain);
     }
 
     #[test]

@@ -17,12 +17,13 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::body::schema::Schemas;
-use crate::forward::context::ContextSigner;
+use crate::forward::context::{read_key, ContextSigner};
 use crate::identity::jwks::KeySet;
 use crate::identity::jwks_fetch::JwksRefresh;
 use crate::identity::jwt::JwksSource;
 use crate::identity::jwt::JwtVerifier;
 use crate::identity::Authenticator;
+use crate::ids::ResponseIds;
 use crate::policy::ext_authz::ExtAuthz;
 use crate::policy::rego::RegoPolicy;
 use crate::policy::Policies;
@@ -37,6 +38,8 @@ pub struct Snapshot {
     pub tenants: Tenants,
     pub auth: Authenticator,
     pub signer: ContextSigner,
+    /// Binds the router's Responses ids to tenants (same key as `signer`).
+    pub response_ids: ResponseIds,
     /// The routes served, and how each is read.
     pub routes: Routes,
     pub schemas: Schemas,
@@ -70,11 +73,18 @@ impl Snapshot {
                 Tenants::default()
             });
 
-        let signer = ContextSigner::load(&gateway.context_key_file).map_err(|m| Diagnostic {
-            file: gateway.context_key_file.clone(),
-            line: None,
-            message: m,
-        });
+        let keys = read_key(&gateway.context_key_file)
+            .and_then(|key| {
+                Ok((
+                    ContextSigner::from_bytes(&key)?,
+                    ResponseIds::from_key(&key)?,
+                ))
+            })
+            .map_err(|m| Diagnostic {
+                file: gateway.context_key_file.clone(),
+                line: None,
+                message: m,
+            });
 
         let auth = match &gateway.jwt {
             None => Authenticator {
@@ -147,11 +157,12 @@ impl Snapshot {
                 .ok()
         });
 
-        match (signer, schemas) {
-            (Ok(signer), Ok(schemas)) if errs.is_empty() => Ok(Snapshot {
+        match (keys, schemas) {
+            (Ok((signer, response_ids)), Ok(schemas)) if errs.is_empty() => Ok(Snapshot {
                 tenants,
                 auth,
                 signer,
+                response_ids,
                 routes,
                 schemas,
                 policies: Policies {

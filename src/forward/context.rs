@@ -29,15 +29,16 @@ pub struct ContextSigner {
     mac: Hmac<Sha256>,
 }
 
-impl ContextSigner {
-    /// Reads a key file holding at least 32 bytes written as hex.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read file: {e}"))?;
-        let key = hex::decode(text.trim())
-            .map_err(|_| "signing key must be hex (at least 64 hex digits)".to_string())?;
-        Self::from_bytes(&key)
-    }
+/// Reads a key file holding at least 32 bytes written as hex. The key
+/// signs the context and, through keys derived from it, binds Responses ids
+/// ([`crate::ids`]).
+pub fn read_key(path: &Path) -> Result<Vec<u8>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read file: {e}"))?;
+    hex::decode(text.trim())
+        .map_err(|_| "signing key must be hex (at least 64 hex digits)".to_string())
+}
 
+impl ContextSigner {
     pub fn from_bytes(key: &[u8]) -> Result<Self, String> {
         if key.len() < MIN_KEY_BYTES {
             return Err(format!(

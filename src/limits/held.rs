@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::redis::{Decision, RedisLimits, RemoteReservation, RemoteSlot};
-use super::{Reservation, Slot, TenantLimiter};
+use super::{RateState, Reservation, Slot, TenantLimiter};
 use crate::observe::metrics::InflightMark;
 use crate::reject::Reject;
 use crate::tenant::Tenant;
@@ -97,8 +97,8 @@ enum HeldTokens {
 }
 
 impl Held {
-    /// OpenAI's `x-ratelimit-*` headers, from wherever the state lives.
-    pub fn headers(&self) -> [(&'static str, String); 6] {
+    /// The tenant's rate-limit standing, from wherever the state lives.
+    pub fn rate_state(&self) -> RateState {
         let req = match &self.slot {
             HeldSlot::Fleet { backlog, .. } => Some(*backlog),
             _ => None,
@@ -108,10 +108,10 @@ impl Held {
             _ => None,
         };
         match (req, tok) {
-            (None, None) => self.limiter.headers(),
+            (None, None) => self.limiter.rate_state(),
             (req, tok) => self
                 .limiter
-                .headers_with(req.unwrap_or(0), tok.unwrap_or(0)),
+                .rate_state_with(req.unwrap_or(0), tok.unwrap_or(0)),
         }
     }
 

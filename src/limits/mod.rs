@@ -13,7 +13,7 @@ pub mod redis;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cell::{now_ns, Cell, Exhausted, Rate};
 pub use held::{Held, Limiter};
@@ -190,11 +190,11 @@ impl TenantLimiter {
         })
     }
 
-    /// OpenAI's rate-limit headers: requests against `burst`, tokens against
+    /// Where the tenant stands: requests against `burst`, tokens against
     /// `tokens_per_minute`, resets as the time until full.
-    pub fn headers(&self) -> [(&'static str, String); 6] {
+    pub fn rate_state(&self) -> RateState {
         let now = now_ns();
-        self.headers_with(self.request_backlog(now), self.token_backlog(now))
+        self.rate_state_with(self.request_backlog(now), self.token_backlog(now))
     }
 
     fn request_backlog(&self, now: u64) -> u64 {
@@ -205,37 +205,18 @@ impl TenantLimiter {
         self.tokens.first().map_or(0, |b| b.cell.backlog(now))
     }
 
-    /// The same headers from backlogs measured elsewhere (the Redis cells).
-    pub fn headers_with(&self, req_backlog: u64, tok_backlog: u64) -> [(&'static str, String); 6] {
-        let remaining = |budgets: &[Budget], backlog| {
-            budgets
-                .first()
-                .map_or(0, |b| b.rate.remaining(backlog))
-                .to_string()
-        };
-        [
-            ("x-ratelimit-limit-requests", self.limits.burst.to_string()),
-            (
-                "x-ratelimit-remaining-requests",
-                remaining(&self.requests, req_backlog),
-            ),
-            (
-                "x-ratelimit-reset-requests",
-                openai_duration(Duration::from_nanos(req_backlog)),
-            ),
-            (
-                "x-ratelimit-limit-tokens",
-                self.limits.tokens_per_minute.to_string(),
-            ),
-            (
-                "x-ratelimit-remaining-tokens",
-                remaining(&self.tokens, tok_backlog),
-            ),
-            (
-                "x-ratelimit-reset-tokens",
-                openai_duration(Duration::from_nanos(tok_backlog)),
-            ),
-        ]
+    /// The same from backlogs measured elsewhere (the Redis cells).
+    pub fn rate_state_with(&self, req_backlog: u64, tok_backlog: u64) -> RateState {
+        let remaining =
+            |budgets: &[Budget], backlog| budgets.first().map_or(0, |b| b.rate.remaining(backlog));
+        RateState {
+            requests_limit: u64::from(self.limits.burst),
+            requests_remaining: remaining(&self.requests, req_backlog),
+            requests_reset: Duration::from_nanos(req_backlog),
+            tokens_limit: self.limits.tokens_per_minute,
+            tokens_remaining: remaining(&self.tokens, tok_backlog),
+            tokens_reset: Duration::from_nanos(tok_backlog),
+        }
     }
 
     fn too_many(&self, kind: LimitKind, e: Exhausted) -> Reject {
@@ -262,8 +243,10 @@ impl TenantLimiter {
     ) -> Reject {
         let secs = retry_after.as_nanos().div_ceil(1_000_000_000).max(1);
         let mut r = Reject::new(429, code, message).with_header("retry-after", secs.to_string());
-        r.headers
-            .extend(self.headers_with(req_backlog, tok_backlog));
+        r.headers.extend(
+            self.rate_state_with(req_backlog, tok_backlog)
+                .openai_headers(),
+        );
         r
     }
 }
@@ -322,6 +305,81 @@ impl Reservation {
 }
 
 /// Durations as OpenAI writes them: `120ms`, `1s`, `6m0s`, `1h2m3s`.
+/// A tenant's rate-limit standing, rendered as each dialect's headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateState {
+    pub requests_limit: u64,
+    pub requests_remaining: u64,
+    pub requests_reset: Duration,
+    pub tokens_limit: u64,
+    pub tokens_remaining: u64,
+    pub tokens_reset: Duration,
+}
+
+impl RateState {
+    /// OpenAI's `x-ratelimit-*`, resets as durations (`6m0s`).
+    pub fn openai_headers(&self) -> [(&'static str, String); 6] {
+        [
+            (
+                "x-ratelimit-limit-requests",
+                self.requests_limit.to_string(),
+            ),
+            (
+                "x-ratelimit-remaining-requests",
+                self.requests_remaining.to_string(),
+            ),
+            (
+                "x-ratelimit-reset-requests",
+                openai_duration(self.requests_reset),
+            ),
+            ("x-ratelimit-limit-tokens", self.tokens_limit.to_string()),
+            (
+                "x-ratelimit-remaining-tokens",
+                self.tokens_remaining.to_string(),
+            ),
+            (
+                "x-ratelimit-reset-tokens",
+                openai_duration(self.tokens_reset),
+            ),
+        ]
+    }
+
+    /// Anthropic's `anthropic-ratelimit-*`, resets as RFC 3339 times
+    /// (rounded up to the second, so "full again" is never early).
+    pub fn anthropic_headers(&self, now: SystemTime) -> [(&'static str, String); 6] {
+        let at = |d: Duration| {
+            let t = now + d;
+            let up = t.duration_since(UNIX_EPOCH).map_or(Duration::ZERO, |u| {
+                Duration::from_secs(u.as_secs() + u64::from(u.subsec_nanos() > 0))
+            });
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + up).to_string()
+        };
+        [
+            (
+                "anthropic-ratelimit-requests-limit",
+                self.requests_limit.to_string(),
+            ),
+            (
+                "anthropic-ratelimit-requests-remaining",
+                self.requests_remaining.to_string(),
+            ),
+            (
+                "anthropic-ratelimit-requests-reset",
+                at(self.requests_reset),
+            ),
+            (
+                "anthropic-ratelimit-tokens-limit",
+                self.tokens_limit.to_string(),
+            ),
+            (
+                "anthropic-ratelimit-tokens-remaining",
+                self.tokens_remaining.to_string(),
+            ),
+            ("anthropic-ratelimit-tokens-reset", at(self.tokens_reset)),
+        ]
+    }
+}
+
 pub fn openai_duration(d: Duration) -> String {
     if d.is_zero() {
         return "0s".into();
@@ -395,6 +453,31 @@ mod tests {
     }
 
     #[test]
+    fn anthropic_headers_give_resets_as_times() {
+        let state = RateState {
+            requests_limit: 5,
+            requests_remaining: 2,
+            requests_reset: Duration::from_millis(1500),
+            tokens_limit: 1000,
+            tokens_remaining: 1000,
+            tokens_reset: Duration::ZERO,
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let h: std::collections::HashMap<_, _> = state.anthropic_headers(now).into_iter().collect();
+        assert_eq!(h["anthropic-ratelimit-requests-limit"], "5");
+        assert_eq!(h["anthropic-ratelimit-requests-remaining"], "2");
+        assert_eq!(
+            h["anthropic-ratelimit-requests-reset"],
+            "2027-01-15T08:00:02Z"
+        );
+        assert_eq!(
+            h["anthropic-ratelimit-tokens-reset"],
+            "2027-01-15T08:00:00Z"
+        );
+        assert_eq!(h["anthropic-ratelimit-tokens-limit"], "1000");
+    }
+
+    #[test]
     fn a_reservation_takes_every_token_budget_or_none() {
         let mut l = limits(1000.0, 1000, 1000, 100);
         l.tokens_per_day = 500;
@@ -402,7 +485,8 @@ mod tests {
         let r = l.reserve(600).unwrap_err();
         assert_eq!(r.message, "token budget per day reached");
         // The minute budget the refused reservation took was given back.
-        let h: std::collections::HashMap<_, _> = l.headers().into_iter().collect();
+        let h: std::collections::HashMap<_, _> =
+            l.rate_state().openai_headers().into_iter().collect();
         assert_eq!(h["x-ratelimit-remaining-tokens"], "1000");
         assert!(l.reserve(500).is_ok());
     }

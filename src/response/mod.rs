@@ -1,19 +1,21 @@
 //! The response side: what the gateway does to the router's answer on its
 //! way back. Bodies pass through as they arrive, and the gateway reads the
 //! real token `usage` from them to settle the tenant's reservation: from the
-//! JSON body, or from the final SSE chunk. SSE streams are cut into events
-//! only to find that chunk; the incomplete tail of an event is the most
-//! ever held back.
+//! JSON body, or from the SSE events of the route's dialect
+//! ([`sse`]). On Responses routes the router's ids are bound to the tenant
+//! on the way out ([`crate::ids`]); only then is a JSON body held whole.
 
-use bytes::{Bytes, BytesMut};
+pub mod sse;
+
+use bytes::Bytes;
 use serde_json::Value;
 
-/// The longest event held while waiting for its end; beyond it the stream
-/// is passed through untouched rather than buffered without bound.
-const MAX_PENDING_EVENT: usize = 64 * 1024;
+use crate::ids::Binding;
+pub use sse::StreamTap;
 
-/// The largest JSON response copied aside to read its usage; a larger one
-/// settles at its reservation.
+/// The largest JSON response copied aside to read its usage (or held to
+/// bind its ids); a larger one settles at its reservation and passes
+/// unchanged.
 const MAX_JSON_COPY: usize = 4 * 1024 * 1024;
 
 /// Token usage as the router reported it.
@@ -28,18 +30,25 @@ impl Usage {
         self.prompt_tokens.saturating_add(self.completion_tokens)
     }
 
-    fn from_json(v: &Value) -> Option<Usage> {
-        Usage::from_member(v.get("usage")?)
-    }
-
-    /// OpenAI's `prompt_tokens` and `completion_tokens`; an answer that
-    /// reports only `total_tokens` (rerank, a tokenizer) has it counted as
-    /// prompt tokens.
-    fn from_member(u: &Value) -> Option<Usage> {
+    /// A `usage` object in any dialect:
+    /// - OpenAI's `prompt_tokens` and `completion_tokens`;
+    /// - Responses' and Anthropic's `input_tokens` and `output_tokens`,
+    ///   plus Anthropic's cache tokens, which its `input_tokens` leaves out
+    ///   (Responses counts cached tokens inside `input_tokens`);
+    /// - only `total_tokens` (rerank, a tokenizer), counted as prompt.
+    pub fn from_member(u: &Value) -> Option<Usage> {
+        if !u.is_object() {
+            return None;
+        }
         let field = |k: &str| u.get(k).and_then(Value::as_u64);
-        let (prompt, completion) = (field("prompt_tokens"), field("completion_tokens"));
+        let input = field("input_tokens").map(|n| {
+            n.saturating_add(field("cache_creation_input_tokens").unwrap_or(0))
+                .saturating_add(field("cache_read_input_tokens").unwrap_or(0))
+        });
+        let completion = field("completion_tokens").or(field("output_tokens"));
         Some(Usage {
-            prompt_tokens: prompt
+            prompt_tokens: field("prompt_tokens")
+                .or(input)
                 .or(completion.map(|_| 0))
                 .or(field("total_tokens"))
                 .unwrap_or(0),
@@ -57,36 +66,65 @@ struct UsageMember {
 
 /// Watches one response body for its usage.
 pub enum UsageTap {
-    /// An SSE stream: usage arrives in the final chunk, which is hidden
-    /// from clients that did not ask for it.
+    /// An SSE stream, read event by event in the route's dialect.
     Stream(StreamTap),
     /// A JSON body, copied aside (bounded) and read at the end.
-    Json { copy: Vec<u8>, overflow: bool },
+    Json(JsonTap),
+}
+
+/// A JSON answer. Usually copied aside while it passes; on a Responses
+/// route held whole instead, so its ids can be bound before it leaves.
+pub struct JsonTap {
+    copy: Vec<u8>,
+    overflow: bool,
+    bind_ids: bool,
+    /// Whether its usage is charged (a stored response's is not).
+    charge: bool,
 }
 
 impl UsageTap {
-    pub fn json() -> Self {
-        UsageTap::Json {
+    /// A JSON answer's tap; `bind_ids` for a Responses object.
+    pub fn json(bind_ids: bool) -> Self {
+        UsageTap::Json(JsonTap {
             copy: Vec::new(),
             overflow: false,
+            bind_ids,
+            charge: true,
+        })
+    }
+
+    /// A stored response: its ids are bound, its usage is not charged.
+    pub fn ids_only() -> Self {
+        UsageTap::Json(JsonTap {
+            copy: Vec::new(),
+            overflow: false,
+            bind_ids: true,
+            charge: false,
+        })
+    }
+
+    /// The tap for an answer that turned out not to be SSE.
+    pub fn as_json(&self) -> Option<UsageTap> {
+        match self {
+            UsageTap::Stream(s) => Some(UsageTap::json(s.binds_ids())),
+            UsageTap::Json(_) => None,
+        }
+    }
+
+    /// Whether what reaches the client may differ in length from what the
+    /// router sent, so its `content-length` must go.
+    pub fn rewrites(&self) -> bool {
+        match self {
+            UsageTap::Stream(s) => s.rewrites(),
+            UsageTap::Json(j) => j.bind_ids,
         }
     }
 
     /// Feeds one chunk; returns what goes to the client now.
-    pub fn push(&mut self, chunk: Bytes, end_of_stream: bool) -> Bytes {
+    pub fn push(&mut self, chunk: Bytes, end_of_stream: bool, ids: &Binding) -> Bytes {
         match self {
-            UsageTap::Stream(s) => s.push(&chunk, end_of_stream),
-            UsageTap::Json { copy, overflow } => {
-                if !*overflow {
-                    if copy.len() + chunk.len() > MAX_JSON_COPY {
-                        *overflow = true;
-                        *copy = Vec::new();
-                    } else {
-                        copy.extend_from_slice(&chunk);
-                    }
-                }
-                chunk
-            }
+            UsageTap::Stream(s) => s.push(&chunk, end_of_stream, ids),
+            UsageTap::Json(j) => j.push(chunk, end_of_stream, ids),
         }
     }
 
@@ -94,165 +132,105 @@ impl UsageTap {
     pub fn usage(&self) -> Option<Usage> {
         match self {
             UsageTap::Stream(s) => s.usage,
-            UsageTap::Json { copy, overflow } if !*overflow => {
-                serde_json::from_slice::<UsageMember>(copy)
+            UsageTap::Json(j) if j.charge && !j.overflow => {
+                serde_json::from_slice::<UsageMember>(&j.copy)
                     .ok()
                     .and_then(|v| Usage::from_member(&v.usage?))
             }
-            UsageTap::Json { .. } => None,
+            UsageTap::Json(_) => None,
         }
     }
 }
 
-/// Reads the usage-only chunk (`"choices": []` with `usage`) of an SSE
-/// stream, and removes it when the gateway asked for it on the client's
-/// behalf.
-#[derive(Default)]
-pub struct StreamTap {
-    /// Remove the usage chunk from what the client receives.
-    pub hide_usage: bool,
-    pub usage: Option<Usage>,
-    pending: BytesMut,
-    /// Set when an event outgrew the bound: pass everything through.
-    bypass: bool,
-}
-
-impl StreamTap {
-    pub fn new(hide_usage: bool) -> Self {
-        StreamTap {
-            hide_usage,
-            ..StreamTap::default()
+impl JsonTap {
+    fn push(&mut self, chunk: Bytes, end_of_stream: bool, ids: &Binding) -> Bytes {
+        if self.overflow {
+            return chunk;
         }
-    }
-
-    /// Feeds one body chunk and returns what may go to the client now.
-    pub fn push(&mut self, chunk: &[u8], end_of_stream: bool) -> Bytes {
-        if self.bypass {
-            return Bytes::copy_from_slice(chunk);
-        }
-        self.pending.extend_from_slice(chunk);
-        let mut out = BytesMut::with_capacity(self.pending.len());
-        while let Some(end) = event_end(&self.pending) {
-            let event = self.pending.split_to(end);
-            match usage_only(&event) {
-                Some(u) => {
-                    self.usage = Some(u);
-                    if !self.hide_usage {
-                        out.extend_from_slice(&event);
-                    }
-                }
-                None => out.extend_from_slice(&event),
+        if self.copy.len() + chunk.len() > MAX_JSON_COPY {
+            self.overflow = true;
+            if self.bind_ids {
+                tracing::warn!("a Responses answer too large to bind its ids passed unchanged");
+                let mut held = std::mem::take(&mut self.copy);
+                held.extend_from_slice(&chunk);
+                return held.into();
             }
+            self.copy = Vec::new();
+            return chunk;
         }
-        if end_of_stream || self.pending.len() > MAX_PENDING_EVENT {
-            self.bypass = !end_of_stream;
-            out.extend_from_slice(&self.pending.split());
+        self.copy.extend_from_slice(&chunk);
+        if !self.bind_ids {
+            return chunk;
         }
-        out.freeze()
-    }
-}
-
-/// The length of the first complete event, its blank-line terminator included.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// The usage of an SSE event that is a `data:` chunk with usage and no choices.
-fn usage_only(event: &[u8]) -> Option<Usage> {
-    let text = std::str::from_utf8(event).ok()?;
-    let mut data = String::new();
-    for line in text.lines() {
-        if let Some(d) = line.strip_prefix("data:") {
-            data.push_str(d.trim_start());
+        if !end_of_stream {
+            return Bytes::new();
         }
-    }
-    if !data.contains("\"usage\"") {
-        return None;
-    }
-    let v = serde_json::from_str::<Value>(&data).ok()?;
-    let no_choices = v
-        .get("choices")
-        .and_then(Value::as_array)
-        .is_some_and(|c| c.is_empty());
-    if no_choices && v.get("usage").is_some_and(Value::is_object) {
-        Usage::from_json(&v)
-    } else {
-        None
+        let bound = serde_json::from_slice::<Value>(&self.copy)
+            .ok()
+            .and_then(|mut doc| ids.bind_members(&mut doc).then_some(doc))
+            .and_then(|doc| serde_json::to_vec(&doc).ok());
+        bound.map_or_else(|| self.copy.clone().into(), Bytes::from)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const CHUNK: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n";
-    const USAGE: &str =
-        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n";
-    const DONE: &str = "data: [DONE]\n\n";
+    use crate::ids::ResponseIds;
 
     #[test]
-    fn drops_only_the_usage_chunk_and_reads_it() {
-        let mut f = StreamTap::new(true);
-        let all = format!("{CHUNK}{USAGE}{DONE}");
+    fn json_bodies_yield_their_usage_in_every_dialect() {
+        let ids = ResponseIds::from_key(&[1; 32]).unwrap();
+        let ids = Binding::new(&ids, "t");
+        let usage = |body: &'static [u8]| {
+            let mut t = UsageTap::json(false);
+            let (a, b) = body.split_at(body.len() / 2);
+            t.push(Bytes::from_static(a), false, &ids);
+            t.push(Bytes::from_static(b), true, &ids);
+            t.usage().map(|u| (u.prompt_tokens, u.completion_tokens))
+        };
         assert_eq!(
-            f.push(all.as_bytes(), true),
-            format!("{CHUNK}{DONE}").as_bytes()
+            usage(br#"{"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":4}}"#),
+            Some((11, 4))
         );
-        assert_eq!(f.usage.map(|u| u.total()), Some(7));
-        let mut keep = StreamTap::new(false);
-        assert_eq!(keep.push(all.as_bytes(), true), all.as_bytes());
-        assert_eq!(keep.usage.map(|u| u.completion_tokens), Some(2));
-    }
-
-    #[test]
-    fn json_bodies_yield_their_usage() {
-        let mut t = UsageTap::json();
-        let body = br#"{"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":4}}"#;
-        let (a, b) = body.split_at(20);
-        t.push(Bytes::copy_from_slice(a), false);
-        t.push(Bytes::copy_from_slice(b), true);
-        assert_eq!(t.usage().map(|u| u.total()), Some(15));
-        let mut broken = UsageTap::json();
-        broken.push(Bytes::from_static(b"{\"usage\":"), true);
-        assert_eq!(broken.usage(), None);
+        assert_eq!(usage(br#"{"usage":"#), None);
         // A rerank or tokenizer answer reports only a total.
-        let mut total = UsageTap::json();
-        total.push(
-            Bytes::from_static(br#"{"results":[],"usage":{"total_tokens":9}}"#),
-            true,
+        assert_eq!(
+            usage(br#"{"results":[],"usage":{"total_tokens":9}}"#),
+            Some((9, 0))
         );
         assert_eq!(
-            total.usage(),
-            Some(Usage {
-                prompt_tokens: 9,
-                completion_tokens: 0
-            })
+            usage(br#"{"object":"response","usage":{"input_tokens":7,"output_tokens":3,"total_tokens":10}}"#),
+            Some((7, 3))
+        );
+        assert_eq!(
+            usage(br#"{"type":"message","usage":{"input_tokens":5,"cache_creation_input_tokens":2,"cache_read_input_tokens":1,"output_tokens":4}}"#),
+            Some((8, 4))
         );
     }
 
     #[test]
-    fn events_split_across_chunks_are_reassembled_without_holding_complete_ones() {
-        let mut f = StreamTap::new(true);
-        let all = format!("{CHUNK}{USAGE}{DONE}");
-        let (a, b) = all.as_bytes().split_at(CHUNK.len() + 10);
-        assert_eq!(
-            f.push(a, false),
-            CHUNK.as_bytes(),
-            "the complete event goes out at once"
-        );
-        assert_eq!(f.push(b, true), DONE.as_bytes());
-    }
-
-    #[test]
-    fn oversized_events_pass_through() {
-        let mut f = StreamTap::new(true);
-        let big = vec![b'x'; MAX_PENDING_EVENT + 1];
-        assert_eq!(f.push(&big, false).len(), big.len());
-        assert_eq!(f.push(USAGE.as_bytes(), true), USAGE.as_bytes());
+    fn a_responses_answer_leaves_with_bound_ids_and_a_stored_one_is_not_charged() {
+        let keys = ResponseIds::from_key(&[1; 32]).unwrap();
+        let ids = Binding::new(&keys, "acme");
+        let body = br#"{"id":"resp_1","object":"response","previous_response_id":"resp_0","usage":{"input_tokens":2,"output_tokens":1}}"#;
+        for (mut tap, charged) in [
+            (UsageTap::json(true), Some(3)),
+            (UsageTap::ids_only(), None),
+        ] {
+            assert!(tap.rewrites());
+            let (a, b) = body.split_at(10);
+            assert!(
+                tap.push(Bytes::from_static(a), false, &ids).is_empty(),
+                "held"
+            );
+            let out: Value =
+                serde_json::from_slice(&tap.push(Bytes::from_static(b), true, &ids)).unwrap();
+            let bound = out["id"].as_str().unwrap();
+            assert_eq!(keys.open("acme", bound).as_deref(), Some("resp_1"));
+            let prev = out["previous_response_id"].as_str().unwrap();
+            assert_eq!(keys.open("acme", prev).as_deref(), Some("resp_0"));
+            assert_eq!(tap.usage().map(|u| u.total()), charged);
+        }
     }
 }

@@ -242,6 +242,10 @@ fn dev_credentials_mint_tokens_the_shipped_config_accepts() {
         "policies/schemas/chat_completions.json",
         "policies/schemas/completions.json",
         "policies/schemas/embeddings.json",
+        "policies/schemas/responses.json",
+        "policies/schemas/messages.json",
+        "policies/schemas/moderations.json",
+        "policies/schemas/rerank.json",
         "policies/authz.rego",
     ] {
         std::fs::copy(root.join(f), dir.path().join(f)).unwrap();

@@ -146,8 +146,34 @@ id = "bound"
 org = "bound-co"
 plan = "gold"
 jwt_subjects = ["svc-1"]
+
+# Every route of the API surface, two tenants of one plan to prove ids
+# bound to one do not open for the other.
+[plans.omni]
+requests_per_second = 1000
+burst = 1000
+tokens_per_minute = 1_000_000
+tokens_per_day = 10_000_000
+max_concurrency = 100
+max_body_bytes = 65_536
+max_prompt_tokens = 4_096
+max_output_tokens = 1_000
+models = ["m-small", "whisper-1"]
+features = ["chat", "embeddings", "responses", "messages", "moderations", "rerank", "audio", "stream", "tools"]
+
+[[tenants]]
+id = "omni"
+org = "omni-co"
+plan = "omni"
+api_keys = ["{omni_hash}"]
+
+[[tenants]]
+id = "omni2"
+org = "omni2-co"
+plan = "omni"
 "#,
-        acme_hash = api_key::hash_entry(&keys.acme_key)
+        acme_hash = api_key::hash_entry(&keys.acme_key),
+        omni_hash = api_key::hash_entry(&keys.omni_key)
     )
 }
 

@@ -36,6 +36,8 @@ pub struct Keys {
     pub hs_secret: Vec<u8>,
     pub jwks: Value,
     pub acme_key: String,
+    /// An API key of tenant `omni`, which has every route.
+    pub omni_key: String,
     pub context_key: Vec<u8>,
 }
 
@@ -60,6 +62,7 @@ impl Keys {
             hs_secret,
             jwks: json!({"keys": [rsa_jwk, ec_jwk, ed.jwks["keys"][0].clone(), hs_jwk]}),
             acme_key: api_key::generate(),
+            omni_key: api_key::generate(),
             context_key: (0..32).map(|_| rand::random::<u8>()).collect(),
         }
     }
