@@ -64,7 +64,7 @@ fn feature_field(api: Api, f: Feature) -> &'static str {
     match f {
         Feature::Stream => "stream",
         Feature::Tools => "tools",
-        Feature::JsonMode => "response_format",
+        Feature::JsonMode => api.json_mode_field(),
         Feature::Logprobs => "logprobs",
         Feature::MultiChoice => "n",
         Feature::Vision => api.prompt_field(),

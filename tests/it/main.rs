@@ -5,6 +5,7 @@ mod common;
 
 mod access_log;
 mod adversarial;
+mod api_surface;
 mod body;
 mod body_corpus;
 mod cli;
@@ -17,6 +18,7 @@ mod redis_limits;
 mod reload;
 mod replicas;
 mod routes;
+mod sdk;
 mod slow_clients;
 mod tls;
 mod token_estimate;

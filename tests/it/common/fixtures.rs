@@ -171,9 +171,19 @@ api_keys = ["{omni_hash}"]
 id = "omni2"
 org = "omni2-co"
 plan = "omni"
+
+[[tenants]]
+id = "throttled"
+org = "throttled-co"
+plan = "omni"
+api_keys = ["{throttled_hash}"]
+[tenants.overrides]
+requests_per_second = 0.001
+burst = 2
 "#,
         acme_hash = api_key::hash_entry(&keys.acme_key),
-        omni_hash = api_key::hash_entry(&keys.omni_key)
+        omni_hash = api_key::hash_entry(&keys.omni_key),
+        throttled_hash = api_key::hash_entry(&keys.throttled_key)
     )
 }
 

@@ -38,6 +38,8 @@ pub struct Keys {
     pub acme_key: String,
     /// An API key of tenant `omni`, which has every route.
     pub omni_key: String,
+    /// An API key of tenant `throttled`: a burst of 2, then 429.
+    pub throttled_key: String,
     pub context_key: Vec<u8>,
 }
 
@@ -63,6 +65,7 @@ impl Keys {
             jwks: json!({"keys": [rsa_jwk, ec_jwk, ed.jwks["keys"][0].clone(), hs_jwk]}),
             acme_key: api_key::generate(),
             omni_key: api_key::generate(),
+            throttled_key: api_key::generate(),
             context_key: (0..32).map(|_| rand::random::<u8>()).collect(),
         }
     }
