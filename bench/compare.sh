@@ -8,7 +8,9 @@
 #   bench/compare.sh                         # every scenario, ~15 min
 #   SCENARIOS="1k fixed" REPS=1 bench/compare.sh
 #
-# Scenarios: 1k 32k sse tls redis rego threads fixed rss (see bench/RESULTS.md).
+# Scenarios: 1k 32k sse tls redis rego threads dialects fixed rss (see
+# bench/RESULTS.md). dialects: the 1 KiB full path as chat, Responses and
+# Anthropic Messages, in turn.
 # Env: DURATION=10 WARMUP=3 CONNS=50 REPS=3 FIXED_QPS=5000 IDLE_CONNS=10000
 #      PROXY_CPU=0 LOAD_CPU=1 (the proxy alone on PROXY_CPU; the load
 #      generator and the mock router share LOAD_CPU)
@@ -23,7 +25,7 @@ OUT=${OUT:-$WORK/results/$(date +%Y%m%d-%H%M%S)}
 DURATION=${DURATION:-10}; WARMUP=${WARMUP:-3}; CONNS=${CONNS:-50}; REPS=${REPS:-3}
 FIXED_QPS=${FIXED_QPS:-5000}; IDLE_CONNS=${IDLE_CONNS:-10000}
 PROXY_CPU=${PROXY_CPU:-0}; LOAD_CPU=${LOAD_CPU:-1}
-SCENARIOS=${SCENARIOS:-"1k 32k sse tls redis rego threads fixed rss"}
+SCENARIOS=${SCENARIOS:-"1k 32k sse tls redis rego threads dialects fixed rss"}
 RUN=$WORK/run; LOGS=$WORK/logs; GEN=$WORK/gen; KEYS=$WORK/keys
 mkdir -p "$OUT" "$RUN" "$LOGS" "$GEN" "$WORK/nginx-prefix/logs"
 
@@ -58,6 +60,20 @@ def chat(size, stream=False):
 open(f"{work}/body-1k.json", "w").write(chat(1024))
 open(f"{work}/body-32k.json", "w").write(chat(32 * 1024))
 open(f"{work}/body-sse.json", "w").write(chat(1024, stream=True))
+# The same prompt in the Responses and the Anthropic dialect, 1 KiB each.
+def same_size(body, field, size):
+    pad = size - len(json.dumps(body, separators=(",", ":")))
+    text = ("Why does the pipeline fail on Tuesdays? " * (size // 30 + 1))[:pad]
+    field(body, text)
+    return json.dumps(body, separators=(",", ":"))
+def resp_input(b, t): b["input"][0]["content"] = t
+def msg_input(b, t): b["messages"][0]["content"] = t
+responses = {"model": "gpt-4o-mini", "max_output_tokens": 256, "instructions": "You are a concise assistant.",
+             "input": [{"role": "user", "content": ""}]}
+messages = {"model": "claude-sonnet-4", "max_tokens": 256, "system": "You are a concise assistant.",
+            "messages": [{"role": "user", "content": ""}]}
+open(f"{work}/body-responses-1k.json", "w").write(same_size(responses, resp_input, 1024))
+open(f"{work}/body-messages-1k.json", "w").write(same_size(messages, msg_input, 1024))
 PY
 
 # ---- configs ---------------------------------------------------------------
@@ -81,7 +97,7 @@ max_body_bytes = 1_048_576
 max_prompt_tokens = 1_000_000
 max_output_tokens = 4_096
 models = ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4"]
-features = ["chat", "stream"]
+features = ["chat", "stream", "responses", "messages"]
 regions = ["us-east-1"]
 TOML
   for t in acme globex $(seq -f "t%02g" 0 49); do
@@ -240,10 +256,11 @@ sanity() {
 }
 
 # measure SCENARIO CASE BODY TOKENS [CLOSE]: closed loop with wrk; one row.
+# ROUTE (default /v1/chat/completions) is the path the load goes to.
 measure() {
   local scen=$1 c=$2 body=$3 tokens=$4 close=${5:-0} url res line p0 p1 l0 l1 t0 t1
   setup_case "$c"
-  url="$SCHEME://127.0.0.1:$PORT/v1/chat/completions"
+  url="$SCHEME://127.0.0.1:$PORT${ROUTE:-/v1/chat/completions}"
   sanity "$c" "$url" "$(head -1 "$tokens")" "$body"
   # The warm-up uses another token, so every token of the mix is first
   # seen (and fully verified) in the measured run.
@@ -349,6 +366,9 @@ for rep in $(seq "$REPS"); do
       rego) for c in portcullis portcullis-rego; do measure rego "$c" "$WORK/body-1k.json" "$MIX"; done;;
       threads) measure threads portcullis "$WORK/body-1k.json" "$MIX"
                measure threads portcullis-t2 "$WORK/body-1k.json" "$MIX";;
+      dialects) measure dialects portcullis-chat "$WORK/body-1k.json" "$MIX"
+                ROUTE=/v1/responses measure dialects portcullis-responses "$WORK/body-responses-1k.json" "$MIX"
+                ROUTE=/v1/messages measure dialects portcullis-messages "$WORK/body-messages-1k.json" "$MIX";;
       fixed|rss) ;;
       *) echo "unknown scenario $s" >&2; exit 2;;
     esac

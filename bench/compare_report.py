@@ -104,6 +104,12 @@ if pc and ng:
 ep = med("1k", "envoy-pass", "cpu_us_per_req")
 if pc and ep:
     target("stretch: CPU/req ≤ Envoy passthrough", pc / ep, pc <= ep, f"{pc:.1f} / {ep:.1f} µs = {pc / ep:.2f}×")
+dc = med("dialects", "portcullis-chat", "cpu_us_per_req")
+for dialect in ("responses", "messages"):
+    d = med("dialects", f"portcullis-{dialect}", "cpu_us_per_req")
+    if dc and d:
+        target(f"{dialect} CPU/req within 10 % of chat (1 KiB)", d / dc, d / dc <= 1.10,
+               f"{d:.1f} / {dc:.1f} µs = {d / dc:.2f}×")
 fl = med("1k", "pingora", "cpu_us_per_req")
 if pc and fl:
     out.append(f"\nBare Pingora (no policy) costs {fl:.1f} µs/req here: the policy path adds {pc - fl:.1f} µs.")

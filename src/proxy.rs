@@ -293,12 +293,8 @@ impl Answer for RequestCtx {
             .headers
             .get("content-type")
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        if let Some(tap) = &self.usage_tap {
-            if !is_sse {
-                if let Some(json) = tap.as_json() {
-                    self.usage_tap = Some(json);
-                }
-            }
+        if let Some(other) = self.usage_tap.as_ref().and_then(|t| t.for_answer(is_sse)) {
+            self.usage_tap = Some(other);
         }
         if self.usage_tap.as_ref().is_some_and(UsageTap::rewrites) {
             // The body may change length: let it be re-framed.

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::ids::Binding;
+use crate::route::Dialect;
 pub use sse::StreamTap;
 
 /// The largest JSON response copied aside to read its usage (or held to
@@ -103,11 +104,23 @@ impl UsageTap {
         })
     }
 
-    /// The tap for an answer that turned out not to be SSE.
-    pub fn as_json(&self) -> Option<UsageTap> {
+    /// The tap for what the answer turned out to be, when the request
+    /// expected the other: a stream that came back as JSON (an error), or
+    /// a stored response replayed as SSE (`?stream=true`).
+    pub fn for_answer(&self, is_sse: bool) -> Option<UsageTap> {
         match self {
-            UsageTap::Stream(s) => Some(UsageTap::json(s.binds_ids())),
-            UsageTap::Json(_) => None,
+            UsageTap::Stream(s) if !is_sse => Some(UsageTap::Json(JsonTap {
+                copy: Vec::new(),
+                overflow: false,
+                bind_ids: s.binds_ids(),
+                charge: s.charge,
+            })),
+            UsageTap::Json(j) if is_sse && j.bind_ids => {
+                let mut s = StreamTap::new(Dialect::Responses, false);
+                s.charge = j.charge;
+                Some(UsageTap::Stream(s))
+            }
+            _ => None,
         }
     }
 
@@ -131,7 +144,8 @@ impl UsageTap {
     /// The usage seen, once the body is complete.
     pub fn usage(&self) -> Option<Usage> {
         match self {
-            UsageTap::Stream(s) => s.usage,
+            UsageTap::Stream(s) if s.charge => s.usage,
+            UsageTap::Stream(_) => None,
             UsageTap::Json(j) if j.charge && !j.overflow => {
                 serde_json::from_slice::<UsageMember>(&j.copy)
                     .ok()
@@ -232,5 +246,15 @@ mod tests {
             assert_eq!(keys.open("acme", prev).as_deref(), Some("resp_0"));
             assert_eq!(tap.usage().map(|u| u.total()), charged);
         }
+        // A stored response replayed as a stream: ids bound, nothing charged.
+        let mut replay = UsageTap::ids_only().for_answer(true).unwrap();
+        let event = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"usage\":{\"input_tokens\":2,\"output_tokens\":1}}}\n\n";
+        let out = replay.push(Bytes::from_static(event.as_bytes()), true, &ids);
+        assert!(!String::from_utf8_lossy(&out).contains("\"resp_1\""));
+        assert_eq!(replay.usage(), None);
+        assert!(
+            UsageTap::json(false).for_answer(true).is_none(),
+            "plain JSON taps stay"
+        );
     }
 }

@@ -28,6 +28,8 @@ pub struct StreamTap {
     /// Remove the usage chunk from what the client receives (OpenAI).
     pub hide_usage: bool,
     pub usage: Option<Usage>,
+    /// Whether the usage is charged (a stored response's replay is not).
+    pub charge: bool,
     pending: BytesMut,
     /// Set when an event outgrew the bound: pass everything through.
     bypass: bool,
@@ -39,6 +41,7 @@ impl StreamTap {
             dialect,
             hide_usage,
             usage: None,
+            charge: true,
             pending: BytesMut::new(),
             bypass: false,
         }

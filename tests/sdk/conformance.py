@@ -80,6 +80,11 @@ chunks = list(oa.chat.completions.create(
 check(all(c.usage is None for c in chunks), "no usage chunk the client did not ask for")
 emb = oa.embeddings.create(model=MODEL, input="Hi")
 check(len(emb.data[0].embedding) == 3, "embeddings")
+# The SDK's own multipart encoding passes the strict framing check.
+tr = oa.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF\r\n--x\r\nWAVE", "audio/wav"))
+check(tr.text == "Hello from the mock router.", "audio.transcriptions")
+raises(openai.PermissionDeniedError, lambda: oa.audio.transcriptions.create(
+    model="m-large", file=("a.wav", b"RIFF", "audio/wav")), "an audio model not allowed")
 
 # Anthropic: create, stream, count_tokens, typed errors.
 an = anthropic.Anthropic(base_url=URL, api_key=os.environ["OMNI_KEY"], max_retries=0)
