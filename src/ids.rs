@@ -138,6 +138,11 @@ impl<'a> Binding<'a> {
         Binding { ids, tenant }
     }
 
+    /// The bound form of a router id for this tenant.
+    pub fn bind(&self, id: &str) -> Option<String> {
+        self.ids.bind(self.tenant, id)
+    }
+
     /// The router's id behind a bound id the client sent.
     pub fn open(&self, bound: &str) -> Option<String> {
         self.ids.open(self.tenant, bound)
@@ -153,7 +158,7 @@ impl<'a> Binding<'a> {
                 continue;
             };
             let Some(id) = slot.as_str() else { continue };
-            match self.ids.bind(self.tenant, id) {
+            match self.bind(id) {
                 Some(bound) => {
                     *slot = Value::String(bound);
                     changed = true;

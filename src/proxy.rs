@@ -304,6 +304,10 @@ impl Answer for RequestCtx {
         rate_limit_headers(self, resp)
     }
 
+    fn holds_body(&self) -> bool {
+        self.usage_tap.as_ref().is_some_and(UsageTap::holds_body)
+    }
+
     fn chunk(&mut self, chunk: Bytes) -> Bytes {
         let (Some(tap), Some(who)) = (self.usage_tap.as_mut(), &self.identity) else {
             return chunk;

@@ -36,6 +36,9 @@ pub trait Answer {
     /// The gateway's part of the answer's head (request id, rate-limit
     /// headers, re-framing).
     fn head(&mut self, resp: &mut ResponseHeader) -> Result<()>;
+    /// Whether the answer is held whole until it ends (after `head`): its
+    /// head then leaves with the exact length, together with the body.
+    fn holds_body(&self) -> bool;
     /// One chunk of the body; returns what goes to the client now.
     fn chunk(&mut self, chunk: Bytes) -> Bytes;
     /// Whatever is still held when the body ends.
@@ -59,10 +62,13 @@ pub async fn run(
         .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "no response header"))
         .map_err(|e| e.into_up())?;
     answer.head(&mut resp)?;
-    session
-        .write_response_header(Box::new(resp), false)
-        .await
-        .map_err(|e| e.into_down())?;
+    // A held answer's head waits for its body, and its length.
+    let mut held_head = None;
+    if answer.holds_body() {
+        held_head = Some(resp);
+    } else {
+        write_head(session, resp).await?;
+    }
     let mut done = false;
     while !done {
         let chunk = tokio::select! {
@@ -97,6 +103,10 @@ pub async fn run(
             out = batch.freeze();
         }
         if !out.is_empty() {
+            if let Some(head) = held_head.take() {
+                // The answer outgrew what is held: it streams after all.
+                write_head(session, head).await?;
+            }
             session
                 .write_response_body(Some(out), false)
                 .await
@@ -109,10 +119,39 @@ pub async fn run(
         .release_http_session(up, peer, peer.options.idle_timeout)
         .await;
     let tail = answer.end().filter(|t| !t.is_empty());
+    if let Some(mut head) = held_head {
+        let len = tail.as_ref().map_or(0, Bytes::len);
+        head.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
+        write_head(session, head).await?;
+    }
     session
         .write_response_body(tail, true)
         .await
         .map_err(|e| e.into_down())
+}
+
+/// Writes the answer's head, framed for the client.
+async fn write_head(session: &mut Session, mut resp: ResponseHeader) -> Result<()> {
+    frame_for_client(session, &mut resp)?;
+    session
+        .write_response_header(Box::new(resp), false)
+        .await
+        .map_err(|e| e.into_down())
+}
+
+/// An answer the gateway re-frames as it streams (its length changes on
+/// the way back) has lost its Content-Length; an HTTP/1.1 client then gets
+/// it chunked, not delimited by a close, so its connection stays reusable.
+fn frame_for_client(session: &Session, resp: &mut ResponseHeader) -> Result<()> {
+    let unframed = !resp.headers.contains_key(http::header::CONTENT_LENGTH)
+        && !resp.headers.contains_key(http::header::TRANSFER_ENCODING);
+    let status = resp.status.as_u16();
+    let has_body = !matches!(status, 100..=199 | 204 | 304)
+        && session.req_header().method != http::Method::HEAD;
+    if unframed && has_body && session.as_downstream().as_http1().is_some() {
+        resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(())
 }
 
 /// Sends the request and reads the head of the router's answer. A pooled

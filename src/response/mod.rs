@@ -58,11 +58,14 @@ impl Usage {
     }
 }
 
-/// A response body read for its `usage` alone: the other members (the
-/// choices, often most of the body) are skipped, never built.
+/// The members of a JSON answer the gateway reads, parsed once when the
+/// body is complete: the others (the choices, the output, often most of
+/// the body) are skipped, never built.
 #[derive(serde::Deserialize)]
-struct UsageMember {
+struct AnswerMembers {
     usage: Option<Value>,
+    id: Option<Value>,
+    previous_response_id: Option<Value>,
 }
 
 /// Watches one response body for its usage.
@@ -81,27 +84,31 @@ pub struct JsonTap {
     bind_ids: bool,
     /// Whether its usage is charged (a stored response's is not).
     charge: bool,
+    /// Read when the body is complete.
+    usage: Option<Usage>,
+}
+
+impl JsonTap {
+    fn new(bind_ids: bool, charge: bool) -> JsonTap {
+        JsonTap {
+            copy: Vec::new(),
+            overflow: false,
+            bind_ids,
+            charge,
+            usage: None,
+        }
+    }
 }
 
 impl UsageTap {
     /// A JSON answer's tap; `bind_ids` for a Responses object.
     pub fn json(bind_ids: bool) -> Self {
-        UsageTap::Json(JsonTap {
-            copy: Vec::new(),
-            overflow: false,
-            bind_ids,
-            charge: true,
-        })
+        UsageTap::Json(JsonTap::new(bind_ids, true))
     }
 
     /// A stored response: its ids are bound, its usage is not charged.
     pub fn ids_only() -> Self {
-        UsageTap::Json(JsonTap {
-            copy: Vec::new(),
-            overflow: false,
-            bind_ids: true,
-            charge: false,
-        })
+        UsageTap::Json(JsonTap::new(true, false))
     }
 
     /// The tap for what the answer turned out to be, when the request
@@ -109,12 +116,9 @@ impl UsageTap {
     /// a stored response replayed as SSE (`?stream=true`).
     pub fn for_answer(&self, is_sse: bool) -> Option<UsageTap> {
         match self {
-            UsageTap::Stream(s) if !is_sse => Some(UsageTap::Json(JsonTap {
-                copy: Vec::new(),
-                overflow: false,
-                bind_ids: s.binds_ids(),
-                charge: s.charge,
-            })),
+            UsageTap::Stream(s) if !is_sse => {
+                Some(UsageTap::Json(JsonTap::new(s.binds_ids(), s.charge)))
+            }
             UsageTap::Json(j) if is_sse && j.bind_ids => {
                 let mut s = StreamTap::new(Dialect::Responses, false);
                 s.charge = j.charge;
@@ -133,6 +137,12 @@ impl UsageTap {
         }
     }
 
+    /// Whether the whole answer is held until it ends (to bind its ids),
+    /// so its length is known before its head leaves.
+    pub fn holds_body(&self) -> bool {
+        matches!(self, UsageTap::Json(j) if j.bind_ids && !j.overflow)
+    }
+
     /// Feeds one chunk; returns what goes to the client now.
     pub fn push(&mut self, chunk: Bytes, end_of_stream: bool, ids: &Binding) -> Bytes {
         match self {
@@ -146,11 +156,7 @@ impl UsageTap {
         match self {
             UsageTap::Stream(s) if s.charge => s.usage,
             UsageTap::Stream(_) => None,
-            UsageTap::Json(j) if j.charge && !j.overflow => {
-                serde_json::from_slice::<UsageMember>(&j.copy)
-                    .ok()
-                    .and_then(|v| Usage::from_member(&v.usage?))
-            }
+            UsageTap::Json(j) if j.charge => j.usage,
             UsageTap::Json(_) => None,
         }
     }
@@ -173,18 +179,67 @@ impl JsonTap {
             return chunk;
         }
         self.copy.extend_from_slice(&chunk);
-        if !self.bind_ids {
-            return chunk;
-        }
+        let out = if self.bind_ids { Bytes::new() } else { chunk };
         if !end_of_stream {
-            return Bytes::new();
+            return out;
         }
-        let bound = serde_json::from_slice::<Value>(&self.copy)
-            .ok()
-            .and_then(|mut doc| ids.bind_members(&mut doc).then_some(doc))
-            .and_then(|doc| serde_json::to_vec(&doc).ok());
-        bound.map_or_else(|| self.copy.clone().into(), Bytes::from)
+        let Ok(members) = serde_json::from_slice::<AnswerMembers>(&self.copy) else {
+            // Not JSON (an error page): nothing to read, nothing to bind.
+            return if self.bind_ids {
+                std::mem::take(&mut self.copy).into()
+            } else {
+                out
+            };
+        };
+        self.usage = members.usage.as_ref().and_then(Usage::from_member);
+        if !self.bind_ids {
+            return out;
+        }
+        bind_in_place(&self.copy, &members, ids)
+            .unwrap_or_else(|| rebuild_bound(&self.copy, ids))
+            .into()
     }
+}
+
+/// The held answer with its router ids replaced by their bound form where
+/// they stand, which keeps the rest byte for byte. `None` when an id is
+/// written with escapes, so its raw bytes are not where a search finds
+/// them: the document is then rebuilt ([`rebuild_bound`]).
+fn bind_in_place(raw: &[u8], members: &AnswerMembers, ids: &Binding) -> Option<Vec<u8>> {
+    let mut out = raw.to_vec();
+    let router_ids = [&members.id, &members.previous_response_id];
+    for id in router_ids.into_iter().flatten().filter_map(Value::as_str) {
+        let Some(bound) = ids.bind(id) else {
+            tracing::warn!("a router id too long to bind passed unbound");
+            continue;
+        };
+        let needle = format!("\"{id}\"");
+        let found: Vec<usize> = memchr::memmem::find_iter(&out, needle.as_bytes()).collect();
+        if found.is_empty() {
+            return None;
+        }
+        let mut next = Vec::with_capacity(out.len() + found.len() * bound.len());
+        let mut at = 0;
+        for start in found {
+            next.extend_from_slice(&out[at..start]);
+            next.push(b'"');
+            next.extend_from_slice(bound.as_bytes());
+            next.push(b'"');
+            at = start + needle.len();
+        }
+        next.extend_from_slice(&out[at..]);
+        out = next;
+    }
+    Some(out)
+}
+
+/// The held answer parsed, its ids bound, and serialised again.
+fn rebuild_bound(raw: &[u8], ids: &Binding) -> Vec<u8> {
+    serde_json::from_slice::<Value>(raw)
+        .ok()
+        .and_then(|mut doc| ids.bind_members(&mut doc).then_some(doc))
+        .and_then(|doc| serde_json::to_vec(&doc).ok())
+        .unwrap_or_else(|| raw.to_vec())
 }
 
 #[cfg(test)]
@@ -256,5 +311,25 @@ mod tests {
             UsageTap::json(false).for_answer(true).is_none(),
             "plain JSON taps stay"
         );
+    }
+
+    #[test]
+    fn an_id_written_with_escapes_is_bound_too() {
+        let keys = ResponseIds::from_key(&[1; 32]).unwrap();
+        let ids = Binding::new(&keys, "acme");
+        let body = br#"{"id":"resp\u005f1","note":"resp_1 in text","usage":{"input_tokens":3}}"#;
+        let mut tap = UsageTap::json(true);
+        assert!(tap.holds_body());
+        let out = tap.push(Bytes::from_static(body), true, &ids);
+        let out: Value = serde_json::from_slice(&out).unwrap();
+        let bound = out["id"].as_str().unwrap();
+        assert_eq!(keys.open("acme", bound).as_deref(), Some("resp_1"));
+        assert_eq!(out["note"], "resp_1 in text", "only the members are bound");
+        assert_eq!(tap.usage().map(|u| u.prompt_tokens), Some(3));
+        // Not JSON at all: passed as it came, nothing charged.
+        let mut tap = UsageTap::json(true);
+        let out = tap.push(Bytes::from_static(b"<html>busy</html>"), true, &ids);
+        assert_eq!(&out[..], b"<html>busy</html>");
+        assert_eq!(tap.usage(), None);
     }
 }

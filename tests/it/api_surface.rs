@@ -4,6 +4,7 @@
 
 use crate::common::*;
 use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
 
 const OMNI_MODELS: &str = "m-small";
 
@@ -568,4 +569,29 @@ async fn multipart_uploads_are_framed_checked_and_forwarded_as_sent() {
     raw.extend_from_slice(b"0\r\n\r\n");
     let r = gw.send(&raw).await;
     assert_rejected(&gw, &r, 400, "invalid_request");
+}
+
+/// A Responses answer changes length on its way (its ids are bound): it is
+/// held whole and leaves with its exact new length, and the client's
+/// connection stays reusable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewritten_answer_keeps_its_framing_and_the_connection() {
+    let gw = Gateway::start().await;
+    let omni = gw.keys.token("omni");
+    let req = String::from_utf8(
+        post("/v1/responses", &responses_body())
+            .bearer(&omni)
+            .build(),
+    )
+    .unwrap()
+    .replace("Connection: close\r\n", "");
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    for round in 0..2 {
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (status, close) = read_keep_alive(&mut s)
+            .await
+            .unwrap_or_else(|| panic!("round {round}: no Content-Length answer, or a close"));
+        assert_eq!((status, close), (200, false), "round {round}");
+    }
+    assert_eq!(gw.router_count(), 2);
 }
