@@ -19,6 +19,9 @@ use super::logging;
 pub struct AccessRecord<'a> {
     pub request_id: &'a str,
     pub tenant: &'a str,
+    /// The key object's id, when the credential was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<&'a str>,
     pub route: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<&'a str>,
@@ -45,12 +48,13 @@ struct Line<'a> {
 }
 
 pub fn write(r: &AccessRecord<'_>) {
-    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
-        return;
-    }
+    // The writer first: it brings logging (and its filter) up if needed.
     let Some(mut out) = logging::writer() else {
         return;
     };
+    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        return;
+    }
     let line = Line {
         timestamp: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
         level: "INFO",

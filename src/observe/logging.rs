@@ -2,7 +2,7 @@
 //! log consumer never stalls the request path (under pressure, lines are
 //! dropped instead). `PORTCULLIS_LOG` sets the filter (default `info`).
 
-use std::sync::OnceLock;
+use std::sync::{Once, OnceLock};
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -16,8 +16,14 @@ static GUARD: OnceLock<WorkerGuard> = OnceLock::new();
 /// The writer itself, for lines serialised outside `tracing` (the access log).
 static WRITER: OnceLock<NonBlocking> = OnceLock::new();
 
-/// The shared non-blocking writer, once logging is up.
+static INIT: Once = Once::new();
+
+/// The shared non-blocking writer. Logging comes up on first use if the
+/// service below has not started it yet: a request served in the moment
+/// before it does (a loaded machine, a first request at once) still gets
+/// its access line.
 pub fn writer() -> Option<NonBlocking> {
+    INIT.call_once(init);
     WRITER.get().cloned()
 }
 
@@ -34,7 +40,7 @@ pub struct LoggingService {
 #[async_trait]
 impl BackgroundService for LoggingService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        init();
+        INIT.call_once(init);
         tracing::info!(pid = std::process::id(), "portcullis serving");
         for w in &self.warnings {
             tracing::warn!(insecure = true, "{w}");
