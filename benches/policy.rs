@@ -36,6 +36,7 @@ fn shipped_policy(c: &mut Criterion) {
             key_generation: 1,
             claims: Arc::new(claims.as_object().cloned().unwrap_or_default()),
         })),
+        key_id: None,
     };
     let mut features = FeatureSet::default();
     features.insert(Feature::Chat);

@@ -18,6 +18,7 @@ use portcullis::dev::{self, MintRequest, DEV_AUDIENCE, DEV_ISSUER, DEV_KID};
 use portcullis::identity::api_key;
 use portcullis::mock_router::{MockOptions, MockRouter};
 use portcullis::server::{self, ProcessFlags};
+use portcullis::tenant::KeyObject;
 
 #[derive(Parser)]
 #[command(
@@ -95,7 +96,12 @@ enum Command {
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Issue a new API key; prints it once, with its tenants.toml entry.
-    New,
+    New {
+        /// Print a `[[tenants.keys]]` block with this key id (a-z 0-9 _ -)
+        /// instead of an `api_keys` entry.
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -173,14 +179,25 @@ fn run(cmd: Command) -> Result<(), String> {
             router,
         }),
         Command::Keys {
-            command: KeysCommand::New,
+            command: KeysCommand::New { id },
         } => {
+            if let Some(bad) = id.as_deref().filter(|i| !KeyObject::valid_id(i)) {
+                return Err(format!(
+                    "key id {bad:?} must be 1-64 characters of a-z 0-9 _ -"
+                ));
+            }
             let key = api_key::generate();
             println!("API key (shown once, store it now): {key}");
-            println!(
-                "Add to the tenant in tenants.toml:  api_keys = [\"{}\"]",
-                api_key::hash_entry(&key)
-            );
+            match id {
+                None => println!(
+                    "Add to the tenant in tenants.toml:  api_keys = [\"{}\"]",
+                    api_key::hash_entry(&key)
+                ),
+                Some(id) => println!(
+                    "Add under the tenant in tenants.toml:\n\n[[tenants.keys]]\nid = \"{id}\"\nhash = \"{}\"\n# expires_at = 2027-06-30T00:00:00Z\n# models = [\"...\"]    # narrows the tenant's allowlist",
+                    api_key::hash_entry(&key)
+                ),
+            }
             Ok(())
         }
         Command::Token {

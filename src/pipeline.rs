@@ -228,6 +228,7 @@ pub fn router_head(session: &Session, ctx: &RequestCtx) -> pingora::Result<Reque
             .as_ref()
             .map(|j| j.model.as_str())
             .filter(|m| !m.is_empty()),
+        key_id: who.key_id.as_deref(),
         client_ip: &client_ip,
         proto: if tls { "https" } else { "http" },
         policy: &ctx.policy_headers,

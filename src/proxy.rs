@@ -268,6 +268,7 @@ impl ProxyHttp for Gateway {
         access_log::write(&AccessRecord {
             request_id: &ctx.request_id,
             tenant,
+            key_id: ctx.identity.as_ref().and_then(|i| i.key_id.as_deref()),
             route,
             model: ctx.judged.as_ref().map(|j| j.model.as_str()),
             method: session.req_header().method.as_str(),

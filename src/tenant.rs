@@ -122,7 +122,7 @@ impl Limits {
 }
 
 /// One configured tenant, with everything the request path needs precomputed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tenant {
     pub id: String,
     pub org: String,
@@ -199,12 +199,45 @@ impl Tenant {
     }
 }
 
+/// An API key given as an object (`[[tenants.keys]]`): a name the router
+/// and the log see, an expiry, a switch, and an allowlist of its own.
+#[derive(Debug)]
+pub struct KeyObject {
+    /// `[a-z0-9_-]{1,64}`, unique within the tenant.
+    pub id: String,
+    /// Unix seconds from which the key is refused.
+    pub expires_at: Option<u64>,
+    pub disabled: bool,
+    /// The tenant as this key sees it: the same limit state (one shared
+    /// limiter), with `models` narrowed to the key's.
+    pub tenant: Arc<Tenant>,
+}
+
+impl KeyObject {
+    /// A key id: 1-64 characters of `a-z 0-9 _ -`, as the router and the
+    /// access log see it.
+    pub fn valid_id(id: &str) -> bool {
+        (1..=64).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+    }
+}
+
+/// What an API key's hash finds.
+#[derive(Debug, Clone)]
+pub enum KeyEntry {
+    /// A hash in the tenant's `api_keys` list.
+    Listed(usize),
+    Object(Arc<KeyObject>),
+}
+
 /// The tenant table with O(1) indexes for each kind of credential.
 #[derive(Debug, Default)]
 pub struct Tenants {
     pub list: Vec<Arc<Tenant>>,
     pub(crate) by_id: HashMap<String, usize>,
-    pub(crate) by_api_key: HashMap<[u8; 32], usize>,
+    pub(crate) by_api_key: HashMap<[u8; 32], KeyEntry>,
     pub(crate) by_mtls: HashMap<String, usize>,
 }
 
@@ -218,8 +251,15 @@ impl Tenants {
         self.by_mtls.get(name).map(|&i| &self.list[i])
     }
 
-    /// Looks a tenant up by the SHA-256 digest of a presented API key.
-    pub fn by_api_key_hash(&self, digest: &[u8; 32]) -> Option<&Arc<Tenant>> {
-        self.by_api_key.get(digest).map(|&i| &self.list[i])
+    /// Looks a key up by the SHA-256 digest of a presented API key: its
+    /// tenant, and the key object when it is one.
+    pub fn by_api_key_hash(
+        &self,
+        digest: &[u8; 32],
+    ) -> Option<(&Arc<Tenant>, Option<&Arc<KeyObject>>)> {
+        match self.by_api_key.get(digest)? {
+            KeyEntry::Listed(i) => self.list.get(*i).map(|t| (t, None)),
+            KeyEntry::Object(key) => Some((&key.tenant, Some(key))),
+        }
     }
 }

@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use super::diag::{Diagnostic, SourceFile};
 use crate::identity::api_key::parse_key_hash;
-use crate::tenant::{Feature, FeatureSet, Limits, Tenant, Tenants};
+use crate::tenant::{Feature, FeatureSet, KeyEntry, KeyObject, Limits, Tenant, Tenants};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +74,21 @@ struct RawTenant {
     jwt_subjects: Vec<String>,
     #[serde(default)]
     overrides: RawOverrides,
+    /// API keys as objects, beside (or instead of) `api_keys`.
+    #[serde(default)]
+    keys: Vec<RawKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: Spanned<String>,
+    hash: Spanned<String>,
+    expires_at: Option<Spanned<toml::value::Datetime>>,
+    #[serde(default)]
+    disabled: bool,
+    /// Narrows the tenant's allowlist; never widens it.
+    models: Option<Vec<Spanned<String>>>,
 }
 
 /// Parses and validates `tenants.toml`, collecting every problem found.
@@ -164,7 +179,11 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
         for key in &t.api_keys {
             match parse_key_hash(key.get_ref()) {
                 Some(digest) => {
-                    if out.by_api_key.insert(digest, index).is_some() {
+                    if out
+                        .by_api_key
+                        .insert(digest, KeyEntry::Listed(index))
+                        .is_some()
+                    {
                         errs.push(src.at(Some(key.span()), "API key hash is listed twice"));
                     }
                 }
@@ -211,8 +230,34 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
                 previous.and_then(|p| p.by_id(&id)).map(|t| &**t),
             )
         };
+        let tenant = Arc::new(tenant);
+        let mut key_ids = HashMap::new();
+        for key in t.keys {
+            let Some(object) = key_object(&src, &tenant, &key, &mut errs) else {
+                continue;
+            };
+            if key_ids.insert(object.id.clone(), ()).is_some() {
+                errs.push(src.at(
+                    Some(key.id.span()),
+                    format!("tenant {id:?}: key id {:?} is used twice", object.id),
+                ));
+            }
+            match parse_key_hash(key.hash.get_ref()) {
+                Some(digest) => {
+                    let entry = KeyEntry::Object(Arc::new(object));
+                    if out.by_api_key.insert(digest, entry).is_some() {
+                        errs.push(src.at(Some(key.hash.span()), "API key hash is listed twice"));
+                    }
+                }
+                None => errs.push(src.at(
+                    Some(key.hash.span()),
+                    "a key's hash must be \"sha256:\" followed by 64 hex digits \
+                     (hashes only, never plaintext keys)",
+                )),
+            }
+        }
         out.by_id.insert(id, index);
-        out.list.push(Arc::new(tenant));
+        out.list.push(tenant);
     }
 
     out.by_mtls = by_mtls;
@@ -221,6 +266,90 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
     } else {
         Err(errs)
     }
+}
+
+/// A `[[tenants.keys]]` entry checked against its tenant: a valid id, an
+/// expiry with its UTC offset, and models the tenant already allows.
+fn key_object(
+    src: &SourceFile,
+    tenant: &Arc<Tenant>,
+    key: &RawKey,
+    errs: &mut Vec<Diagnostic>,
+) -> Option<KeyObject> {
+    let id = key.id.get_ref();
+    if !KeyObject::valid_id(id) {
+        errs.push(src.at(
+            Some(key.id.span()),
+            format!("key id {id:?} must be 1-64 characters of a-z 0-9 _ -"),
+        ));
+        return None;
+    }
+    let expires_at = match &key.expires_at {
+        None => None,
+        Some(at) => match unix_seconds(at.get_ref()) {
+            Some(t) => Some(t),
+            None => {
+                errs.push(src.at(
+                    Some(at.span()),
+                    format!("key {id:?}: expires_at must be a date and time with an offset, such as 2027-06-30T00:00:00Z"),
+                ));
+                return None;
+            }
+        },
+    };
+    let tenant = match &key.models {
+        None => tenant.clone(),
+        Some(models) => {
+            for m in models.iter().filter(|m| !covered_by(tenant, m.get_ref())) {
+                errs.push(src.at(
+                    Some(m.span()),
+                    format!(
+                        "key {id:?}: model {:?} is not in tenant {:?}'s allowlist (a key narrows it, never widens it)",
+                        m.get_ref(),
+                        tenant.id
+                    ),
+                ));
+            }
+            Arc::new(Tenant {
+                models: models.iter().map(|m| m.get_ref().clone()).collect(),
+                ..(**tenant).clone()
+            })
+        }
+    };
+    Some(KeyObject {
+        id: id.clone(),
+        expires_at,
+        disabled: key.disabled,
+        tenant,
+    })
+}
+
+/// Whether every model `entry` matches, the tenant allows: an exact name
+/// it allows, or a prefix inside one of its own prefixes.
+fn covered_by(tenant: &Tenant, entry: &str) -> bool {
+    match entry.strip_suffix('*') {
+        None => tenant.model_entry(entry).is_some(),
+        Some(prefix) => tenant
+            .models
+            .iter()
+            .filter_map(|m| m.strip_suffix('*'))
+            .any(|p| prefix.starts_with(p)),
+    }
+}
+
+/// A TOML offset date-time as unix seconds.
+fn unix_seconds(at: &toml::value::Datetime) -> Option<u64> {
+    let (date, hms, offset) = (at.date?, at.time?, at.offset?);
+    let month = time::Month::try_from(date.month).ok()?;
+    let day = time::Date::from_calendar_date(i32::from(date.year), month, date.day).ok()?;
+    let clock = time::Time::from_hms_nano(hms.hour, hms.minute, hms.second, hms.nanosecond).ok()?;
+    let minutes = match offset {
+        toml::value::Offset::Z => 0,
+        toml::value::Offset::Custom { minutes } => minutes,
+    };
+    let offset = time::UtcOffset::from_whole_seconds(i32::from(minutes) * 60).ok()?;
+    let t = time::PrimitiveDateTime::new(day, clock).assume_offset(offset);
+    u64::try_from(t.unix_timestamp()).ok()
 }
 
 fn check_limits(src: &SourceFile, what: &str, rps: f64, burst: u32, errs: &mut Vec<Diagnostic>) {
@@ -313,6 +442,70 @@ features = ["chat", "embeddings"]
         assert_eq!(
             acme.limits_header,
             "rps=2;burst=4;tpm=500000;tpd=200000;conc=2;body=65536;prompt=4096;output=1024"
+        );
+    }
+
+    const HASH: &str = "sha256:00000000000000000000000000000000000000000000000000000000000000aa";
+
+    #[test]
+    fn key_objects_narrow_the_tenant_and_carry_their_expiry() {
+        let t = load_str(&format!(
+            "{PLAN}\n[[tenants]]\nid = \"acme\"\norg = \"o\"\nplan = \"free\"\n\
+             [[tenants.keys]]\nid = \"ci-bot\"\nhash = \"{HASH}\"\n\
+             expires_at = 2027-06-30T02:00:00+02:00\nmodels = [\"llama-3.1-8b-instruct\"]\n"
+        ))
+        .unwrap();
+        let digest = parse_key_hash(HASH).unwrap();
+        let (tenant, key) = t.by_api_key_hash(&digest).unwrap();
+        let key = key.unwrap();
+        assert_eq!(
+            (key.id.as_str(), key.expires_at),
+            ("ci-bot", Some(1_814_313_600))
+        );
+        assert_eq!(tenant.id, "acme");
+        assert!(
+            Arc::ptr_eq(&tenant.limiter, &t.by_id("acme").unwrap().limiter),
+            "the key shares its tenant's limit state"
+        );
+    }
+
+    #[test]
+    fn a_key_object_that_widens_or_is_malformed_names_its_line() {
+        let bad = [
+            ("models = [\"llama-3.1-70b\"]", "not in tenant"),
+            ("models = [\"llama-*\"]", "not in tenant"),
+            ("expires_at = 2027-06-30T00:00:00", "with an offset"),
+            ("expires_at = 2027-06-30", "with an offset"),
+            ("colour = \"red\"", "unknown field"),
+        ];
+        for (line, want) in bad {
+            let text = format!(
+                "{PLAN}\n[[tenants]]\nid = \"acme\"\norg = \"o\"\nplan = \"free\"\n\
+                 [[tenants.keys]]\nid = \"k\"\nhash = \"{HASH}\"\n{line}\n"
+            );
+            let errs = load_str(&text).unwrap_err();
+            assert!(
+                errs.iter()
+                    .any(|d| d.message.contains(want) && d.line.is_some()),
+                "{line}: {errs:?}"
+            );
+        }
+        let text = format!(
+            "{PLAN}\n[[tenants]]\nid = \"acme\"\norg = \"o\"\nplan = \"free\"\napi_keys = [\"{HASH}\"]\n\
+             [[tenants.keys]]\nid = \"Bad Id\"\nhash = \"{HASH}\"\n\
+             [[tenants.keys]]\nid = \"k\"\nhash = \"{HASH}\"\n"
+        );
+        let errs = load_str(&text).unwrap_err();
+        let messages: Vec<&str> = errs.iter().map(|d| d.message.as_str()).collect();
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("must be 1-64 characters of a-z")),
+            "{messages:?}"
+        );
+        assert!(
+            messages.iter().any(|m| m.contains("listed twice")),
+            "{messages:?}"
         );
     }
 

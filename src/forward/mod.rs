@@ -52,6 +52,8 @@ pub struct TrustedContext<'a> {
     pub request_id: &'a str,
     /// The model the body stage accepted, when the route has a body.
     pub model: Option<&'a str>,
+    /// The key object the caller presented, if it was one.
+    pub key_id: Option<&'a str>,
     pub client_ip: &'a str,
     pub proto: &'static str,
     /// Headers from the policy stage, signed with the rest.
@@ -136,9 +138,10 @@ pub fn apply(
     }
 
     let t = ctx.tenant;
-    let fixed: [Option<(&'static str, &str)>; 6] = [
+    let fixed: [Option<(&'static str, &str)>; 7] = [
         Some(("x-request-id", ctx.request_id)),
         Some(("x-tenant-id", &t.id)),
+        ctx.key_id.map(|k| ("x-tenant-key-id", k)),
         Some(("x-tenant-limits", &t.limits_header)),
         ctx.model.map(|m| ("x-tenant-model", m)),
         Some(("x-tenant-org", &t.org)),
@@ -321,6 +324,7 @@ mod tests {
             let t = tenant();
             let signer = ContextSigner::from_bytes(&[7u8; 32]).unwrap();
             let ctx = TrustedContext {
+                key_id: None,
                 tenant: &t,
                 request_id: "rid",
                 model: Some("m"),

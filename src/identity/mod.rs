@@ -46,6 +46,8 @@ pub struct Identity {
     pub subject: Option<String>,
     pub tenant: Arc<Tenant>,
     pub token: Option<Arc<VerifiedToken>>,
+    /// The id of the key object the caller presented (`[[tenants.keys]]`).
+    pub key_id: Option<String>,
 }
 
 /// A credential as presented, borrowed from the request headers.
@@ -142,6 +144,7 @@ pub fn resolve(
             subject: cert.names.first().cloned(),
             tenant: tenant.clone(),
             token: None,
+            key_id: None,
         }),
         (None, _) if cert.required => Err(Reject::forbidden(
             RejectCode::UnknownTenant,
@@ -208,6 +211,7 @@ impl Authenticator {
                     subject: verified.subject.clone(),
                     tenant: tenant.clone(),
                     token: Some(verified),
+                    key_id: None,
                 })
             }
             Credential::ApiKey(key) => {
@@ -218,14 +222,29 @@ impl Authenticator {
                     ));
                 }
                 let digest = api_key::digest(key);
-                let tenant = tenants.by_api_key_hash(&digest).ok_or_else(|| {
+                let (tenant, object) = tenants.by_api_key_hash(&digest).ok_or_else(|| {
                     Reject::unauthorized(RejectCode::InvalidApiKey, "API key is not valid")
                 })?;
+                if let Some(k) = object {
+                    if k.disabled {
+                        return Err(Reject::unauthorized(
+                            RejectCode::InvalidApiKey,
+                            "API key is disabled",
+                        ));
+                    }
+                    if k.expires_at.is_some_and(|t| now >= t) {
+                        return Err(Reject::unauthorized(
+                            RejectCode::InvalidApiKey,
+                            "API key has expired",
+                        ));
+                    }
+                }
                 Ok(Identity {
                     kind: IdentityKind::ApiKey,
                     subject: Some(format!("key:{}", hex::encode(&digest[..4]))),
                     tenant: tenant.clone(),
                     token: None,
+                    key_id: object.map(|k| k.id.clone()),
                 })
             }
         }

@@ -313,3 +313,35 @@ fn dev_credentials_mint_tokens_the_shipped_config_accepts() {
         assert_eq!(mode & 0o077, 0, "private key readable by others");
     }
 }
+
+/// `keys new --id` prints a `[[tenants.keys]]` block that, pasted under a
+/// tenant, loads and finds its key.
+#[test]
+fn keys_new_with_an_id_prints_a_block_that_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = portcullis(&["keys", "new", "--id", "ci-bot"], dir.path());
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text
+        .split_whitespace()
+        .find(|w| w.starts_with("pcl_"))
+        .expect("a pcl_ key");
+    let block = &text[text.find("[[tenants.keys]]").expect("the block")..];
+    let tenants = format!(
+        "[plans.p]\nrequests_per_second = 1\nburst = 1\ntokens_per_minute = 1\ntokens_per_day = 1\n\
+         max_concurrency = 1\nmax_body_bytes = 1\nmax_prompt_tokens = 1\nmax_output_tokens = 1\n\
+         models = [\"m\"]\nfeatures = [\"chat\"]\n\n[[tenants]]\nid = \"acme\"\norg = \"o\"\nplan = \"p\"\n\n{block}"
+    );
+    let path = dir.path().join("tenants.toml");
+    std::fs::write(&path, tenants).unwrap();
+    let loaded = portcullis::config::tenants::load(&path, None).unwrap();
+    let digest = portcullis::identity::api_key::digest(key);
+    let (tenant, object) = loaded.by_api_key_hash(&digest).expect("the key resolves");
+    assert_eq!(
+        (tenant.id.as_str(), object.map(|k| k.id.as_str())),
+        ("acme", Some("ci-bot"))
+    );
+    let bad = portcullis(&["keys", "new", "--id", "Bad Id"], dir.path());
+    assert!(!bad.status.success());
+    assert!(bad.stdout.is_empty(), "no key is printed for a bad id");
+}

@@ -12,6 +12,7 @@ mod cli;
 mod dashboards;
 mod gateway;
 mod jwks_url;
+mod keys;
 mod limits;
 mod policy;
 mod redis_limits;

@@ -172,6 +172,22 @@ id = "omni2"
 org = "omni2-co"
 plan = "omni"
 
+[[tenants.keys]]
+id = "ci-bot"
+hash = "{ci_hash}"
+expires_at = 2999-01-01T00:00:00+02:00
+models = ["m-small"]
+
+[[tenants.keys]]
+id = "old"
+hash = "{expired_hash}"
+expires_at = 2020-01-01T00:00:00Z
+
+[[tenants.keys]]
+id = "off"
+hash = "{disabled_hash}"
+disabled = true
+
 [[tenants]]
 id = "throttled"
 org = "throttled-co"
@@ -183,7 +199,10 @@ burst = 2
 "#,
         acme_hash = api_key::hash_entry(&keys.acme_key),
         omni_hash = api_key::hash_entry(&keys.omni_key),
-        throttled_hash = api_key::hash_entry(&keys.throttled_key)
+        throttled_hash = api_key::hash_entry(&keys.throttled_key),
+        ci_hash = api_key::hash_entry(&keys.ci_key),
+        expired_hash = api_key::hash_entry(&keys.expired_key),
+        disabled_hash = api_key::hash_entry(&keys.disabled_key)
     )
 }
 

@@ -40,6 +40,11 @@ pub struct Keys {
     pub omni_key: String,
     /// An API key of tenant `throttled`: a burst of 2, then 429.
     pub throttled_key: String,
+    /// Key objects of tenant `omni2`: `ci-bot` (only m-small), `old`
+    /// (expired), `off` (disabled).
+    pub ci_key: String,
+    pub expired_key: String,
+    pub disabled_key: String,
     pub context_key: Vec<u8>,
 }
 
@@ -66,6 +71,9 @@ impl Keys {
             acme_key: api_key::generate(),
             omni_key: api_key::generate(),
             throttled_key: api_key::generate(),
+            ci_key: api_key::generate(),
+            expired_key: api_key::generate(),
+            disabled_key: api_key::generate(),
             context_key: (0..32).map(|_| rand::random::<u8>()).collect(),
         }
     }
