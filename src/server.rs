@@ -1,10 +1,11 @@
 //! Assembles the Pingora server from a validated configuration: the proxy
 //! listeners, the admin listener and the background services.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::connectors::http::Connector;
 use pingora::listeners::tls::TlsSettings;
@@ -13,14 +14,15 @@ use pingora::protocols::http::v2::server::H2Options;
 use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
-use pingora::services::background::background_service;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use pingora::tls::ssl::{SslFiletype, SslVerifyMode, SslVersion};
 use pingora::tls::x509::X509Name;
 
 use crate::admin::Admin;
 use crate::config::reload::{ReloadService, Reloader};
-use crate::config::Snapshot;
+use crate::config::{SharedSnapshot, Snapshot};
 use crate::connection::Guarded;
 use crate::forward::upstream::{self, RouterPeers, Upstream, UpstreamConfig};
 use crate::identity::jwks_fetch::JwksRefreshService;
@@ -30,7 +32,7 @@ use crate::identity::mtls::{
 use crate::inbound::HeadLimits;
 use crate::limits::guard::{AuthFailures, Overload};
 use crate::limits::redis::{BreakerProbe, RedisLimits};
-use crate::limits::{Limiter, LimitsBackend};
+use crate::limits::{state, Limiter, LimitsBackend};
 use crate::observe::logging::LoggingService;
 use crate::observe::metrics::METRICS;
 use crate::proxy::Gateway;
@@ -105,7 +107,10 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
         ));
     }
     let limiter = match gw.limits.backend {
-        LimitsBackend::Local => Limiter::Local,
+        LimitsBackend::Local => {
+            state::restore_logged(&gw.limits.state_file, &snapshot.tenants);
+            Limiter::Local
+        }
         LimitsBackend::Redis => {
             let url = gw.limits.redis_url.as_deref().unwrap_or_default();
             let backend = Arc::new(RedisLimits::new(
@@ -128,6 +133,15 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
         None => None,
     };
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    if gw.limits.backend == LimitsBackend::Local {
+        server.add_service(background_service(
+            "limit state",
+            StateSaver {
+                path: gw.limits.state_file.clone(),
+                snapshot: shared.clone(),
+            },
+        ));
+    }
     let reloader = Arc::new(Reloader::new(path, shared.clone(), tls_material.clone()));
     server.add_service(background_service(
         "config reload",
@@ -180,6 +194,36 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
         server.add_service(admin);
     }
     server.run_forever()
+}
+
+/// Writes the local limit state every [`state::SAVE_EVERY`] and once more
+/// at shutdown, so a restart (or an upgrade's new process) goes on from it.
+struct StateSaver {
+    path: PathBuf,
+    snapshot: SharedSnapshot,
+}
+
+impl StateSaver {
+    fn save_now(&self) {
+        if let Err(e) = state::save(&self.path, &self.snapshot.load().tenants) {
+            tracing::warn!(error = %e, path = %self.path.display(), "could not write the limit state");
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for StateSaver {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut every = tokio::time::interval(state::SAVE_EVERY);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = every.tick() => self.save_now(),
+                _ = shutdown.changed() => break,
+            }
+        }
+        self.save_now();
+    }
 }
 
 /// Per-connection socket buffers. Pingora's default read buffer is 64 KiB,

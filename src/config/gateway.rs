@@ -226,6 +226,8 @@ struct RawLimits {
     max_inflight: usize,
     #[serde(default = "default_redis_timeout")]
     redis_timeout_ms: u64,
+    /// Default: `portcullis-limits.json` beside the pid file.
+    state_file: Option<String>,
 }
 
 fn default_redis_timeout() -> u64 {
@@ -460,8 +462,11 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
         .and_then(|a| a.jwt)
         .map(|j| jwt_config(&src, j, &mut errs));
 
+    let pid_file = src.resolve(&raw.server.pid_file);
+    let beside_pid = pid_file.with_file_name("portcullis-limits.json");
     let limits = raw.limits.map_or(
         LimitsConfig {
+            state_file: beside_pid.clone(),
             backend: LimitsBackend::Local,
             redis_url: None,
             on_backend_error: OnBackendError::Local,
@@ -470,6 +475,10 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
             redis_timeout: Duration::from_millis(default_redis_timeout()),
         },
         |l| LimitsConfig {
+            state_file: l
+                .state_file
+                .as_deref()
+                .map_or(beside_pid.clone(), |f| src.resolve(f)),
             backend: l.backend,
             redis_url: l.redis_url,
             on_backend_error: l.on_backend_error,
@@ -550,7 +559,7 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
             region: raw.server.region,
             grace_period_seconds: raw.server.grace_period_seconds,
             graceful_shutdown_timeout_seconds: raw.server.graceful_shutdown_timeout_seconds,
-            pid_file: src.resolve(&raw.server.pid_file).display().to_string(),
+            pid_file: pid_file.display().to_string(),
             upgrade_sock: src.resolve(&raw.server.upgrade_sock).display().to_string(),
             head_limits: {
                 let d = HeadLimits::default();

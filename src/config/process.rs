@@ -77,6 +77,9 @@ const PROCESS_ONLY: &[Setting] = &[
     ("[limits] auth_failures_per_ip_per_minute", |g| {
         g.limits.auth_failures_per_ip_per_minute.to_string()
     }),
+    ("[limits] state_file", |g| {
+        g.limits.state_file.display().to_string()
+    }),
 ];
 
 /// The process-only keys whose value in `loaded` differs from the one the

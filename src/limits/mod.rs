@@ -10,6 +10,7 @@ pub mod cell;
 pub mod guard;
 mod held;
 pub mod redis;
+pub mod state;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub enum OnBackendError {
 #[derive(Debug, Clone)]
 pub struct LimitsConfig {
     pub backend: LimitsBackend,
+    /// Where the local backend keeps its cells across restarts.
+    pub state_file: std::path::PathBuf,
     pub redis_url: Option<String>,
     pub on_backend_error: OnBackendError,
     pub auth_failures_per_ip_per_minute: u32,
@@ -66,6 +69,17 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
+    pub const ALL: [LimitKind; 3] = [
+        LimitKind::Requests,
+        LimitKind::TokensPerMinute,
+        LimitKind::TokensPerDay,
+    ];
+
+    /// The kind a Redis key suffix (or a state file entry) names.
+    pub fn from_key(key: &str) -> Option<LimitKind> {
+        LimitKind::ALL.into_iter().find(|k| k.key() == key)
+    }
+
     /// The key suffix of the kind's cell in Redis.
     pub fn key(self) -> &'static str {
         match self {
@@ -147,6 +161,30 @@ impl TenantLimiter {
     /// they are unchanged.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Each cell's backlog now (ns until full again), for the state file.
+    pub fn backlogs(&self) -> Vec<(LimitKind, u64)> {
+        let now = now_ns();
+        self.requests
+            .iter()
+            .chain(&self.tokens)
+            .map(|b| (b.kind, b.cell.backlog(now)))
+            .collect()
+    }
+
+    /// Puts back a cell's backlog saved by an earlier process, less the
+    /// time that has passed since: what was used stays used.
+    pub fn restore_backlog(&self, kind: LimitKind, backlog: u64) {
+        let now = now_ns();
+        if let Some(b) = self
+            .requests
+            .iter()
+            .chain(&self.tokens)
+            .find(|b| b.kind == kind)
+        {
+            b.cell.charge(now, backlog.min(b.rate.capacity_ns));
+        }
     }
 
     /// The budgets a request is admitted against.

@@ -70,7 +70,11 @@ async fn a_key_object_names_itself_to_the_router_and_the_log() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let log = std::fs::read_to_string(gw.dir.path().join("gateway.log")).unwrap();
-    assert_eq!(key_ids, [json!("ci-bot"), Value::Null, Value::Null], "{log}");
+    assert_eq!(
+        key_ids,
+        [json!("ci-bot"), Value::Null, Value::Null],
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -430,3 +430,65 @@ async fn the_in_flight_gauge_follows_every_request_while_it_runs() {
             .join("\n")
     );
 }
+
+/// The local backend's cells outlive the process: a tenant that used its
+/// burst before a restart has still used it after (`[limits] state_file`,
+/// written at shutdown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_a_used_burst_used() {
+    let state_dir = tempfile::tempdir().unwrap();
+    let path = state_dir.path().join("limits.json");
+    let opts = || Options {
+        config: set(
+            toml::Table::new(),
+            "limits.state_file",
+            path.display().to_string(),
+        ),
+        ..Options::default()
+    };
+    let mut gw = Gateway::start_with(opts()).await;
+    let token = gw.keys.token("throttled");
+    let chat = || {
+        post("/v1/chat/completions", &chat_body())
+            .bearer(&token)
+            .build()
+    };
+    for _ in 0..2 {
+        assert_eq!(gw.send(&chat()).await.status, 200);
+    }
+    assert_eq!(gw.send(&chat()).await.code(), "rate_limit_exceeded");
+    std::process::Command::new("kill")
+        .args(["-TERM", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !gw.exited() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(path.exists(), "the state is written at shutdown");
+
+    let gw = Gateway::start_with(opts()).await;
+    let token = gw.keys.token("throttled");
+    let r = gw
+        .send(
+            &post("/v1/chat/completions", &chat_body())
+                .bearer(&token)
+                .build(),
+        )
+        .await;
+    assert_rejected(&gw, &r, 429, "rate_limit_exceeded");
+    // Another tenant's cells were not carried into it.
+    let acme = gw.keys.token("acme");
+    let r = gw
+        .send(
+            &post("/v1/chat/completions", &chat_body())
+                .bearer(&acme)
+                .build(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
