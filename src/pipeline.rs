@@ -67,14 +67,23 @@ pub async fn run(
         .unwrap_or(tenant.limits.max_body_bytes.min(cfg.max_body_bytes));
     let headers = &session.req_header().headers;
     intake::check_head(headers, limit, route.api.media())?;
-    let content_type = headers
-        .get(http::header::CONTENT_TYPE)
+    let content_type = (route.api == Api::Multipart)
+        .then(|| headers.get(http::header::CONTENT_TYPE))
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let raw = intake::read(session, cfg, limit).await?;
     let body_bytes = raw.len();
     let judged = if route.api == Api::Multipart {
-        multipart::judge(&route, &tenant, content_type.as_deref(), raw.freeze()).await?
+        // Boxed: the form reader's state would otherwise live inside every
+        // request's future, moved with it, multipart or not.
+        Box::pin(multipart::judge(
+            &route,
+            &tenant,
+            content_type.as_deref(),
+            raw.freeze(),
+        ))
+        .await?
     } else {
         let gate = Gate {
             cfg,

@@ -68,6 +68,12 @@ struct AnswerMembers {
     previous_response_id: Option<Value>,
 }
 
+/// The same for an answer whose ids are not bound: its usage alone.
+#[derive(serde::Deserialize)]
+struct UsageMember {
+    usage: Option<Value>,
+}
+
 /// Watches one response body for its usage.
 pub enum UsageTap {
     /// An SSE stream, read event by event in the route's dialect.
@@ -183,18 +189,19 @@ impl JsonTap {
         if !end_of_stream {
             return out;
         }
-        let Ok(members) = serde_json::from_slice::<AnswerMembers>(&self.copy) else {
-            // Not JSON (an error page): nothing to read, nothing to bind.
-            return if self.bind_ids {
-                std::mem::take(&mut self.copy).into()
-            } else {
-                out
-            };
-        };
-        self.usage = members.usage.as_ref().and_then(Usage::from_member);
         if !self.bind_ids {
+            self.usage = serde_json::from_slice::<UsageMember>(&self.copy)
+                .ok()
+                .and_then(|m| m.usage)
+                .as_ref()
+                .and_then(Usage::from_member);
             return out;
         }
+        let Ok(members) = serde_json::from_slice::<AnswerMembers>(&self.copy) else {
+            // Not JSON (an error page): nothing to read, nothing to bind.
+            return std::mem::take(&mut self.copy).into();
+        };
+        self.usage = members.usage.as_ref().and_then(Usage::from_member);
         bind_in_place(&self.copy, &members, ids)
             .unwrap_or_else(|| rebuild_bound(&self.copy, ids))
             .into()
