@@ -171,10 +171,11 @@ pub fn judge(
         Value::Object(body) if api.asks_for_stream_usage() => policy::force_stream_usage(body),
         _ => true,
     };
-    if api == Api::OpenAiResponses {
-        if let Value::Object(body) = &mut doc {
-            open_previous_response(body, &ids)?;
-        }
+    // Every JSON route, not only `/v1/responses`: `input_tokens` (and any
+    // `json` route an operator adds) can name a stored response too, and a
+    // raw router id must not reach the router from any of them.
+    if let Value::Object(body) = &mut doc {
+        open_previous_response(body, &ids)?;
     }
     let mut body = Vec::with_capacity(raw.len() + 32);
     serde_json::to_writer(&mut body, &doc).map_err(|_| {

@@ -124,6 +124,35 @@ async fn response_ids_are_bound_to_the_tenant_that_created_them() {
         before,
         "refused ids never reach the router"
     );
+    // The same on a json route that can name a stored response.
+    for (who, id) in [(&omni2, bound.as_str()), (&omni, router_id)] {
+        let count = json!({"model": OMNI_MODELS, "input": "x", "previous_response_id": id});
+        let r = gw
+            .send(
+                &post("/v1/responses/input_tokens", &count)
+                    .bearer(who)
+                    .build(),
+            )
+            .await;
+        assert_eq!((r.status, r.code()), (404, "response_not_found".into()));
+    }
+    assert_eq!(
+        gw.router_count(),
+        before,
+        "refused ids never reach the router"
+    );
+    let count = json!({"model": OMNI_MODELS, "input": "x", "previous_response_id": bound});
+    let r = gw
+        .send(
+            &post("/v1/responses/input_tokens", &count)
+                .bearer(&omni)
+                .build(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let seen: Value = serde_json::from_slice(&gw.router().requests()[before].body).unwrap();
+    assert_eq!(seen["previous_response_id"], router_id);
+    let before = gw.router_count();
     let r = gw
         .send(&post("/v1/responses", &follow).bearer(&omni).build())
         .await;
