@@ -37,6 +37,7 @@ fn shipped_policy(c: &mut Criterion) {
             claims: Arc::new(claims.as_object().cloned().unwrap_or_default()),
         })),
         key_id: None,
+        key_scope: None,
     };
     let mut features = FeatureSet::default();
     features.insert(Feature::Chat);

@@ -394,8 +394,10 @@ fn answer(req: &Recorded, stream_chunks: usize, serial: usize) -> Answer {
             "model": model,
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": "Hello from the mock router."}}],
+            // Half the prompt "from the cache", as OpenAI reports it.
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 6,
-                      "total_tokens": prompt_tokens + 6}
+                      "total_tokens": prompt_tokens + 6,
+                      "prompt_tokens_details": {"cached_tokens": prompt_tokens / 2}}
         }),
         ("POST", ["", "v1", "completions"]) => json!({
             "id": "cmpl-mock",

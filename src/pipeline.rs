@@ -3,6 +3,7 @@
 //! refusal ends the request, and everything here runs before an upstream
 //! connection exists, so a refused request never reaches the router.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -16,11 +17,12 @@ use crate::identity;
 use crate::identity::mtls::CertIdentity;
 use crate::ids::Binding;
 use crate::inbound;
+use crate::limits::{quota, spend, Reserve, ScopeLimiter};
 use crate::policy::PolicyRequest;
 use crate::proxy::{Gateway, RequestCtx};
 use crate::reject::{Reject, RejectCode};
 use crate::route::{Api, RouteSpec};
-use crate::tenant::Feature;
+use crate::tenant::{Feature, Tenant};
 
 /// What a request that passed every stage gets.
 pub enum Outcome {
@@ -45,12 +47,40 @@ pub async fn run(
         return Err(internal("no identity or route after the header stages"));
     };
     let (tenant, route) = (who.tenant.clone(), route.clone());
-    ctx.limits = Some(gw.limiter.admit(&tenant, &ctx.request_id).await?);
-    if route.api.answered_by_gateway() {
-        let path = session.req_header().uri.path();
-        return Ok(Outcome::Respond(authz::models_answer(
-            &tenant, &route, path,
-        )?));
+    let scopes = who
+        .key_scope
+        .iter()
+        .chain([&tenant.limiter])
+        .cloned()
+        .collect();
+    // A request the gateway answers ends at once: it holds no slot.
+    let slot = !route.api.answered_by_gateway();
+    let read = if route.api == Api::Quota {
+        quota_scopes(&tenant, who.key_scope.as_ref())
+    } else {
+        Vec::new()
+    };
+    let held = gw
+        .limiter
+        .admit(&tenant.id, scopes, &ctx.request_id, slot, &read)
+        .await?;
+    let held = ctx.limits.insert(held);
+    match route.api {
+        Api::Quota => {
+            let key_id = who.key_id.as_deref();
+            return Ok(Outcome::Respond(quota::answer(
+                &tenant.id,
+                key_id,
+                held.standings(),
+            )));
+        }
+        Api::OpenAiModels => {
+            let path = session.req_header().uri.path();
+            return Ok(Outcome::Respond(authz::models_answer(
+                &tenant, &route, path,
+            )?));
+        }
+        _ => {}
     }
 
     let snap = ctx.snapshot.clone();
@@ -122,13 +152,31 @@ pub async fn run(
         ctx.policy_headers = headers;
     }
 
-    // Token budgets: the prompt estimate plus every output token the
-    // request may use, settled with the real usage when the answer ends.
-    let reserve = judged
-        .prompt_tokens
-        .saturating_add(judged.max_output_tokens);
+    // Token and money budgets: the prompt estimate plus every output
+    // token the request may use, at the model's prices, settled with the
+    // real usage when the answer ends.
+    let price = snap.tenants.prices.lookup(&judged.model).map(|(_, p)| *p);
+    let reserve = Reserve {
+        tokens: judged
+            .prompt_tokens
+            .saturating_add(judged.max_output_tokens),
+        cost: price.map_or(0, |p| {
+            p.estimate(judged.prompt_tokens, judged.max_output_tokens)
+        }),
+        price,
+    };
+    let budgeted = [Some(&tenant.limiter), who.key_scope.as_ref()]
+        .into_iter()
+        .flatten()
+        .any(|s| !s.spend.is_empty());
+    if price.is_none() && budgeted && !judged.model.is_empty() {
+        spend::note_unpriced(&tenant.id, &judged.model);
+    }
+    let model_scope = tenant.model_scopes.lookup(&judged.model).map(|(_, s)| s);
     if let Some(held) = ctx.limits.as_mut() {
-        gw.limiter.reserve(held, &tenant, reserve).await?;
+        gw.limiter
+            .reserve(held, &tenant.id, &ctx.request_id, model_scope, reserve)
+            .await?;
     }
     ctx.usage_tap = route.api.usage_tap(
         judged.features.contains(Feature::Stream),
@@ -137,6 +185,16 @@ pub async fn run(
     let body = judged.body.clone();
     ctx.judged = Some(judged);
     Ok(Outcome::Forward(body))
+}
+
+/// The scopes `GET /v1/quota` reports, in check order: the caller's key,
+/// the tenant's model patterns, the tenant.
+fn quota_scopes(tenant: &Tenant, key: Option<&Arc<ScopeLimiter>>) -> Vec<Arc<ScopeLimiter>> {
+    key.into_iter()
+        .chain(tenant.model_scopes.values())
+        .chain([&tenant.limiter])
+        .cloned()
+        .collect()
 }
 
 /// Head sanity: size limits, Host, a canonical path, unambiguous framing.

@@ -22,7 +22,7 @@ use crate::forward::upstream::Upstream;
 use crate::identity::Identity;
 use crate::ids::Binding;
 use crate::limits::guard::{Admission, AuthFailures, Overload};
-use crate::limits::{Held, Limiter};
+use crate::limits::{local_rate_state, spend, Held, Limiter};
 use crate::observe::access_log::{self, AccessRecord};
 use crate::observe::metrics::{status_label, METRICS};
 use crate::pipeline::{self, Outcome};
@@ -232,9 +232,10 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let usage = ctx.usage_tap.as_ref().and_then(UsageTap::usage);
-        if let Some(mut held) = ctx.limits.take() {
-            held.settle(usage.map(|u| u.total()));
-        }
+        let cost = ctx
+            .limits
+            .take()
+            .and_then(|mut held| held.settle(usage.as_ref()));
         ctx.admission = None;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let tenant = Self::tenant_label(ctx);
@@ -242,6 +243,11 @@ impl ProxyHttp for Gateway {
         let total = ctx.started.elapsed();
         let gateway = total.saturating_sub(ctx.upstream_elapsed.unwrap_or_default());
         let m = &*METRICS;
+        if let (Some(c), Some(j)) = (cost, &ctx.judged) {
+            m.cost
+                .with_label_values(&[tenant, j.model_label.as_str()])
+                .inc_by(c as f64 / spend::NANO);
+        }
         if let (Some(u), Some(j)) = (usage, &ctx.judged) {
             let model = j.model_label.as_str();
             m.tokens
@@ -359,7 +365,12 @@ async fn keep_alive_past_unread_body(session: &mut Session, status: u16) {
 fn rate_limit_headers(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
     let state = match (&ctx.limits, &ctx.identity) {
         (Some(held), _) => held.rate_state(),
-        (None, Some(who)) => who.tenant.limiter.rate_state(),
+        (None, Some(who)) => local_rate_state(
+            who.key_scope
+                .iter()
+                .chain([&who.tenant.limiter])
+                .map(|s| &**s),
+        ),
         (None, None) => return Ok(()),
     };
     for (name, value) in state.openai_headers() {

@@ -35,6 +35,7 @@ macro_rules! reject_codes {
 reject_codes! {
     AuthRateLimited => "auth_rate_limited",
     BodyTooLarge => "body_too_large",
+    BudgetExceeded => "budget_exceeded",
     ConcurrencyLimitExceeded => "concurrency_limit_exceeded",
     ExtAuthzDenied => "ext_authz_denied",
     FeatureNotAllowed => "feature_not_allowed",

@@ -25,6 +25,9 @@ pub enum Api {
     OpenAiEmbeddings,
     /// Answered by the gateway itself from the tenant's allowlist.
     OpenAiModels,
+    /// `GET /v1/quota`: answered by the gateway, the caller's standing in
+    /// every scope ([`crate::limits::quota`]).
+    Quota,
     /// `POST /v1/responses`: `instructions` + `input`, `max_output_tokens`,
     /// usage from the JSON or the final `response.*` event; the ids in the
     /// answer are bound to the tenant ([`crate::ids`]).
@@ -56,11 +59,12 @@ pub enum Dialect {
 }
 
 impl Api {
-    pub const ALL: [Api; 10] = [
+    pub const ALL: [Api; 11] = [
         Api::OpenAiChat,
         Api::OpenAiCompletions,
         Api::OpenAiEmbeddings,
         Api::OpenAiModels,
+        Api::Quota,
         Api::OpenAiResponses,
         Api::OpenAiResponsesObject,
         Api::AnthropicMessages,
@@ -81,6 +85,7 @@ impl Api {
             Api::OpenAiCompletions => "openai.completions",
             Api::OpenAiEmbeddings => "openai.embeddings",
             Api::OpenAiModels => "openai.models",
+            Api::Quota => "portcullis.quota",
             Api::OpenAiResponses => "openai.responses",
             Api::OpenAiResponsesObject => "openai.responses.object",
             Api::AnthropicMessages => "anthropic.messages",
@@ -122,7 +127,7 @@ impl Api {
 
     /// Whether the gateway answers the route itself, without the router.
     pub fn answered_by_gateway(self) -> bool {
-        self == Api::OpenAiModels
+        matches!(self, Api::OpenAiModels | Api::Quota)
     }
 
     /// The body the route takes.
@@ -145,6 +150,7 @@ impl Api {
         match self {
             Api::OpenAiChat
             | Api::OpenAiModels
+            | Api::Quota
             | Api::AnthropicMessages
             | Api::AnthropicCountTokens => "messages",
             Api::OpenAiCompletions => "prompt",
@@ -167,6 +173,7 @@ impl Api {
             Api::OpenAiResponses => tokens::estimate_responses(doc),
             Api::AnthropicMessages => tokens::estimate_messages(doc),
             Api::OpenAiModels
+            | Api::Quota
             | Api::OpenAiResponsesObject
             | Api::AnthropicCountTokens
             | Api::Json
@@ -242,7 +249,7 @@ impl Api {
             Api::OpenAiResponses => UsageTap::json(true),
             // A stored response's usage was charged when it was made.
             Api::OpenAiResponsesObject => UsageTap::ids_only(),
-            Api::AnthropicCountTokens | Api::OpenAiModels => return None,
+            Api::AnthropicCountTokens | Api::OpenAiModels | Api::Quota => return None,
             _ => UsageTap::json(false),
         };
         Some(tap)
@@ -395,6 +402,7 @@ impl Routes {
             ),
             r("/v1/models", &get, OpenAiModels, None, None, "models"),
             r("/v1/models/{id}", &get, OpenAiModels, None, None, "model"),
+            r("/v1/quota", &get, Quota, None, None, "quota"),
             r(
                 "/v1/responses",
                 &post,

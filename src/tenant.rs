@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use crate::limits::TenantLimiter;
+use crate::limits::spend::Price;
+use crate::limits::{ScopeLimiter, ScopeLimits, ScopeName};
 
 /// What a plan may enable. Routes need one (`chat`, `completions`,
 /// `embeddings`, `responses`, `messages`, `moderations`, `rerank`,
@@ -141,9 +142,14 @@ pub struct Tenant {
     pub mtls_identities: Vec<String>,
     /// Precomputed `x-tenant-limits` value.
     pub limits_header: String,
-    /// The tenant's live limit state; carried across reloads while its
-    /// limits do not change.
-    pub limiter: Arc<TenantLimiter>,
+    /// The tenant scope's live limit state; carried across reloads while
+    /// its limits do not change.
+    pub limiter: Arc<ScopeLimiter>,
+    /// The per-model scopes (`model_limits`), most specific first.
+    pub model_scopes: ModelPatterns<Arc<ScopeLimiter>>,
+    /// The scopes of the tenant's key objects that have limits of their
+    /// own, for the state file and the next reload.
+    pub key_scopes: Vec<Arc<ScopeLimiter>>,
 }
 
 impl Tenant {
@@ -159,10 +165,11 @@ impl Tenant {
         limits: Limits,
         previous: Option<&Tenant>,
     ) -> Tenant {
-        let limiter = previous
-            .filter(|t| t.limiter.limits() == &limits)
-            .map(|t| t.limiter.clone())
-            .unwrap_or_else(|| Arc::new(TenantLimiter::new(&limits)));
+        let limiter = ScopeLimiter::carry(
+            previous.map(|t| &t.limiter),
+            ScopeName::tenant(id),
+            &ScopeLimits::tenant(&limits),
+        );
         Tenant {
             id: id.into(),
             org: org.into(),
@@ -177,6 +184,8 @@ impl Tenant {
             jwt_subjects: Vec::new(),
             mtls_identities: Vec::new(),
             limiter,
+            model_scopes: ModelPatterns::default(),
+            key_scopes: Vec::new(),
         }
     }
 
@@ -185,10 +194,7 @@ impl Tenant {
     pub fn model_entry(&self, model: &str) -> Option<&str> {
         self.models
             .iter()
-            .find(|m| match m.strip_suffix('*') {
-                Some(prefix) => model.starts_with(prefix),
-                None => *m == model,
-            })
+            .find(|m| pattern_matches(m, model))
             .map(String::as_str)
     }
 
@@ -196,6 +202,63 @@ impl Tenant {
         self.regions
             .as_ref()
             .is_none_or(|r| r.iter().any(|x| x == region))
+    }
+}
+
+/// Whether a model pattern (an exact name, or a prefix ending in `*`)
+/// matches `model`.
+pub fn pattern_matches(pattern: &str, model: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => model.starts_with(prefix),
+        None => pattern == model,
+    }
+}
+
+/// Values keyed by model pattern, most specific first: exact names, then
+/// prefixes, longest first. The first match is the most specific.
+#[derive(Debug, Clone)]
+pub struct ModelPatterns<T> {
+    entries: Vec<(String, T)>,
+}
+
+impl<T> Default for ModelPatterns<T> {
+    fn default() -> Self {
+        ModelPatterns {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<T> ModelPatterns<T> {
+    pub fn new(mut entries: Vec<(String, T)>) -> Self {
+        entries.sort_by_key(|(p, _)| match p.strip_suffix('*') {
+            None => (0, 0),
+            Some(prefix) => (1, usize::MAX - prefix.len()),
+        });
+        ModelPatterns { entries }
+    }
+
+    /// The most specific entry `model` matches, with its pattern.
+    pub fn lookup(&self, model: &str) -> Option<(&str, &T)> {
+        self.entries
+            .iter()
+            .find(|(p, _)| pattern_matches(p, model))
+            .map(|(p, v)| (p.as_str(), v))
+    }
+
+    pub fn get(&self, pattern: &str) -> Option<&T> {
+        self.entries
+            .iter()
+            .find(|(p, _)| p == pattern)
+            .map(|(_, v)| v)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.entries.iter().map(|(_, v)| v)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 
@@ -211,6 +274,8 @@ pub struct KeyObject {
     /// The tenant as this key sees it: the same limit state (one shared
     /// limiter), with `models` narrowed to the key's.
     pub tenant: Arc<Tenant>,
+    /// The key's own limits and budgets, nested inside the tenant's.
+    pub limiter: Option<Arc<ScopeLimiter>>,
 }
 
 impl KeyObject {
@@ -239,6 +304,8 @@ pub struct Tenants {
     pub(crate) by_id: HashMap<String, usize>,
     pub(crate) by_api_key: HashMap<[u8; 32], KeyEntry>,
     pub(crate) by_mtls: HashMap<String, usize>,
+    /// `[prices]`: what a model's tokens cost, per million.
+    pub prices: ModelPatterns<Price>,
 }
 
 impl Tenants {

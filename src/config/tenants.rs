@@ -11,7 +11,11 @@ use toml::Spanned;
 
 use super::diag::{Diagnostic, SourceFile};
 use crate::identity::api_key::parse_key_hash;
-use crate::tenant::{Feature, FeatureSet, KeyEntry, KeyObject, Limits, Tenant, Tenants};
+use crate::limits::spend::Price;
+use crate::limits::{ScopeLimiter, ScopeLimits, ScopeName};
+use crate::tenant::{
+    Feature, FeatureSet, KeyEntry, KeyObject, Limits, ModelPatterns, Tenant, Tenants,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +24,41 @@ struct RawFile {
     plans: BTreeMap<String, RawPlan>,
     #[serde(default)]
     tenants: Vec<RawTenant>,
+    /// Per million tokens, by model pattern.
+    #[serde(default)]
+    prices: BTreeMap<String, RawPrice>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    input: f64,
+    output: f64,
+    cached_input: Option<f64>,
+}
+
+/// A `model_limits` entry: token and request limits only, never money.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModelLimits {
+    requests_per_second: Option<f64>,
+    burst: Option<u32>,
+    tokens_per_minute: Option<u64>,
+    tokens_per_day: Option<u64>,
+    max_concurrency: Option<u32>,
+}
+
+impl RawModelLimits {
+    /// `over`'s keys replace this entry's, one by one.
+    fn merged(&self, over: &RawModelLimits) -> RawModelLimits {
+        RawModelLimits {
+            requests_per_second: over.requests_per_second.or(self.requests_per_second),
+            burst: over.burst.or(self.burst),
+            tokens_per_minute: over.tokens_per_minute.or(self.tokens_per_minute),
+            tokens_per_day: over.tokens_per_day.or(self.tokens_per_day),
+            max_concurrency: over.max_concurrency.or(self.max_concurrency),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -38,6 +77,10 @@ struct RawPlan {
     regions: Option<Vec<String>>,
     #[serde(default)]
     forbidden_fields: Vec<String>,
+    budget_per_day: Option<f64>,
+    budget_per_month: Option<f64>,
+    #[serde(default)]
+    model_limits: BTreeMap<String, RawModelLimits>,
 }
 
 /// Per-tenant overrides: any plan key, each optional.
@@ -56,6 +99,11 @@ struct RawOverrides {
     features: Option<Vec<Spanned<String>>>,
     regions: Option<Vec<String>>,
     forbidden_fields: Option<Vec<String>>,
+    budget_per_day: Option<f64>,
+    budget_per_month: Option<f64>,
+    /// Merged key by key into the plan's entry for the same pattern.
+    #[serde(default)]
+    model_limits: BTreeMap<String, RawModelLimits>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +137,14 @@ struct RawKey {
     disabled: bool,
     /// Narrows the tenant's allowlist; never widens it.
     models: Option<Vec<Spanned<String>>>,
+    // The key's own limits, nested inside the tenant's.
+    requests_per_second: Option<f64>,
+    burst: Option<u32>,
+    tokens_per_minute: Option<u64>,
+    tokens_per_day: Option<u64>,
+    max_concurrency: Option<u32>,
+    budget_per_day: Option<f64>,
+    budget_per_month: Option<f64>,
 }
 
 /// Parses and validates `tenants.toml`, collecting every problem found.
@@ -118,6 +174,34 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
             name.as_str(),
             parse_features(&src, &plan.features, &mut errs),
         );
+        let what = format!("plan {name:?}");
+        check_budgets(
+            &src,
+            &what,
+            plan.budget_per_day,
+            plan.budget_per_month,
+            &mut errs,
+        );
+        for (pattern, l) in &plan.model_limits {
+            model_scope_limits(&src, &what, pattern, l, &mut errs);
+        }
+    }
+    let mut prices = Vec::new();
+    for (pattern, p) in &raw.prices {
+        check_pattern(&src, "prices", pattern, &mut errs);
+        let ok = |x: f64| x.is_finite() && x >= 0.0;
+        if !(ok(p.input) && ok(p.output) && p.cached_input.is_none_or(ok)) {
+            errs.push(src.at(
+                None,
+                format!("prices {pattern:?}: prices must be numbers of at least 0"),
+            ));
+        }
+        let price = Price {
+            input: p.input,
+            output: p.output,
+            cached_input: p.cached_input,
+        };
+        prices.push((pattern.clone(), price));
     }
 
     let mut out = Tenants::default();
@@ -166,6 +250,17 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
             limits.burst,
             &mut errs,
         );
+        let what = format!("tenant {id:?}");
+        let budget_per_day = o.budget_per_day.or(plan.budget_per_day);
+        let budget_per_month = o.budget_per_month.or(plan.budget_per_month);
+        check_budgets(&src, &what, o.budget_per_day, o.budget_per_month, &mut errs);
+        let scope = ScopeLimits {
+            budget_per_day,
+            budget_per_month,
+            ..ScopeLimits::tenant(&limits)
+        };
+        let prev = previous.and_then(|p| p.by_id(&id));
+        let model_scopes = model_scopes(&src, &what, plan, o, prev.map(|t| &**t), &mut errs);
         let models = o.models.as_ref().unwrap_or(&plan.models);
         let features = match &o.features {
             Some(list) => parse_features(&src, list, &mut errs),
@@ -207,6 +302,20 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
             }
         }
 
+        // The keys' own scopes first: the tenant holds them, and every key
+        // object's view of the tenant is a clone of it.
+        let mut key_limits = Vec::new();
+        for key in &t.keys {
+            let l = key_scope_limits(&src, key, &mut errs);
+            key_limits.push((!l.is_empty()).then(|| {
+                let previous = prev.and_then(|p| {
+                    p.key_scopes
+                        .iter()
+                        .find(|s| s.name == ScopeName::key(key.id.get_ref()))
+                });
+                ScopeLimiter::carry(previous, ScopeName::key(key.id.get_ref()), &l)
+            }));
+        }
         let tenant = Tenant {
             suspended: t.suspended,
             models: models.iter().map(|m| m.get_ref().clone()).collect(),
@@ -222,18 +331,15 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
                 .into_iter()
                 .map(Spanned::into_inner)
                 .collect(),
-            ..Tenant::new(
-                &id,
-                &t.org,
-                t.plan.get_ref(),
-                limits,
-                previous.and_then(|p| p.by_id(&id)).map(|t| &**t),
-            )
+            limiter: ScopeLimiter::carry(prev.map(|t| &t.limiter), ScopeName::tenant(&id), &scope),
+            model_scopes,
+            key_scopes: key_limits.iter().flatten().cloned().collect(),
+            ..Tenant::new(&id, &t.org, t.plan.get_ref(), limits, None)
         };
         let tenant = Arc::new(tenant);
         let mut key_ids = HashMap::new();
-        for key in t.keys {
-            let Some(object) = key_object(&src, &tenant, &key, &mut errs) else {
+        for (key, limiter) in t.keys.into_iter().zip(key_limits) {
+            let Some(object) = key_object(&src, &tenant, &key, limiter, &mut errs) else {
                 continue;
             };
             if key_ids.insert(object.id.clone(), ()).is_some() {
@@ -261,6 +367,7 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
     }
 
     out.by_mtls = by_mtls;
+    out.prices = ModelPatterns::new(prices);
     if errs.is_empty() {
         Ok(out)
     } else {
@@ -274,6 +381,7 @@ fn key_object(
     src: &SourceFile,
     tenant: &Arc<Tenant>,
     key: &RawKey,
+    limiter: Option<Arc<ScopeLimiter>>,
     errs: &mut Vec<Diagnostic>,
 ) -> Option<KeyObject> {
     let id = key.id.get_ref();
@@ -321,7 +429,122 @@ fn key_object(
         expires_at,
         disabled: key.disabled,
         tenant,
+        limiter,
     })
+}
+
+/// A key's own limits, checked like any scope's.
+fn key_scope_limits(src: &SourceFile, key: &RawKey, errs: &mut Vec<Diagnostic>) -> ScopeLimits {
+    let what = format!("key {:?}", key.id.get_ref());
+    check_budgets(src, &what, key.budget_per_day, key.budget_per_month, errs);
+    ScopeLimits {
+        rate: rate(src, &what, key.requests_per_second, key.burst, errs),
+        tokens_per_minute: key.tokens_per_minute,
+        tokens_per_day: key.tokens_per_day,
+        max_concurrency: key.max_concurrency,
+        budget_per_day: key.budget_per_day,
+        budget_per_month: key.budget_per_month,
+    }
+}
+
+/// A tenant's model scopes: the plan's `model_limits` with the tenant's
+/// overrides merged in, key by key. Each keeps its state over a reload
+/// while its limits stay the same.
+fn model_scopes(
+    src: &SourceFile,
+    what: &str,
+    plan: &RawPlan,
+    o: &RawOverrides,
+    previous: Option<&Tenant>,
+    errs: &mut Vec<Diagnostic>,
+) -> ModelPatterns<Arc<ScopeLimiter>> {
+    let mut merged = plan.model_limits.clone();
+    for (pattern, over) in &o.model_limits {
+        let entry = merged.entry(pattern.clone()).or_default();
+        *entry = entry.merged(over);
+    }
+    let entries = merged
+        .iter()
+        .map(|(pattern, l)| {
+            let limits = model_scope_limits(src, what, pattern, l, errs);
+            let prev = previous.and_then(|t| t.model_scopes.get(pattern));
+            let limiter = ScopeLimiter::carry(prev, ScopeName::model(pattern), &limits);
+            (pattern.clone(), limiter)
+        })
+        .collect();
+    ModelPatterns::new(entries)
+}
+
+fn model_scope_limits(
+    src: &SourceFile,
+    what: &str,
+    pattern: &str,
+    l: &RawModelLimits,
+    errs: &mut Vec<Diagnostic>,
+) -> ScopeLimits {
+    check_pattern(src, &format!("{what}: model_limits"), pattern, errs);
+    let what = format!("{what}: model_limits {pattern:?}");
+    ScopeLimits {
+        rate: rate(src, &what, l.requests_per_second, l.burst, errs),
+        tokens_per_minute: l.tokens_per_minute,
+        tokens_per_day: l.tokens_per_day,
+        max_concurrency: l.max_concurrency,
+        budget_per_day: None,
+        budget_per_month: None,
+    }
+}
+
+/// An optional request rate: `burst` defaults to the rate rounded up (at
+/// least 1), and means nothing without a rate.
+fn rate(
+    src: &SourceFile,
+    what: &str,
+    rps: Option<f64>,
+    burst: Option<u32>,
+    errs: &mut Vec<Diagnostic>,
+) -> Option<(f64, u32)> {
+    match (rps, burst) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            errs.push(src.at(None, format!("{what}: burst needs requests_per_second")));
+            None
+        }
+        (Some(rps), burst) => {
+            let burst = burst.unwrap_or_else(|| rps.ceil().clamp(1.0, f64::from(u32::MAX)) as u32);
+            check_limits(src, what, rps, burst, errs);
+            Some((rps, burst))
+        }
+    }
+}
+
+fn check_budgets(
+    src: &SourceFile,
+    what: &str,
+    per_day: Option<f64>,
+    per_month: Option<f64>,
+    errs: &mut Vec<Diagnostic>,
+) {
+    for (key, v) in [("budget_per_day", per_day), ("budget_per_month", per_month)] {
+        if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+            errs.push(src.at(
+                None,
+                format!("{what}: {key} must be a number of at least 0"),
+            ));
+        }
+    }
+}
+
+/// A model pattern: printable ASCII without spaces, `*` only at the end.
+fn check_pattern(src: &SourceFile, what: &str, pattern: &str, errs: &mut Vec<Diagnostic>) {
+    let body = pattern.strip_suffix('*').unwrap_or(pattern);
+    if !(1..=128).contains(&pattern.len())
+        || !body.bytes().all(|b| b.is_ascii_graphic() && b != b'*')
+    {
+        errs.push(src.at(
+            None,
+            format!("{what}: {pattern:?} must be a model name, or a prefix ending in *, of 1-128 printable characters"),
+        ));
+    }
 }
 
 /// Whether every model `entry` matches, the tenant allows: an exact name
@@ -570,5 +793,134 @@ features = ["chat", "embeddings"]
         assert!(parse_key_hash(&format!("sha256:{}", "ab".repeat(31))).is_none());
         assert!(parse_key_hash(&format!("sha256:{}", "zz".repeat(32))).is_none());
         assert!(parse_key_hash(&format!("md5:{}", "ab".repeat(32))).is_none());
+    }
+
+    const SCOPED: &str = r#"
+[prices."llama-3.1-8b-instruct"]
+input = 0.2
+output = 0.4
+
+[plans.free.model_limits."llama-*"]
+tokens_per_minute = 1_000
+max_concurrency = 3
+
+[plans.free.model_limits."llama-3.1-8b-instruct"]
+requests_per_second = 2.5
+
+[[tenants]]
+id = "acme"
+org = "o"
+plan = "free"
+[tenants.overrides]
+budget_per_month = 100.0
+[tenants.overrides.model_limits."llama-*"]
+tokens_per_minute = 4_000
+
+[[tenants.keys]]
+id = "ci"
+hash = "sha256:abababababababababababababababababababababababababababababababab"
+tokens_per_day = 50
+budget_per_day = 1.5
+"#;
+
+    #[test]
+    fn model_limits_merge_key_by_key_and_keys_get_scopes_of_their_own() {
+        let t = load_str(&format!("{PLAN}{SCOPED}")).unwrap();
+        let acme = t.by_id("acme").unwrap();
+        let (pattern, llama) = acme.model_scopes.lookup("llama-3.2-1b").unwrap();
+        assert_eq!(pattern, "llama-*");
+        assert_eq!(
+            llama.limits().tokens_per_minute,
+            Some(4_000),
+            "the override"
+        );
+        assert_eq!(
+            llama.limits().max_concurrency,
+            Some(3),
+            "kept from the plan"
+        );
+        let (pattern, exact) = acme.model_scopes.lookup("llama-3.1-8b-instruct").unwrap();
+        assert_eq!(
+            pattern, "llama-3.1-8b-instruct",
+            "an exact name beats a prefix"
+        );
+        assert_eq!(
+            exact.limits().rate,
+            Some((2.5, 3)),
+            "burst defaults to the rate, rounded up"
+        );
+        assert!(acme.model_scopes.lookup("mistral").is_none());
+        assert_eq!(acme.limiter.limits().budget_per_month, Some(100.0));
+        assert_eq!(acme.key_scopes.len(), 1);
+        let key = &acme.key_scopes[0];
+        assert_eq!(key.name, ScopeName::key("ci"));
+        assert_eq!(
+            (key.limits().tokens_per_day, key.limits().budget_per_day),
+            (Some(50), Some(1.5))
+        );
+        assert_eq!(
+            key.limits().rate,
+            None,
+            "a key has only the limits it names"
+        );
+        let price = t.prices.lookup("llama-3.1-8b-instruct").unwrap().1;
+        assert_eq!(
+            (price.input, price.output, price.cached_input),
+            (0.2, 0.4, None)
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_each_unchanged_scope_and_refreshes_changed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tenants.toml");
+        std::fs::write(&p, format!("{PLAN}{SCOPED}")).unwrap();
+        let first = load(&p, None).unwrap();
+        std::fs::write(
+            &p,
+            format!("{PLAN}{SCOPED}").replace("tokens_per_day = 50", "tokens_per_day = 60"),
+        )
+        .unwrap();
+        let second = load(&p, Some(&first)).unwrap();
+        let (a, b) = (first.by_id("acme").unwrap(), second.by_id("acme").unwrap());
+        assert!(Arc::ptr_eq(&a.limiter, &b.limiter));
+        let model = |t: &Tenant| t.model_scopes.get("llama-*").unwrap().clone();
+        assert!(Arc::ptr_eq(&model(a), &model(b)));
+        assert!(
+            !Arc::ptr_eq(&a.key_scopes[0], &b.key_scopes[0]),
+            "the key's limits changed"
+        );
+    }
+
+    #[test]
+    fn bad_scopes_prices_and_budgets_are_refused_with_their_place() {
+        let bad = [
+            (
+                "[plans.free.model_limits.\"m\"]\nbudget_per_day = 1.0\n",
+                "unknown field",
+            ),
+            (
+                "[plans.free.model_limits.\"m*x\"]\nburst = 2\n",
+                "prefix ending in *",
+            ),
+            (
+                "[plans.free.model_limits.\"m\"]\nburst = 2\n",
+                "burst needs requests_per_second",
+            ),
+            ("[prices.\"m\"]\ninput = -1.0\noutput = 1.0\n", "at least 0"),
+            ("[prices.\"m\"]\ninput = 1.0\n", "missing field"),
+        ];
+        for (text, want) in bad {
+            let errs = load_str(&format!("{PLAN}{text}")).unwrap_err();
+            assert!(
+                errs.iter().any(|d| d.message.contains(want)),
+                "{text}: {errs:?}"
+            );
+        }
+        let errs = load_str(&format!("{PLAN}budget_per_day = nan\n")).unwrap_err();
+        assert!(
+            errs.iter().any(|d| d.message.contains("budget_per_day")),
+            "{errs:?}"
+        );
     }
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
+use crate::limits::ScopeLimiter;
 use crate::reject::{Reject, RejectCode};
 use crate::tenant::{Tenant, Tenants};
 use jwks_fetch::JwksRefresh;
@@ -48,6 +49,8 @@ pub struct Identity {
     pub token: Option<Arc<VerifiedToken>>,
     /// The id of the key object the caller presented (`[[tenants.keys]]`).
     pub key_id: Option<String>,
+    /// That key's own limits, when it has any.
+    pub key_scope: Option<Arc<ScopeLimiter>>,
 }
 
 /// A credential as presented, borrowed from the request headers.
@@ -145,6 +148,7 @@ pub fn resolve(
             tenant: tenant.clone(),
             token: None,
             key_id: None,
+            key_scope: None,
         }),
         (None, _) if cert.required => Err(Reject::forbidden(
             RejectCode::UnknownTenant,
@@ -212,6 +216,7 @@ impl Authenticator {
                     tenant: tenant.clone(),
                     token: Some(verified),
                     key_id: None,
+                    key_scope: None,
                 })
             }
             Credential::ApiKey(key) => {
@@ -245,6 +250,7 @@ impl Authenticator {
                     tenant: tenant.clone(),
                     token: None,
                     key_id: object.map(|k| k.id.clone()),
+                    key_scope: object.and_then(|k| k.limiter.clone()),
                 })
             }
         }

@@ -22,84 +22,129 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 use tokio::sync::OnceCell;
 
-use super::OnBackendError;
-use super::TenantLimiter;
+use super::quota::Standing;
+use super::scope::{Refusal, Refused};
+use super::{unix_now, Ask, Budget, CellState, LimitKind, OnBackendError, RateState, ScopeLimiter};
 use crate::observe::metrics::METRICS;
 use crate::reject::{Reject, RejectCode};
-use crate::tenant::Tenant;
 
-/// Every request cell and a concurrency slot in one round trip.
-/// `KEYS[1..n-1]` are GCRA cells, `KEYS[n]` the slot set; `ARGV` is
-/// `{max_concurrency, slot_id, slot_ttl_ms, unit_us, cap_us, ...}`.
-/// Returns `{status, retry_after_us, backlog_us}` (of the first cell):
-/// 1 admitted, 0 rate, 2 concurrency.
-const ADMIT: &str = r#"
+/// Every cell one stage asks of, across the request's scopes, checked in
+/// the order given and applied only if all of them fit: a refusal takes
+/// nothing from any scope. `ARGV` is `{slot_id, slot_ttl_ms}` and then four
+/// values per key: a type and its arguments.
+/// - `g` a GCRA cell: cost and capacity in µs;
+/// - `s` a concurrency slot set: the most slots;
+/// - `m` a money window: cost and budget in nano-units, and its expiry;
+/// - `G`, `S`, `M` the same cells only read, after the others are applied
+///   (the quota answer).
+///
+/// Returns `{refused, retry_after_us, value...}`: `refused` is the 1-based
+/// index of the first key that refused (0 when all fit), then one value
+/// per key, after the stage when it was admitted, as it stands when it was
+/// refused: a cell's backlog in µs, a slot count, a spend.
+const TAKE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cells = #KEYS - 1
-local news, first = {}, 0
-for i = 1, cells do
-  local unit, cap = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+local id, ttl = ARGV[1], tonumber(ARGV[2])
+local refused, retry = 0, 0
+local news, olds = {}, {}
+local function gcra(key)
+  local tat = tonumber(redis.call('GET', key)) or now
   if tat < now then tat = now end
-  if i == 1 then first = tat end
-  local new = tat + unit
-  if new - now > cap then
-    return {0, math.ceil(new - now - cap), math.floor(first - now)}
-  end
-  news[i] = new
+  return tat
 end
-local slots = KEYS[#KEYS]
-redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-if redis.call('ZCARD', slots) >= tonumber(ARGV[1]) then
-  return {2, 1000000, math.floor(first - now)}
+local function slots(key)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  return redis.call('ZCARD', key)
 end
-for i = 1, cells do
-  redis.call('SET', KEYS[i], string.format('%.0f', news[i]), 'PX', math.ceil((news[i] - now) / 1000) + 1000)
-end
-redis.call('ZADD', slots, now + tonumber(ARGV[3]) * 1000, ARGV[2])
-redis.call('PEXPIRE', slots, ARGV[3])
-return {1, 0, math.floor(news[1] - now)}
-"#;
-
-/// Reserves `ARGV[1]` tokens from every cell in `KEYS`, or from none;
-/// `ARGV` goes on with `{unit_us, cap_us}` per cell. Returns
-/// `{status, retry_after_us, backlog_us}` (of the first cell).
-const RESERVE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = tonumber(ARGV[1])
-local news = {}
-for i = 1, #KEYS do
-  local unit, cap = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
-  if tat < now then tat = now end
-  local new = tat + unit * n
-  if new - now > cap then
-    return {0, math.ceil(new - now - cap), 0}
-  end
-  news[i] = new
+local function spent(key)
+  return tonumber(redis.call('GET', key)) or 0
 end
 for i = 1, #KEYS do
-  redis.call('SET', KEYS[i], string.format('%.0f', news[i]), 'PX', math.ceil((news[i] - now) / 1000) + 1000)
+  local a = 3 + (i - 1) * 4
+  local kind, x, y = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  if kind == 'g' then
+    olds[i] = gcra(KEYS[i])
+    news[i] = olds[i] + x
+    if refused == 0 and news[i] - now > y then
+      refused, retry = i, math.ceil(news[i] - now - y)
+    end
+  elseif kind == 's' then
+    olds[i] = slots(KEYS[i])
+    if refused == 0 and olds[i] >= x then
+      refused, retry = i, 1000000
+    end
+  elseif kind == 'm' then
+    olds[i] = spent(KEYS[i])
+    if refused == 0 and olds[i] + x > y then
+      refused = i
+    end
+  end
 end
-return {1, 0, math.floor(news[1] - now)}
+local out = {refused, retry}
+for i = 1, #KEYS do
+  local a = 3 + (i - 1) * 4
+  local kind = ARGV[a]
+  local v
+  if kind == 'g' then
+    v = olds[i]
+    if refused == 0 then
+      v = news[i]
+      redis.call('SET', KEYS[i], string.format('%.0f', v), 'PX', math.ceil((v - now) / 1000) + 1000)
+    end
+    v = v - now
+  elseif kind == 's' then
+    v = olds[i]
+    if refused == 0 then
+      redis.call('ZADD', KEYS[i], now + ttl * 1000, id)
+      redis.call('PEXPIRE', KEYS[i], ttl)
+      v = v + 1
+    end
+  elseif kind == 'm' then
+    v = olds[i]
+    if refused == 0 then
+      v = redis.call('INCRBY', KEYS[i], ARGV[a + 1])
+      redis.call('EXPIREAT', KEYS[i], ARGV[a + 3])
+    end
+  elseif kind == 'G' then
+    v = gcra(KEYS[i]) - now
+  elseif kind == 'S' then
+    v = slots(KEYS[i])
+  else
+    v = spent(KEYS[i])
+  end
+  out[#out + 1] = math.floor(v)
+end
+return out
 "#;
 
-/// Moves every cell in `KEYS` by its signed amount of cell time in `ARGV`
-/// (refund < 0, shortfall > 0; a charge may overdraw).
+/// Settles a reservation and frees the request's slots together. `ARGV`
+/// holds two values per key:
+/// - `g` a GCRA cell and its signed move in µs (a refund below zero, a
+///   shortfall above, which may overdraw);
+/// - `m` a money window and its signed move in nano-units;
+/// - `s` a slot set and the slot to free.
 const SETTLE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 for i = 1, #KEYS do
-  local delta = tonumber(ARGV[i])
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
-  if delta > 0 and tat < now then tat = now end
-  local new = tat + delta
-  if new > now then
-    redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+  local kind, v = ARGV[2 * i - 1], ARGV[2 * i]
+  if kind == 's' then
+    redis.call('ZREM', KEYS[i], v)
+  elseif kind == 'm' then
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      redis.call('INCRBY', KEYS[i], v)
+    end
   else
-    redis.call('DEL', KEYS[i])
+    local delta = tonumber(v)
+    local tat = tonumber(redis.call('GET', KEYS[i])) or now
+    if delta > 0 and tat < now then tat = now end
+    local new = tat + delta
+    if new > now then
+      redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+    else
+      redis.call('DEL', KEYS[i])
+    end
   end
 end
 return 1
@@ -118,79 +163,108 @@ pub struct RedisLimits {
     on_error: OnBackendError,
     /// Open: Redis failed and has not answered a probe since.
     open: AtomicBool,
-    admit: Script,
-    reserve: Script,
+    take: Script,
     settle: Script,
 }
 
-/// What the backend decided, when it did not refuse.
-pub enum Decision<T> {
-    /// Admitted by Redis, with the cell's backlog (ns) for the headers.
-    Shared(T, u64),
+/// What the backend decided.
+pub enum Decision {
+    /// Admitted by Redis: what it now holds, and the cells' standing.
+    Shared(Granted),
+    /// Refused by Redis, with the standing for the headers.
+    Refused(Refusal, FleetCells),
     /// Redis is unavailable: use this instance's limiter.
     Local,
     /// Redis is unavailable and `on_backend_error = "open"`: allow.
     Unlimited,
+    /// Redis is unavailable and `on_backend_error = "closed"`: 503.
+    Closed(Reject),
 }
 
-/// A concurrency slot held in Redis, freed when dropped.
-pub struct RemoteSlot {
+pub struct Granted {
+    pub hold: FleetHold,
+    pub cells: FleetCells,
+    /// The scopes asked to be read, after the stage.
+    pub standings: Vec<Standing>,
+}
+
+/// The standing of the GCRA cells one answer reported.
+#[derive(Debug, Clone, Default)]
+pub struct FleetCells {
+    pub requests: Vec<CellState>,
+    pub tokens: Vec<CellState>,
+}
+
+impl FleetCells {
+    /// The headers' figures: the tightest cells Redis reported, with the
+    /// token cells read as full when this request has not reserved yet.
+    pub fn rate_state<'a>(
+        &self,
+        tokens_known: bool,
+        scopes: impl Iterator<Item = &'a ScopeLimiter>,
+    ) -> RateState {
+        let idle: Vec<CellState> = if tokens_known {
+            Vec::new()
+        } else {
+            scopes.flat_map(|s| &s.tokens).map(|b| b.state(0)).collect()
+        };
+        let tokens = if tokens_known { &self.tokens } else { &idle };
+        RateState::of(self.requests.iter().copied(), tokens.iter().copied())
+    }
+}
+
+/// What Redis holds for one request: its slots, and the cells of its
+/// reservation, to settle and free together when the request ends.
+pub struct FleetHold {
     backend: Arc<RedisLimits>,
-    key: String,
-    id: String,
+    slot_id: String,
+    slots: Vec<String>,
+    /// Token cells with their cost per token (µs).
+    tokens: Vec<(String, f64)>,
+    money: Vec<String>,
 }
 
-impl Drop for RemoteSlot {
-    fn drop(&mut self) {
-        let backend = self.backend.clone();
-        let (key, id) = (std::mem::take(&mut self.key), std::mem::take(&mut self.id));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let mut cmd = redis::cmd("ZREM");
-                cmd.arg(&key).arg(&id);
-                // A slot that cannot be freed expires with SLOT_TTL.
-                let _ = backend
-                    .call(|mut c| async move { cmd.query_async::<i64>(&mut c).await })
-                    .await;
-            });
+impl FleetHold {
+    /// Adds what a later stage took.
+    pub fn absorb(&mut self, other: FleetHold) {
+        self.slots.extend(other.slots);
+        self.tokens.extend(other.tokens);
+        self.money.extend(other.money);
+    }
+
+    /// One script, in the background (the response is not held for it):
+    /// the reservation moved from `reserved` to `used` (tokens, cost), and
+    /// every slot freed. With nothing reserved, only the slots.
+    pub fn settle_and_release(self, reserved: Option<(u64, u64)>, used: (u64, u64)) {
+        let mut keys: Vec<(String, &'static str, String)> = Vec::new();
+        if let Some((tokens, cost)) = reserved {
+            let delta = used.0 as f64 - tokens as f64;
+            if delta != 0.0 {
+                for (k, unit_us) in &self.tokens {
+                    keys.push((k.clone(), "g", format!("{}", delta * unit_us)));
+                }
+            }
+            let delta = i128::from(used.1) - i128::from(cost);
+            if delta != 0 {
+                for k in &self.money {
+                    keys.push((k.clone(), "m", delta.to_string()));
+                }
+            }
         }
-    }
-}
-
-/// Tokens reserved in Redis, settled with the real usage.
-pub struct RemoteReservation {
-    backend: Arc<RedisLimits>,
-    tenant: Arc<TenantLimiter>,
-    id: String,
-    tokens: u64,
-}
-
-impl RemoteReservation {
-    pub fn tokens(&self) -> u64 {
-        self.tokens
-    }
-
-    /// Settles in the background; the response is not held for it.
-    pub fn settle(self, used: u64) {
-        if used == self.tokens {
+        for k in &self.slots {
+            keys.push((k.clone(), "s", self.slot_id.clone()));
+        }
+        if keys.is_empty() {
             return;
         }
-        let moves: Vec<(String, f64)> = self
-            .tenant
-            .token_budgets()
-            .iter()
-            .map(|b| {
-                let delta = (used as f64 - self.tokens as f64) * b.rate.unit_ns / 1000.0;
-                (key(&self.id, b.kind.key()), delta)
-            })
-            .collect();
         let backend = self.backend;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let mut script = backend.settle.prepare_invoke();
-                for (k, delta) in &moves {
-                    script.key(k).arg(delta);
+                for (k, kind, v) in &keys {
+                    script.key(k).arg(*kind).arg(v);
                 }
+                // A slot that cannot be freed expires with SLOT_TTL.
                 let _ = backend
                     .call(|mut c| async move { script.invoke_async::<i64>(&mut c).await })
                     .await;
@@ -203,6 +277,17 @@ fn key(tenant: &str, what: &str) -> String {
     format!("portcullis:{{{tenant}}}:{what}")
 }
 
+/// What each key of a `TAKE` call is, to read its answer.
+enum Meta<'a> {
+    Cell(&'a ScopeLimiter, &'a Budget),
+    Slot(&'a ScopeLimiter),
+    Money(&'a ScopeLimiter, super::spend::Window, u64),
+    /// Read for the quota answer: the standing at this index.
+    ReadCell(usize),
+    ReadSlots(usize),
+    ReadMoney(usize),
+}
+
 impl RedisLimits {
     pub fn new(url: &str, timeout: Duration, on_error: OnBackendError) -> Result<Self, String> {
         let client = redis::Client::open(url).map_err(|e| format!("redis_url: {e}"))?;
@@ -212,8 +297,7 @@ impl RedisLimits {
             timeout,
             on_error,
             open: AtomicBool::new(false),
-            admit: Script::new(ADMIT),
-            reserve: Script::new(RESERVE),
+            take: Script::new(TAKE),
             settle: Script::new(SETTLE),
         })
     }
@@ -258,117 +342,172 @@ impl RedisLimits {
         }
     }
 
-    fn unavailable<T>(&self) -> Result<Decision<T>, Reject> {
+    fn unavailable(&self) -> Decision {
         match self.on_error {
-            OnBackendError::Local => Ok(Decision::Local),
-            OnBackendError::Open => Ok(Decision::Unlimited),
-            OnBackendError::Closed => Err(Reject::new(
-                503,
-                RejectCode::GatewayOverloaded,
-                "the limits backend is unavailable; retry shortly",
-            )
-            .with_header("retry-after", "1")),
+            OnBackendError::Local => Decision::Local,
+            OnBackendError::Open => Decision::Unlimited,
+            OnBackendError::Closed => Decision::Closed(
+                Reject::new(
+                    503,
+                    RejectCode::GatewayOverloaded,
+                    "the limits backend is unavailable; retry shortly",
+                )
+                .with_header("retry-after", "1"),
+            ),
         }
     }
 
-    /// Header stage: the request rate and a concurrency slot, atomically.
-    pub async fn admit(
+    /// One stage (the header stage, or the reservation) across every
+    /// scope of the request, in one round trip.
+    pub async fn take(
         self: &Arc<Self>,
-        tenant: &Tenant,
+        tenant_id: &str,
         request_id: &str,
-    ) -> Result<Decision<RemoteSlot>, Reject> {
+        asks: &[(&Arc<ScopeLimiter>, Ask)],
+        read: &[Arc<ScopeLimiter>],
+    ) -> Decision {
         if self.open.load(Ordering::Acquire) {
             return self.unavailable();
         }
-        let l = &tenant.limiter;
-        let inflight = key(&tenant.id, "inflight");
-        let mut script = self.admit.prepare_invoke();
-        script
-            .arg(tenant.limits.max_concurrency)
-            .arg(request_id)
-            .arg(SLOT_TTL.as_millis() as u64);
-        for b in l.request_budgets() {
-            script
-                .key(key(&tenant.id, b.kind.key()))
-                .arg(b.rate.unit_ns / 1000.0)
-                .arg(b.rate.capacity_ns as f64 / 1000.0);
+        let unix = unix_now();
+        let mut script = self.take.prepare_invoke();
+        script.arg(request_id).arg(SLOT_TTL.as_millis() as u64);
+        let mut meta = Vec::new();
+        let mut hold = FleetHold {
+            backend: self.clone(),
+            slot_id: request_id.to_string(),
+            slots: Vec::new(),
+            tokens: Vec::new(),
+            money: Vec::new(),
+        };
+        let mut reserves = false;
+        for (scope, ask) in asks {
+            let p = scope.name.cell_prefix();
+            let cells = scope.rate.iter().filter(|_| ask.request);
+            let tokens = scope.tokens.iter().filter(|_| ask.reserves);
+            for b in cells.chain(tokens) {
+                let units = if b.kind == LimitKind::Requests {
+                    1
+                } else {
+                    ask.tokens
+                };
+                let k = key(tenant_id, &format!("{p}{}", b.kind.key()));
+                script
+                    .key(&k)
+                    .arg("g")
+                    .arg(b.rate.cost(units) as f64 / 1000.0)
+                    .arg(b.rate.capacity_ns as f64 / 1000.0)
+                    .arg(0);
+                if b.kind != LimitKind::Requests {
+                    hold.tokens.push((k, b.rate.unit_ns / 1000.0));
+                }
+                meta.push(Meta::Cell(scope, b));
+            }
+            if let Some(max) = scope.max_concurrency.filter(|_| ask.slot) {
+                let k = key(tenant_id, &format!("{p}inflight"));
+                script.key(&k).arg("s").arg(max).arg(0).arg(0);
+                hold.slots.push(k);
+                meta.push(Meta::Slot(scope));
+            }
+            reserves |= ask.reserves;
+            for s in scope.spend.iter().filter(|_| ask.reserves) {
+                let (start, end) = s.window.bounds(unix);
+                let k = key(tenant_id, &format!("{p}{}:{start}", s.window.key()));
+                script
+                    .key(&k)
+                    .arg("m")
+                    .arg(ask.cost)
+                    .arg(s.limit)
+                    .arg(end + 86_400);
+                hold.money.push(k);
+                meta.push(Meta::Money(scope, s.window, end.saturating_sub(unix)));
+            }
         }
-        script.key(&inflight);
-        let reply: Option<(u8, u64, u64)> = self
+        let mut standings = Vec::new();
+        for (i, scope) in read.iter().enumerate() {
+            let p = scope.name.cell_prefix();
+            for b in scope.cells() {
+                let k = key(tenant_id, &format!("{p}{}", b.kind.key()));
+                script.key(k).arg("G").arg(0).arg(0).arg(0);
+                meta.push(Meta::ReadCell(i));
+            }
+            if scope.max_concurrency.is_some() {
+                let k = key(tenant_id, &format!("{p}inflight"));
+                script.key(k).arg("S").arg(0).arg(0).arg(0);
+                meta.push(Meta::ReadSlots(i));
+            }
+            for s in &scope.spend {
+                let (start, _) = s.window.bounds(unix);
+                let k = key(tenant_id, &format!("{p}{}:{start}", s.window.key()));
+                script.key(k).arg("M").arg(0).arg(0).arg(0);
+                meta.push(Meta::ReadMoney(i));
+            }
+            standings.push(Standing {
+                scope: scope.clone(),
+                backlogs: Vec::new(),
+                inflight: 0,
+                spent: Vec::new(),
+            });
+        }
+        if meta.is_empty() {
+            return Decision::Shared(Granted {
+                hold,
+                cells: FleetCells::default(),
+                standings,
+            });
+        }
+        let reply: Option<Vec<i64>> = self
             .call(|mut c| async move { script.invoke_async(&mut c).await })
             .await;
-        let Some((status, retry_us, backlog_us)) = reply else {
+        let Some(reply) = reply.filter(|r| r.len() >= 2) else {
             return self.unavailable();
         };
-        let retry = Duration::from_micros(retry_us);
-        match status {
-            1 => Ok(Decision::Shared(
-                RemoteSlot {
-                    backend: self.clone(),
-                    key: inflight,
-                    id: request_id.to_string(),
-                },
-                backlog_us.saturating_mul(1000),
-            )),
-            0 => Err(l.too_many_with(
-                RejectCode::RateLimitExceeded,
-                "request rate limit reached",
-                retry,
-                backlog_us.saturating_mul(1000),
-                0,
-            )),
-            _ => Err(l.too_many_with(
-                RejectCode::ConcurrencyLimitExceeded,
-                "too many requests in flight for this tenant",
-                retry,
-                backlog_us.saturating_mul(1000),
-                0,
-            )),
+        let mut cells = FleetCells::default();
+        for (m, v) in meta.iter().zip(&reply[2..]) {
+            let v = (*v).max(0) as u64;
+            match m {
+                Meta::Cell(_, b) => {
+                    let state = b.state(v.saturating_mul(1000));
+                    if b.kind == LimitKind::Requests {
+                        cells.requests.push(state);
+                    } else {
+                        cells.tokens.push(state);
+                    }
+                }
+                Meta::ReadCell(i) => standings[*i].backlogs.push(v.saturating_mul(1000)),
+                Meta::ReadSlots(i) => standings[*i].inflight = u32::try_from(v).unwrap_or(u32::MAX),
+                Meta::ReadMoney(i) => standings[*i].spent.push(v),
+                Meta::Slot(_) | Meta::Money(..) => {}
+            }
         }
-    }
-
-    /// Reserves tokens in both budgets.
-    pub async fn reserve(
-        self: &Arc<Self>,
-        tenant: &Tenant,
-        tokens: u64,
-    ) -> Result<Decision<RemoteReservation>, Reject> {
-        if self.open.load(Ordering::Acquire) {
-            return self.unavailable();
+        if !reserves {
+            cells.tokens.clear();
         }
-        let l = &tenant.limiter;
-        let mut script = self.reserve.prepare_invoke();
-        script.arg(tokens);
-        for b in l.token_budgets() {
-            script
-                .key(key(&tenant.id, b.kind.key()))
-                .arg(b.rate.unit_ns / 1000.0)
-                .arg(b.rate.capacity_ns as f64 / 1000.0);
-        }
-        let reply: Option<(u8, u64, u64)> = self
-            .call(|mut c| async move { script.invoke_async(&mut c).await })
-            .await;
-        let Some((status, retry_us, backlog_us)) = reply else {
-            return self.unavailable();
+        let refused = usize::try_from(reply[0]).unwrap_or(0);
+        let retry_us = reply[1].max(0) as u64;
+        let Some(at) = refused.checked_sub(1).and_then(|i| meta.get(i)) else {
+            return Decision::Shared(Granted {
+                hold,
+                cells,
+                standings,
+            });
         };
-        if status != 1 {
-            return Err(l.too_many_with(
-                RejectCode::TokensQuotaExceeded,
-                "token budget reached",
-                Duration::from_micros(retry_us),
-                0,
-                l.token_budgets().first().map_or(0, |b| b.rate.capacity_ns),
-            ));
-        }
-        Ok(Decision::Shared(
-            RemoteReservation {
-                backend: self.clone(),
-                tenant: l.clone(),
-                id: tenant.id.clone(),
-                tokens,
-            },
-            backlog_us.saturating_mul(1000),
-        ))
+        let (scope, what, retry_after) = match at {
+            Meta::Cell(s, b) => (s, Refused::Cell(b.kind), Duration::from_micros(retry_us)),
+            Meta::Slot(s) => (s, Refused::Concurrency, Duration::from_micros(retry_us)),
+            Meta::Money(s, w, left) => (s, Refused::Budget(*w), Duration::from_secs(*left)),
+            Meta::ReadCell(_) | Meta::ReadSlots(_) | Meta::ReadMoney(_) => {
+                return self.unavailable();
+            }
+        };
+        let refusal = Refusal {
+            scope: scope.name.clone(),
+            what,
+            retry_after,
+        };
+        // Nothing was taken: the hold frees nothing.
+        hold.slots.clear();
+        Decision::Refused(refusal, cells)
     }
 }
 

@@ -1,44 +1,78 @@
-//! The local backend's limit state across restarts: every tenant's cells
-//! (request rate, tokens per minute, tokens per day) written to
-//! `[limits] state_file` every 10 s and at shutdown, and read at start.
-//! Without it a restart, or the new process of an upgrade, handed every
-//! tenant a fresh burst and a fresh daily budget.
+//! The local backend's limit state across restarts and upgrades: every
+//! scope's cells (request rate, tokens per minute and per day, money per
+//! day and month) written to `[limits] state_file` every 10 s and at
+//! shutdown, and read at start. Without it a restart, or the new process
+//! of an upgrade, handed every tenant a fresh burst and a fresh budget.
 //!
-//! A cell is saved as its backlog (the time until it is full again) with
-//! the wall-clock time of the save, so the next process charges what is
-//! still owed: the refill in between is the only difference. A tenant whose
-//! limits changed starts fresh, as on a reload. A missing or unreadable
-//! file is logged and the gateway starts with empty cells; it never stops.
+//! An upgrade hands over through a second file beside it: the old process
+//! writes `<state_file>.handoff` the moment it is told to hand its sockets
+//! over (SIGQUIT), and the new process reads it before serving, so what was
+//! used just before the upgrade is still used just after it.
+//!
+//! A GCRA cell is saved as its backlog (the time until it is full again)
+//! with the wall-clock time of the save, so the next process charges what
+//! is still owed: the refill in between is the only difference. A money
+//! window is saved as its start and its spend, and restored only into the
+//! same window. A scope whose limits changed starts fresh, as on a reload.
+//! A missing or unreadable file is logged and the gateway starts with empty
+//! cells; it never stops.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::LimitKind;
-use crate::tenant::Tenants;
+use super::{unix_now, ScopeLimiter, ScopeLimits};
+use crate::tenant::{Tenant, Tenants};
 
 /// How often the state is written while the gateway runs.
 pub const SAVE_EVERY: Duration = Duration::from_secs(10);
 
-const VERSION: u32 = 1;
+/// Version 1 held the tenant scope alone; it is still read.
+const VERSION: u32 = 2;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct StateFile {
     version: u32,
     /// Unix milliseconds of the save.
     saved_at_ms: u64,
-    tenants: BTreeMap<String, TenantState>,
+    /// By tenant id, then by scope (`tenant`, `key:<id>`, `model:<pattern>`).
+    tenants: BTreeMap<String, BTreeMap<String, ScopeState>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct TenantState {
-    /// The limits the cells enforced (`x-tenant-limits`): cells saved
-    /// under other limits are not restored.
-    limits: String,
-    /// Backlog in nanoseconds, by cell (`req`, `tpm`, `tpd`).
+struct ScopeState {
+    /// The limits the cells enforced: cells saved under other limits are
+    /// not restored.
+    limits: ScopeLimits,
+    /// GCRA backlog in nanoseconds, by cell (`req`, `tpm`, `tpd`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     cells: BTreeMap<String, u64>,
+    /// Money by window (`bpd`, `bpm`): its start (unix seconds) and the
+    /// nano-units spent in it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    spend: BTreeMap<String, (u64, u64)>,
+}
+
+/// Version 1: `{limits: "<x-tenant-limits>", cells}` per tenant.
+#[derive(Debug, Deserialize)]
+struct StateFileV1 {
+    saved_at_ms: u64,
+    tenants: BTreeMap<String, TenantStateV1>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TenantStateV1 {
+    limits: String,
+    cells: BTreeMap<String, u64>,
+}
+
+/// The file an upgrade hands the state over in.
+pub fn handoff_path(state_file: &Path) -> PathBuf {
+    let mut name = state_file.as_os_str().to_owned();
+    name.push(".handoff");
+    PathBuf::from(name)
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -46,9 +80,42 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Writes every tenant's cells to `path`, atomically (a temporary file,
+/// Every scope a tenant has, with its name in the state file.
+fn scopes(t: &Tenant) -> impl Iterator<Item = (String, &ScopeLimiter)> {
+    let tenant = std::iter::once(&t.limiter);
+    tenant
+        .chain(t.model_scopes.values())
+        .chain(&t.key_scopes)
+        .map(|s| {
+            let name = s.name.cell_prefix();
+            let name = name.strip_suffix(':').unwrap_or("tenant").to_string();
+            (name, &**s)
+        })
+}
+
+fn scope_state(s: &ScopeLimiter, now: u64, unix: u64) -> Option<ScopeState> {
+    let cells: BTreeMap<_, _> = s
+        .cells()
+        .map(|b| (b.kind.key().to_string(), b.backlog(now)))
+        .filter(|(_, backlog)| *backlog > 0)
+        .collect();
+    let spend: BTreeMap<_, _> = s
+        .spend
+        .iter()
+        .map(|m| (m.window.key().to_string(), m.spent(unix)))
+        .filter(|(_, (_, spent))| *spent > 0)
+        .collect();
+    (!cells.is_empty() || !spend.is_empty()).then(|| ScopeState {
+        limits: s.limits().clone(),
+        cells,
+        spend,
+    })
+}
+
+/// Writes every scope's cells to `path`, atomically (a temporary file,
 /// then a rename), so a crash mid-write leaves the previous state.
 pub fn save(path: &Path, tenants: &Tenants) -> std::io::Result<()> {
+    let (now, unix) = (super::now_ns(), unix_now());
     let state = StateFile {
         version: VERSION,
         saved_at_ms: unix_ms(SystemTime::now()),
@@ -56,63 +123,93 @@ pub fn save(path: &Path, tenants: &Tenants) -> std::io::Result<()> {
             .list
             .iter()
             .map(|t| {
-                let cells = t
-                    .limiter
-                    .backlogs()
-                    .into_iter()
-                    .filter(|(_, backlog)| *backlog > 0)
-                    .map(|(kind, backlog)| (kind.key().to_string(), backlog))
-                    .collect();
-                (
-                    t.id.clone(),
-                    TenantState {
-                        limits: t.limits_header.clone(),
-                        cells,
-                    },
-                )
+                let saved = scopes(t)
+                    .filter_map(|(name, s)| Some((name, scope_state(s, now, unix)?)))
+                    .collect::<BTreeMap<_, _>>();
+                (t.id.clone(), saved)
             })
-            .filter(|(_, s)| !s.cells.is_empty())
+            .filter(|(_, s)| !s.is_empty())
             .collect(),
     };
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
     std::fs::write(&tmp, serde_json::to_vec(&state)?)?;
     std::fs::rename(&tmp, path)
 }
 
-/// Charges each tenant the backlog an earlier process saved, less the time
+/// Charges each scope what an earlier process saved, less the refill
 /// since; returns how many tenants had state restored.
 pub fn restore(path: &Path, tenants: &Tenants) -> Result<usize, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let state: StateFile = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("{} is not a limit state file: {e}", path.display()))?;
-    if state.version != VERSION {
-        return Err(format!(
-            "{} has version {}, not {VERSION}",
-            path.display(),
-            state.version
-        ));
-    }
+    let not_state =
+        |e: serde_json::Error| format!("{} is not a limit state file: {e}", path.display());
+    let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .map_err(not_state)?
+        .get("version")
+        .and_then(serde_json::Value::as_u64);
+    let state = match version {
+        Some(2) => serde_json::from_slice::<StateFile>(&bytes).map_err(not_state)?,
+        Some(1) => upgrade_v1(serde_json::from_slice(&bytes).map_err(not_state)?, tenants),
+        v => {
+            return Err(format!(
+                "{} has version {v:?}, not {VERSION}",
+                path.display()
+            ))
+        }
+    };
     let elapsed_ns = unix_ms(SystemTime::now())
         .saturating_sub(state.saved_at_ms)
         .saturating_mul(1_000_000);
+    let unix = unix_now();
     let mut restored = 0;
     for (id, saved) in &state.tenants {
-        let Some(tenant) = tenants
-            .by_id(id)
-            .filter(|t| t.limits_header == saved.limits)
-        else {
+        let Some(tenant) = tenants.by_id(id) else {
             continue;
         };
-        for (key, backlog) in &saved.cells {
-            if let Some(kind) = LimitKind::from_key(key) {
-                tenant
-                    .limiter
-                    .restore_backlog(kind, backlog.saturating_sub(elapsed_ns));
+        let mut any = false;
+        for (name, s) in scopes(tenant) {
+            let Some(saved) = saved.get(&name).filter(|v| v.limits == *s.limits()) else {
+                continue;
+            };
+            for b in s.cells() {
+                if let Some(backlog) = saved.cells.get(b.kind.key()) {
+                    b.restore(backlog.saturating_sub(elapsed_ns));
+                }
             }
+            for m in &s.spend {
+                if let Some((start, spent)) = saved.spend.get(m.window.key()) {
+                    m.restore(unix, *start, *spent);
+                }
+            }
+            any = true;
         }
-        restored += 1;
+        restored += usize::from(any);
     }
     Ok(restored)
+}
+
+/// A version 1 file as version 2: its cells were the tenant scope's.
+fn upgrade_v1(v1: StateFileV1, tenants: &Tenants) -> StateFile {
+    let tenants = v1
+        .tenants
+        .into_iter()
+        .filter_map(|(id, saved)| {
+            let t = tenants
+                .by_id(&id)
+                .filter(|t| t.limits_header == saved.limits)?;
+            let scope = ScopeState {
+                limits: t.limiter.limits().clone(),
+                cells: saved.cells,
+                spend: BTreeMap::new(),
+            };
+            Some((id, BTreeMap::from([("tenant".to_string(), scope)])))
+        })
+        .collect();
+    StateFile {
+        version: VERSION,
+        saved_at_ms: v1.saved_at_ms,
+        tenants,
+    }
 }
 
 /// Restores the state at start, logging what happened; never fails.
@@ -124,10 +221,34 @@ pub fn restore_logged(path: &Path, tenants: &Tenants) {
     }
 }
 
+/// The new process of an upgrade: the state the old one handed over, once
+/// it is there (it is written when the old process is told to hand over,
+/// which is before the sockets arrive), else the regular state file.
+pub fn take_handoff(state_file: &Path, tenants: &Tenants, wait: Duration) {
+    let handoff = handoff_path(state_file);
+    let deadline = std::time::Instant::now() + wait;
+    while !handoff.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if handoff.exists() {
+        restore_logged(&handoff, tenants);
+        if let Err(e) = std::fs::remove_file(&handoff) {
+            eprintln!(
+                "WARNING: limit state: cannot remove {}: {e}",
+                handoff.display()
+            );
+        }
+    } else {
+        eprintln!("WARNING: limit state: no handoff from the old process; reading the state file");
+        restore_logged(state_file, tenants);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tenant::{Limits, Tenant};
+    use crate::limits::{take_local, Ask};
+    use crate::tenant::Limits;
     use std::sync::Arc;
 
     fn tenants(rps: f64) -> Tenants {
@@ -141,11 +262,36 @@ mod tests {
             max_prompt_tokens: 100,
             max_output_tokens: 100,
         };
+        let mut tenant = Tenant::new("acme", "o", "p", limits, None);
+        tenant.limiter = Arc::new(ScopeLimiter::new(
+            crate::limits::ScopeName::tenant("acme"),
+            &ScopeLimits {
+                budget_per_day: Some(1.0),
+                ..ScopeLimits::tenant(&tenant.limits)
+            },
+        ));
         let mut t = Tenants::default();
         t.by_id.insert("acme".into(), 0);
-        t.list
-            .push(Arc::new(Tenant::new("acme", "o", "p", limits, None)));
+        t.list.push(Arc::new(tenant));
         t
+    }
+
+    fn admit(t: &Tenant) -> bool {
+        let ask = Ask {
+            request: true,
+            ..Ask::default()
+        };
+        take_local(&[(&t.limiter, ask)]).is_ok()
+    }
+
+    fn reserve(t: &Tenant, tokens: u64, cost: u64) -> bool {
+        let ask = Ask {
+            reserves: true,
+            tokens,
+            cost,
+            ..Ask::default()
+        };
+        take_local(&[(&t.limiter, ask)]).is_ok()
     }
 
     #[test]
@@ -154,28 +300,47 @@ mod tests {
         let path = dir.path().join("limits.json");
         let before = tenants(0.001);
         let acme = before.by_id("acme").unwrap();
-        acme.limiter.admit().unwrap();
-        acme.limiter.admit().unwrap();
-        acme.limiter.reserve(9_000).unwrap().settle(9_000);
-        assert!(acme.limiter.admit().is_err(), "the burst is used");
+        assert!(admit(acme) && admit(acme));
+        assert!(reserve(acme, 9_000, 700_000_000));
+        assert!(!admit(acme), "the burst is used");
         save(&path, &before).unwrap();
 
         let after = tenants(0.001);
         assert_eq!(restore(&path, &after), Ok(1));
         let acme = after.by_id("acme").unwrap();
-        let r = acme.limiter.admit().unwrap_err();
-        assert_eq!(
-            r.code, "rate_limit_exceeded",
-            "still used after the restart"
-        );
+        assert!(!admit(acme), "still used after the restart");
         assert!(
-            acme.limiter.reserve(2_000).is_err(),
+            !reserve(acme, 2_000, 0),
             "9,000 of 10,000 tokens today are gone"
         );
+        assert!(
+            !reserve(acme, 0, 400_000_000),
+            "0.7 of today's 1.0 is spent"
+        );
+        assert!(reserve(acme, 1_000, 300_000_000), "what is left is left");
 
         let changed = tenants(5.0);
         assert_eq!(restore(&path, &changed), Ok(0));
-        assert!(changed.by_id("acme").unwrap().limiter.admit().is_ok());
+        assert!(admit(changed.by_id("acme").unwrap()));
+    }
+
+    #[test]
+    fn a_version_1_file_still_restores_the_tenant_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("limits.json");
+        let t = tenants(0.001);
+        let header = &t.by_id("acme").unwrap().limits_header;
+        let v1 = serde_json::json!({
+            "version": 1,
+            "saved_at_ms": unix_ms(SystemTime::now()),
+            "tenants": {"acme": {"limits": header, "cells": {"req": 1_000_000_000_000u64 * 2}}},
+        });
+        std::fs::write(&path, v1.to_string()).unwrap();
+        assert_eq!(restore(&path, &t), Ok(1));
+        assert!(
+            !admit(t.by_id("acme").unwrap()),
+            "the saved burst stays used"
+        );
     }
 
     #[test]
@@ -183,10 +348,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("limits.json");
         assert!(restore(&path, &tenants(1.0)).is_err());
-        std::fs::write(&path, b"{\"version\": 1, \"tenants\": ").unwrap();
+        std::fs::write(&path, b"{\"version\": 2, \"tenants\": ").unwrap();
         assert!(restore(&path, &tenants(1.0))
             .unwrap_err()
             .contains("not a limit state file"));
+        std::fs::write(&path, b"{\"version\": 7}").unwrap();
+        assert!(restore(&path, &tenants(1.0))
+            .unwrap_err()
+            .contains("version"));
         restore_logged(&path, &tenants(1.0));
     }
 }

@@ -6,8 +6,9 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
-    register_int_gauge_vec, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    register_counter_vec, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, register_int_gauge_vec, CounterVec, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 /// Buckets from 50 µs to 60 s: gateway overhead sits at the bottom,
@@ -20,6 +21,7 @@ const BUCKETS: &[f64] = &[
 pub struct Metrics {
     pub requests: IntCounterVec,
     pub tokens: IntCounterVec,
+    pub cost: CounterVec,
     pub inflight: IntGaugeVec,
     pub rejections: IntCounterVec,
     pub gateway_duration: HistogramVec,
@@ -51,6 +53,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["tenant", "model", "kind"]
     )
     .expect("register portcullis_tokens_total"),
+    cost: register_counter_vec!(
+        "portcullis_cost_total",
+        "What the router's reported usage cost at [prices], in the platform's currency, by tenant and model",
+        &["tenant", "model"]
+    )
+    .expect("register portcullis_cost_total"),
     inflight: register_int_gauge_vec!(
         "portcullis_inflight_requests",
         "Requests in flight per tenant",

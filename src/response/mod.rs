@@ -24,6 +24,8 @@ const MAX_JSON_COPY: usize = 4 * 1024 * 1024;
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Of the prompt tokens, those read from a cache (priced apart).
+    pub cached_tokens: u64,
 }
 
 impl Usage {
@@ -36,7 +38,9 @@ impl Usage {
     /// - Responses' and Anthropic's `input_tokens` and `output_tokens`,
     ///   plus Anthropic's cache tokens, which its `input_tokens` leaves out
     ///   (Responses counts cached tokens inside `input_tokens`);
-    /// - only `total_tokens` (rerank, a tokenizer), counted as prompt.
+    /// - only `total_tokens` (rerank, a tokenizer), counted as prompt;
+    /// - cached prompt tokens from OpenAI's `prompt_tokens_details`,
+    ///   Responses' `input_tokens_details` or Anthropic's cache reads.
     pub fn from_member(u: &Value) -> Option<Usage> {
         if !u.is_object() {
             return None;
@@ -54,6 +58,11 @@ impl Usage {
                 .or(field("total_tokens"))
                 .unwrap_or(0),
             completion_tokens: completion.unwrap_or(0),
+            cached_tokens: ["prompt_tokens_details", "input_tokens_details"]
+                .iter()
+                .find_map(|d| u.get(*d)?.get("cached_tokens")?.as_u64())
+                .or(field("cache_read_input_tokens"))
+                .unwrap_or(0),
         })
     }
 }

@@ -153,6 +153,7 @@ impl StreamTap {
         let so_far = self.usage.get_or_insert_with(Usage::default);
         if has_input {
             so_far.prompt_tokens = seen.prompt_tokens;
+            so_far.cached_tokens = seen.cached_tokens;
         }
         so_far.completion_tokens = seen.completion_tokens;
     }

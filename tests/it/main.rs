@@ -15,6 +15,7 @@ mod jwks_url;
 mod keys;
 mod limits;
 mod policy;
+mod quotas;
 mod redis_limits;
 mod reload;
 mod replicas;

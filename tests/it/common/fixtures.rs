@@ -196,13 +196,71 @@ api_keys = ["{throttled_hash}"]
 [tenants.overrides]
 requests_per_second = 0.001
 burst = 2
+
+# Quota scopes: per-model limits (an exact name beats a prefix), key
+# objects with limits of their own, and a money budget over [prices].
+[prices."m-small"]
+input = 1000.0
+output = 2000.0
+cached_input = 500.0
+
+[plans.metered]
+requests_per_second = 1000
+burst = 1000
+tokens_per_minute = 1_000_000
+tokens_per_day = 10_000_000
+max_concurrency = 100
+max_body_bytes = 65_536
+max_prompt_tokens = 4_096
+max_output_tokens = 4_000
+models = ["m-small", "big-*"]
+features = ["chat", "stream"]
+budget_per_day = 1000.0
+
+[plans.metered.model_limits."big-*"]
+tokens_per_minute = 1_000
+
+[plans.metered.model_limits."big-70b"]
+requests_per_second = 0.001
+burst = 1
+
+[[tenants]]
+id = "metered"
+org = "metered-co"
+plan = "metered"
+api_keys = ["{metered_hash}"]
+
+[[tenants.keys]]
+id = "capped"
+hash = "{capped_hash}"
+requests_per_second = 0.001
+burst = 3
+tokens_per_day = 3_000
+
+[[tenants.keys]]
+id = "other-bot"
+hash = "{other_hash}"
+tokens_per_day = 777_777
+budget_per_month = 12.5
+
+[[tenants]]
+id = "budgeted"
+org = "budgeted-co"
+plan = "metered"
+api_keys = ["{budget_hash}"]
+[tenants.overrides]
+budget_per_day = 0.06
 "#,
         acme_hash = api_key::hash_entry(&keys.acme_key),
         omni_hash = api_key::hash_entry(&keys.omni_key),
         throttled_hash = api_key::hash_entry(&keys.throttled_key),
         ci_hash = api_key::hash_entry(&keys.ci_key),
         expired_hash = api_key::hash_entry(&keys.expired_key),
-        disabled_hash = api_key::hash_entry(&keys.disabled_key)
+        disabled_hash = api_key::hash_entry(&keys.disabled_key),
+        metered_hash = api_key::hash_entry(&keys.metered_key),
+        capped_hash = api_key::hash_entry(&keys.capped_key),
+        other_hash = api_key::hash_entry(&keys.other_key),
+        budget_hash = api_key::hash_entry(&keys.budget_key)
     )
 }
 

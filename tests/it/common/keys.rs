@@ -43,6 +43,13 @@ pub struct Keys {
     /// Key objects of tenant `omni2`: `ci-bot` (only m-small), `old`
     /// (expired), `off` (disabled).
     pub ci_key: String,
+    /// Tenant `metered` (quota scopes): a listed key, a key object
+    /// `capped` with limits and a budget of its own, and `other-bot`.
+    pub metered_key: String,
+    pub capped_key: String,
+    pub other_key: String,
+    /// Tenant `budgeted`: 0.06 a day at `[prices]`.
+    pub budget_key: String,
     pub expired_key: String,
     pub disabled_key: String,
     pub context_key: Vec<u8>,
@@ -72,6 +79,10 @@ impl Keys {
             omni_key: api_key::generate(),
             throttled_key: api_key::generate(),
             ci_key: api_key::generate(),
+            metered_key: api_key::generate(),
+            capped_key: api_key::generate(),
+            other_key: api_key::generate(),
+            budget_key: api_key::generate(),
             expired_key: api_key::generate(),
             disabled_key: api_key::generate(),
             context_key: (0..32).map(|_| rand::random::<u8>()).collect(),
