@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -108,7 +109,13 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     }
     let limiter = match gw.limits.backend {
         LimitsBackend::Local => {
-            state::restore_logged(&gw.limits.state_file, &snapshot.tenants);
+            // After bootstrap: an upgrade's sockets have arrived, so the old
+            // process has been told to hand over and has written its state.
+            if flags.upgrade {
+                state::take_handoff(&gw.limits.state_file, &snapshot.tenants, HANDOFF_WAIT);
+            } else {
+                state::restore_logged(&gw.limits.state_file, &snapshot.tenants);
+            }
             Limiter::Local
         }
         LimitsBackend::Redis => {
@@ -196,17 +203,23 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     server.run_forever()
 }
 
+/// How long an upgrade's new process waits for the old one's handoff.
+const HANDOFF_WAIT: Duration = Duration::from_secs(3);
+
 /// Writes the local limit state every [`state::SAVE_EVERY`] and once more
-/// at shutdown, so a restart (or an upgrade's new process) goes on from it.
+/// at shutdown, so a restart goes on from it. Told to upgrade (SIGQUIT,
+/// the signal Pingora hands its sockets over on), it writes the handoff
+/// file at once for the new process and stops writing: from then on the
+/// new process owns the state file.
 struct StateSaver {
     path: PathBuf,
     snapshot: SharedSnapshot,
 }
 
 impl StateSaver {
-    fn save_now(&self) {
-        if let Err(e) = state::save(&self.path, &self.snapshot.load().tenants) {
-            tracing::warn!(error = %e, path = %self.path.display(), "could not write the limit state");
+    fn save_to(&self, path: &Path) {
+        if let Err(e) = state::save(path, &self.snapshot.load().tenants) {
+            tracing::warn!(error = %e, path = %path.display(), "could not write the limit state");
         }
     }
 }
@@ -216,13 +229,19 @@ impl BackgroundService for StateSaver {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut every = tokio::time::interval(state::SAVE_EVERY);
         every.tick().await;
+        let mut upgrade = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit()).ok();
         loop {
             tokio::select! {
-                _ = every.tick() => self.save_now(),
+                _ = every.tick() => self.save_to(&self.path),
                 _ = shutdown.changed() => break,
+                Some(()) = async { upgrade.as_mut()?.recv().await } => {
+                    self.save_to(&state::handoff_path(&self.path));
+                    tracing::info!("limit state handed over to the upgrade");
+                    return;
+                }
             }
         }
-        self.save_now();
+        self.save_to(&self.path);
     }
 }
 

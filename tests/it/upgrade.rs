@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use portcullis::limits::state;
 use portcullis::mock_router::{MockOptions, MockRouter};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -72,6 +73,168 @@ fn serve_daemon(conf: &Path, upgrade: bool) {
     assert!(status.success(), "portcullis {args:?} failed to start");
 }
 
+/// A daemon's config: `threads = 2`, a short grace period, `extra` last.
+fn gateway_toml(addr: &str, router: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        r#"[server]
+listen = ["{addr}"]
+threads = 2
+region = "us-east-1"
+grace_period_seconds = 1
+graceful_shutdown_timeout_seconds = 2
+pid_file = "portcullis.pid"
+upgrade_sock = "upgrade.sock"
+
+[upstream]
+address = "{router}"
+
+[auth.jwt]
+issuer = "{ISSUER}"
+audiences = ["{AUDIENCE}"]
+jwks_file = "jwks.json"
+
+[policy]
+tenants = "tenants.toml"
+
+[context]
+signing_key_file = "context.key"
+{extra}
+"#
+    )
+}
+
+/// Starts a daemon in `d` and waits until it answers on `addr`.
+async fn start_daemon(d: &Path, addr: &str) {
+    serve_daemon(&d.join("gateway.toml"), false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid(d).is_none() || TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "the daemon did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What deploy/upgrade.sh does; returns the new pid once the old process
+/// has handed over, drained and exited.
+async fn upgrade(d: &Path) -> i32 {
+    let old = pid(d).expect("a running daemon");
+    signal(old, "-QUIT");
+    serve_daemon(&d.join("gateway.toml"), true);
+    let started = Instant::now();
+    loop {
+        match pid(d) {
+            Some(p) if p != old && !alive(old) => return p,
+            _ => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "the upgrade did not complete"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Every limit cell crosses a zero-downtime upgrade: what remained just
+/// before it is what remains just after, up to the refill in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_hands_every_limit_cell_to_the_new_process() {
+    let keys = Keys::generate();
+    let router = MockRouter::start("127.0.0.1:0", MockOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let addr = format!("127.0.0.1:{}", free_port());
+    std::fs::write(d.join("jwks.json"), keys.jwks.to_string()).unwrap();
+    std::fs::write(d.join("tenants.toml"), tenants_toml(&keys)).unwrap();
+    std::fs::write(d.join("context.key"), hex::encode(&keys.context_key)).unwrap();
+    let state = d.join("limits.json");
+    let extra = format!("[limits]\nstate_file = \"{}\"\n", state.display());
+    std::fs::write(
+        d.join("gateway.toml"),
+        gateway_toml(&addr, router.addr(), &extra),
+    )
+    .unwrap();
+    let _cleanup = Daemons(d);
+    start_daemon(d, &addr).await;
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let call = |req: Vec<u8>| async move { send(addr, &req).await.unwrap() };
+    let chat = |key: &str| {
+        post(
+            CHAT,
+            &json!({"model": "m-small", "max_tokens": 10,
+                           "messages": [{"role": "user", "content": "Hello"}]}),
+        )
+        .header("x-api-key", key)
+        .build()
+    };
+    let quota = |key: &str| get("/v1/quota").header("x-api-key", key).build();
+    let figures = |q: &Response| {
+        let q = q.json();
+        let key = &q["scopes"][0]["limits"];
+        let tenant = &q["scopes"].as_array().unwrap().last().unwrap()["limits"];
+        (
+            key["requests"]["remaining"].as_u64().unwrap(),
+            key["tokens_per_day"]["remaining"].as_u64().unwrap(),
+            tenant["tokens_per_day"]["remaining"].as_u64().unwrap(),
+        )
+    };
+    // Before: one of `throttled`'s burst of 2, a completion each for the
+    // key `capped` (a day's tokens of its own) and for `budgeted` (money).
+    assert_eq!(call(chat(&keys.throttled_key)).await.status, 200);
+    assert_eq!(call(chat(&keys.capped_key)).await.status, 200);
+    assert_eq!(call(chat(&keys.budget_key)).await.status, 200);
+    let before = figures(&call(quota(&keys.capped_key)).await);
+    let spent = |q: Response| {
+        q.json()["scopes"][2]["limits"]["budget_per_day"]["spent"]
+            .as_f64()
+            .unwrap()
+    };
+    let spent_before = spent(call(quota(&keys.budget_key)).await);
+    assert!(spent_before > 0.0);
+
+    let new = upgrade(d).await;
+    assert!(alive(new));
+
+    // After: the same standing. The lookup is one more request of the
+    // key's burst; a day's tokens refill by one every 29 s (key) and 9 ms
+    // (tenant), which the test's seconds allow for.
+    let after = figures(&call(quota(&keys.capped_key)).await);
+    assert_eq!(
+        after.0,
+        before.0 - 1,
+        "the key's burst: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.1 >= before.1 && after.1 <= before.1 + 1,
+        "the key's day: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.2 >= before.2 && after.2 <= before.2 + 4_000,
+        "the tenant's day: {before:?} -> {after:?}"
+    );
+    assert!(
+        before.2 < 10_000_000 - 10,
+        "the tenant had used tokens: {before:?}"
+    );
+    let spent_after = spent(call(quota(&keys.budget_key)).await);
+    assert!(
+        (spent_after - spent_before).abs() < 1e-12,
+        "{spent_before} -> {spent_after}"
+    );
+    // `throttled` has one request of its burst left, not a fresh burst.
+    assert_eq!(call(chat(&keys.throttled_key)).await.status, 200);
+    let r = call(chat(&keys.throttled_key)).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (429, "rate_limit_exceeded".to_string())
+    );
+    assert!(
+        !state::handoff_path(&state).exists(),
+        "the handoff was taken"
+    );
+}
+
 #[derive(Default)]
 struct Counts {
     ok: AtomicUsize,
@@ -103,32 +266,7 @@ async fn an_upgrade_under_load_fails_no_request() {
     std::fs::write(d.join("context.key"), hex::encode(&keys.context_key)).unwrap();
     std::fs::write(
         d.join("gateway.toml"),
-        format!(
-            r#"[server]
-listen = ["{addr}"]
-threads = 2
-region = "us-east-1"
-grace_period_seconds = 1
-graceful_shutdown_timeout_seconds = 2
-pid_file = "portcullis.pid"
-upgrade_sock = "upgrade.sock"
-
-[upstream]
-address = "{}"
-
-[auth.jwt]
-issuer = "{ISSUER}"
-audiences = ["{AUDIENCE}"]
-jwks_file = "jwks.json"
-
-[policy]
-tenants = "tenants.toml"
-
-[context]
-signing_key_file = "context.key"
-"#,
-            router.addr()
-        ),
+        gateway_toml(&addr, router.addr(), ""),
     )
     .unwrap();
     let _cleanup = Daemons(d);
