@@ -18,10 +18,13 @@ fn redis_limits(redis: &Redis, on_error: &str) -> toml::Table {
     set(t, "limits.on_backend_error", on_error)
 }
 
+/// Two gateways on one Redis, with the same tenants and keys.
 async fn fleet(redis: &Redis, on_error: &str, router: MockOptions) -> (Gateway, Gateway) {
+    let keys = Keys::generate();
     let opts = || Options {
         router: RouterMode::Up(router.clone()),
         config: redis_limits(redis, on_error),
+        keys: Some(keys.clone()),
         ..Options::default()
     };
     (
@@ -192,4 +195,203 @@ async fn a_dead_redis_falls_back_to_local_limits() {
         [200, 200, 200, 429, 429],
         "per-instance limits apply"
     );
+}
+
+fn chat(model: &str, max_tokens: u64) -> serde_json::Value {
+    serde_json::json!({"model": model, "max_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": "Hello"}]})
+}
+
+fn keyed(model: &str, max_tokens: u64, key: &str) -> Vec<u8> {
+    post(CHAT, &chat(model, max_tokens))
+        .header("x-api-key", key)
+        .build()
+}
+
+/// Every scope lives in Redis: a key's burst, a model's rate, a tenant's
+/// money budget and the quota answer are one figure across the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scope_is_shared_by_the_fleet() {
+    let redis = Redis::start().await;
+    let (a, b) = fleet(&redis, "closed", MockOptions::default()).await;
+    let k = &a.keys;
+    // The key `capped`: a burst of 3, spent over both instances.
+    assert_eq!(
+        a.send(&keyed("m-small", 10, &k.capped_key)).await.status,
+        200
+    );
+    assert_eq!(
+        b.send(&keyed("m-small", 10, &k.capped_key)).await.status,
+        200
+    );
+    let r = b
+        .send(&get("/v1/quota").header("x-api-key", &k.capped_key).build())
+        .await;
+    assert_eq!(r.status, 200);
+    let q = r.json();
+    assert_eq!(q["scopes"][0]["name"], "capped");
+    assert_eq!(q["scopes"][0]["limits"]["requests"]["remaining"], 0, "{q}");
+    let used = 3_000
+        - q["scopes"][0]["limits"]["tokens_per_day"]["remaining"]
+            .as_u64()
+            .unwrap();
+    let real: u64 = [&a, &b]
+        .iter()
+        .map(|g| (g.router().requests()[0].body.len() / 4 + 6) as u64)
+        .sum();
+    assert_eq!(
+        used, real,
+        "reserved, then settled to the real usage in Redis: {q}"
+    );
+    let r = a.send(&keyed("m-small", 10, &k.capped_key)).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (429, "rate_limit_exceeded".to_string())
+    );
+    assert_eq!(
+        r.json()["error"]["message"],
+        "the per-key request rate limit for capped is reached"
+    );
+    // The model `big-70b`: a burst of 1 for the whole fleet.
+    assert_eq!(
+        a.send(&keyed("big-70b", 10, &k.metered_key)).await.status,
+        200
+    );
+    let r = b.send(&keyed("big-70b", 10, &k.metered_key)).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (429, "rate_limit_exceeded".to_string())
+    );
+    // The tenant `budgeted`: 0.06 a day, most of it spent on one instance.
+    assert_eq!(
+        a.send(&keyed("m-small", 10, &k.budget_key)).await.status,
+        200
+    );
+    let before = a.router_count() + b.router_count();
+    let r = b.send(&keyed("m-small", 20, &k.budget_key)).await;
+    assert_eq!((r.status, r.code()), (429, "budget_exceeded".to_string()));
+    assert_eq!(
+        a.router_count() + b.router_count(),
+        before,
+        "refused requests reached the router"
+    );
+}
+
+/// The commands clients send while `during` runs, as Redis's `MONITOR`
+/// sees them: one line per command, those a script runs marked `lua` and
+/// left out. Each is one round trip.
+async fn round_trips<F: std::future::Future<Output = ()>>(redis: &Redis, during: F) -> Vec<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", redis.port))
+        .await
+        .unwrap();
+    s.write_all(b"MONITOR\r\n").await.unwrap();
+    let mut lines = BufReader::new(s).lines();
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
+    during.await;
+    let mut seen = Vec::new();
+    while let Ok(Ok(Some(l))) =
+        tokio::time::timeout(Duration::from_millis(300), lines.next_line()).await
+    {
+        if !l.contains(" lua] ") {
+            seen.push(l);
+        }
+    }
+    seen
+}
+
+/// Round trips, counted by Redis itself: a completion is 3 (admit with
+/// every scope's rate and slot; reserve tokens and money in every scope;
+/// settle and free the slots together), a request the gateway answers 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_costs_three_round_trips_and_a_lookup_one() {
+    let redis = Redis::start().await;
+    let (a, _b) = fleet(&redis, "closed", MockOptions::default()).await;
+    // `other-bot` has a day's tokens and a month's money of its own.
+    let key = a.keys.other_key.clone();
+    // Loads the scripts (EVALSHA, NOSCRIPT, SCRIPT LOAD) once.
+    assert_eq!(a.send(&keyed("big-8b", 10, &key)).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut counts = Vec::new();
+    for req in [
+        keyed("big-8b", 10, &key),
+        get("/v1/models").header("x-api-key", &key).build(),
+        get("/v1/quota").header("x-api-key", &key).build(),
+    ] {
+        let seen = round_trips(&redis, async {
+            assert_eq!(a.send(&req).await.status, 200);
+        })
+        .await;
+        assert!(seen.iter().all(|l| l.contains("\"EVALSHA\"")), "{seen:#?}");
+        counts.push(seen.len());
+    }
+    // The key, the model `big-*` and the tenant: three scopes, 3 trips.
+    assert_eq!(counts, [3, 1, 1], "round trips: completion, models, quota");
+}
+
+/// Three gateways on one Redis, hammered at once through all three: the
+/// fleet admits what one gateway would, ±1, and a token budget holds no
+/// more than one reservation beyond its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_gateways_admit_what_one_would() {
+    let redis = Redis::start().await;
+    let slow = MockOptions {
+        delay: Duration::from_millis(1500),
+        ..MockOptions::default()
+    };
+    let keys = Keys::generate();
+    let opts = || Options {
+        router: RouterMode::Up(slow.clone()),
+        config: redis_limits(&redis, "closed"),
+        keys: Some(keys.clone()),
+        ..Options::default()
+    };
+    let gws = [
+        Gateway::start_with(opts()).await,
+        Gateway::start_with(opts()).await,
+        Gateway::start_with(opts()).await,
+    ];
+    let key = gws[0].keys.metered_key.clone();
+    // One request alone tells the reservation: the model scope `big-*`
+    // (1,000 tokens a minute) is the tightest, so its header counts down.
+    let r = gws[0].send(&keyed("big-8b", 100, &key)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("1000"));
+    let left: u64 = r
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let reservation = 1_000 - left;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for i in 0..30 {
+        let (addr, req) = (gws[i % 3].addr, keyed("big-8b", 100, &key));
+        handles.push(tokio::spawn(async move { send(addr, &req).await.unwrap() }));
+    }
+    let mut admitted = 0u64;
+    for h in handles {
+        let r = h.await.unwrap();
+        match (r.status, r.code().as_str()) {
+            (200, _) => admitted += 1,
+            (429, "tokens_quota_exceeded") => {}
+            (s, c) => panic!("unexpected {s} {c}"),
+        }
+    }
+    let used_before = (gws[0].router().requests()[0].body.len() / 4 + 6) as u64;
+    let refill = (start.elapsed().as_secs_f64() * 1000.0 / 60.0).ceil() as u64;
+    let room = 1_000 - used_before + refill;
+    println!("30 requests over three gateways: {admitted} admitted of {room} tokens free, {reservation} each");
+    assert!(
+        admitted * reservation <= room + reservation,
+        "{admitted} × {reservation} > {room} + one reservation"
+    );
+    assert!(
+        (admitted + 1) * reservation > room.saturating_sub(reservation),
+        "{admitted} admitted: under-admitted"
+    );
+    assert!(admitted >= 2, "the budget was shared, not split");
+    let total: usize = gws.iter().map(Gateway::router_count).sum();
+    assert_eq!(total as u64, admitted + 1);
 }

@@ -28,6 +28,7 @@ fn fixture(name: &str) -> PathBuf {
 
 /// Signing material for every accepted algorithm, plus the JWKS that
 /// publishes the public halves. Only RSA is a fixed (TEST-ONLY) fixture.
+#[derive(Clone)]
 pub struct Keys {
     pub rsa_private: Vec<u8>,
     pub rsa_public_pem: Vec<u8>,
