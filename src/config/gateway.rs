@@ -217,7 +217,7 @@ fn default_token_cache() -> usize {
 struct RawLimits {
     #[serde(default)]
     backend: LimitsBackend,
-    redis_url: Option<String>,
+    redis_url: Option<RedisUrl>,
     #[serde(default)]
     on_backend_error: OnBackendError,
     #[serde(default = "default_auth_failures")]
@@ -228,6 +228,33 @@ struct RawLimits {
     redis_timeout_ms: u64,
     /// Default: `portcullis-limits.json` beside the pid file.
     state_file: Option<String>,
+}
+
+/// One Redis URL, or a Redis Cluster's nodes as a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RedisUrl {
+    One(String),
+    Cluster(Vec<String>),
+}
+
+impl RedisUrl {
+    /// The one-string form: a list is `redis+cluster://` and its nodes.
+    fn joined(self) -> String {
+        match self {
+            RedisUrl::One(url) => url,
+            RedisUrl::Cluster(nodes) => {
+                let nodes: Vec<&str> = nodes
+                    .iter()
+                    .map(|n| {
+                        n.trim_start_matches("redis+cluster://")
+                            .trim_start_matches("redis://")
+                    })
+                    .collect();
+                format!("redis+cluster://{}", nodes.join(","))
+            }
+        }
+    }
 }
 
 fn default_redis_timeout() -> u64 {
@@ -480,15 +507,23 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
                 .as_deref()
                 .map_or(beside_pid.clone(), |f| src.resolve(f)),
             backend: l.backend,
-            redis_url: l.redis_url,
+            redis_url: l.redis_url.map(RedisUrl::joined),
             on_backend_error: l.on_backend_error,
             auth_failures_per_ip_per_minute: l.auth_failures_per_ip_per_minute,
             max_inflight: l.max_inflight.max(1),
             redis_timeout: Duration::from_millis(l.redis_timeout_ms.max(1)),
         },
     );
-    if limits.backend == LimitsBackend::Redis && limits.redis_url.is_none() {
-        errs.push(src.at(None, "[limits] backend = \"redis\" needs redis_url"));
+    match (&limits.backend, &limits.redis_url) {
+        (LimitsBackend::Redis, None) => {
+            errs.push(src.at(None, "[limits] backend = \"redis\" needs redis_url"));
+        }
+        (LimitsBackend::Redis, Some(url)) => {
+            if let Err(e) = crate::limits::redis::Nodes::parse(url, limits.redis_timeout) {
+                errs.push(src.at(None, format!("[limits] {e}")));
+            }
+        }
+        _ => {}
     }
 
     let ext_authz = raw
@@ -769,4 +804,29 @@ fn existing_file(src: &SourceFile, p: &Spanned<String>, errs: &mut Vec<Diagnosti
         ));
     }
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_of_redis_nodes_is_a_cluster() {
+        let list: RedisUrl =
+            toml::from_str::<toml::Table>(r#"u = ["127.0.0.1:7000", "redis://127.0.0.1:7001"]"#)
+                .unwrap()["u"]
+                .clone()
+                .try_into()
+                .unwrap();
+        assert_eq!(
+            list.joined(),
+            "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"
+        );
+        let one = RedisUrl::One("redis://127.0.0.1:6379".into());
+        assert_eq!(one.joined(), "redis://127.0.0.1:6379");
+        let t = Duration::from_millis(50);
+        assert!(crate::limits::redis::Nodes::parse("redis+cluster://", t).is_err());
+        assert!(crate::limits::redis::Nodes::parse("redis+cluster://127.0.0.1:7000", t).is_ok());
+        assert!(crate::limits::redis::Nodes::parse("nonsense://x", t).is_err());
+    }
 }

@@ -1,10 +1,14 @@
-//! The fleet backend: the same GCRA cells and concurrency slots, kept in
-//! Redis so every gateway instance enforces one shared quota.
+//! The fleet backend: the same GCRA cells, concurrency slots and money
+//! windows, kept in Redis (one server or a Redis Cluster) so every gateway
+//! instance enforces one shared quota.
 //!
-//! Each check is one atomic Lua script using Redis's own clock: one round
-//! trip for the header stage (rate plus concurrency slot), one to reserve
-//! tokens, one to settle them. Keys are `portcullis:{tenant}:…`, hash-tagged
-//! by tenant, and expire once their state would be back to idle.
+//! Each stage is one atomic Lua script over every scope of the request
+//! (key, model, tenant), using Redis's own clock: one round trip for the
+//! header stage (rates and slots), one to reserve tokens and money, one to
+//! settle them and free the slots together. Keys are
+//! `portcullis:{tenant}:[key:<id>:|model:<pattern>:]<cell>`: the hash tag
+//! `{tenant}` puts all of a tenant's keys in one cluster slot, so a script
+//! never spans nodes. They expire once their state would be back to idle.
 //!
 //! A call that errors or outlasts `redis_timeout_ms` opens a circuit
 //! breaker: until a background probe sees Redis answer again, requests do
@@ -18,8 +22,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use redis::aio::ConnectionManager;
-use redis::Script;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{RedisFuture, Script};
 use tokio::sync::OnceCell;
 
 use super::quota::Standing;
@@ -155,10 +161,83 @@ return 1
 const SLOT_TTL: Duration = Duration::from_secs(600);
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
+/// Where Redis is: one server, or a Redis Cluster's seed nodes.
+pub enum Nodes {
+    One(redis::Client),
+    /// Boxed: it is over twice a client's size, and built once.
+    Cluster(Box<ClusterClient>),
+}
+
+impl Nodes {
+    /// `redis://…` (or `rediss://`, `unix://`) for one server;
+    /// `redis+cluster://host:port,host:port` for a cluster, whose nodes are
+    /// found from the seeds. Every key of a tenant shares the hash tag
+    /// `{tenant}`, so each script runs on one node.
+    pub fn parse(url: &str, timeout: Duration) -> Result<Nodes, String> {
+        match url.strip_prefix("redis+cluster://") {
+            None => redis::Client::open(url)
+                .map(Nodes::One)
+                .map_err(|e| format!("redis_url: {e}")),
+            Some(seeds) => {
+                let seeds: Vec<String> = seeds
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| format!("redis://{s}"))
+                    .collect();
+                if seeds.is_empty() {
+                    return Err("redis_url: redis+cluster:// names no node".into());
+                }
+                ClusterClient::builder(seeds)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(1)
+                    .build()
+                    .map(|c| Nodes::Cluster(Box::new(c)))
+                    .map_err(|e| format!("redis_url: {e}"))
+            }
+        }
+    }
+}
+
+/// A connection to either kind, cheap to clone (both multiplex).
+#[derive(Clone)]
+enum Conn {
+    One(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::One(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::One(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::One(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// The shared limits backend.
 pub struct RedisLimits {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    nodes: Nodes,
+    conn: OnceCell<Conn>,
     timeout: Duration,
     on_error: OnBackendError,
     /// Open: Redis failed and has not answered a probe since.
@@ -290,9 +369,8 @@ enum Meta<'a> {
 
 impl RedisLimits {
     pub fn new(url: &str, timeout: Duration, on_error: OnBackendError) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis_url: {e}"))?;
         Ok(RedisLimits {
-            client,
+            nodes: Nodes::parse(url, timeout)?,
             conn: OnceCell::new(),
             timeout,
             on_error,
@@ -305,18 +383,26 @@ impl RedisLimits {
     /// Runs one Redis call within the timeout; any failure opens the breaker.
     async fn call<T, F, Fut>(&self, f: F) -> Option<T>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let attempt = async {
             let conn = self
                 .conn
                 .get_or_try_init(|| async {
-                    let cfg = redis::aio::ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(self.timeout))
-                        .set_response_timeout(Some(self.timeout))
-                        .set_number_of_retries(1);
-                    ConnectionManager::new_lazy_with_config(self.client.clone(), cfg)
+                    match &self.nodes {
+                        Nodes::One(client) => {
+                            let cfg = redis::aio::ConnectionManagerConfig::new()
+                                .set_connection_timeout(Some(self.timeout))
+                                .set_response_timeout(Some(self.timeout))
+                                .set_number_of_retries(1);
+                            ConnectionManager::new_lazy_with_config(client.clone(), cfg)
+                                .map(Conn::One)
+                        }
+                        Nodes::Cluster(client) => {
+                            client.get_async_connection().await.map(Conn::Cluster)
+                        }
+                    }
                 })
                 .await?
                 .clone();
@@ -527,8 +613,17 @@ impl BackgroundService for BreakerProbe {
                 continue;
             }
             let pong = tokio::time::timeout(b.timeout, async {
-                let mut c = b.client.get_multiplexed_async_connection().await?;
-                redis::cmd("PING").query_async::<String>(&mut c).await
+                let ping = redis::cmd("PING");
+                match &b.nodes {
+                    Nodes::One(client) => {
+                        let mut c = client.get_multiplexed_async_connection().await?;
+                        ping.query_async::<String>(&mut c).await
+                    }
+                    Nodes::Cluster(client) => {
+                        let mut c = client.get_async_connection().await?;
+                        ping.query_async::<String>(&mut c).await
+                    }
+                }
             })
             .await;
             if matches!(pong, Ok(Ok(_))) {

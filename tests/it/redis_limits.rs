@@ -9,21 +9,29 @@ use portcullis::mock_router::MockOptions;
 const CHAT: &str = "/v1/chat/completions";
 
 fn redis_limits(redis: &Redis, on_error: &str) -> toml::Table {
+    limits_at(&redis.url(), on_error)
+}
+
+fn limits_at(url: &str, on_error: &str) -> toml::Table {
     let t = toml::toml! {
         [limits]
         backend = "redis"
         redis_timeout_ms = 100
     };
-    let t = set(t, "limits.redis_url", redis.url());
+    let t = set(t, "limits.redis_url", url);
     set(t, "limits.on_backend_error", on_error)
 }
 
 /// Two gateways on one Redis, with the same tenants and keys.
 async fn fleet(redis: &Redis, on_error: &str, router: MockOptions) -> (Gateway, Gateway) {
+    fleet_at(&redis.url(), on_error, router).await
+}
+
+async fn fleet_at(url: &str, on_error: &str, router: MockOptions) -> (Gateway, Gateway) {
     let keys = Keys::generate();
     let opts = || Options {
         router: RouterMode::Up(router.clone()),
-        config: redis_limits(redis, on_error),
+        config: limits_at(url, on_error),
         keys: Some(keys.clone()),
         ..Options::default()
     };
@@ -214,6 +222,36 @@ fn keyed(model: &str, max_tokens: u64, key: &str) -> Vec<u8> {
 async fn every_scope_is_shared_by_the_fleet() {
     let redis = Redis::start().await;
     let (a, b) = fleet(&redis, "closed", MockOptions::default()).await;
+    shares_every_scope(&a, &b).await;
+}
+
+/// The same on a real 3-master Redis Cluster (`redis+cluster://`): every
+/// key of a tenant sits on one node, under the tenant's hash tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_shares_every_scope_with_each_tenant_on_one_node() {
+    let cluster = RedisCluster::start().await;
+    let (a, b) = fleet_at(&cluster.url(), "closed", MockOptions::default()).await;
+    shares_every_scope(&a, &b).await;
+    for tenant in ["metered", "budgeted"] {
+        let keys = cluster.keys_by_node(&format!("portcullis:{{{tenant}}}:*"));
+        let holding: Vec<usize> = (0..keys.len()).filter(|i| !keys[*i].is_empty()).collect();
+        assert_eq!(
+            holding.len(),
+            1,
+            "{tenant}'s keys on nodes {holding:?}: {keys:?}"
+        );
+        assert!(
+            keys[holding[0]]
+                .iter()
+                .any(|k| k.contains(":key:capped:") || k.contains(":bpd:")),
+            "{keys:?}"
+        );
+    }
+}
+
+/// A key's burst, a model's rate, a tenant's money budget and the quota
+/// answer, spent through two gateways.
+async fn shares_every_scope(a: &Gateway, b: &Gateway) {
     let k = &a.keys;
     // The key `capped`: a burst of 3, spent over both instances.
     assert_eq!(
@@ -235,7 +273,7 @@ async fn every_scope_is_shared_by_the_fleet() {
         - q["scopes"][0]["limits"]["tokens_per_day"]["remaining"]
             .as_u64()
             .unwrap();
-    let real: u64 = [&a, &b]
+    let real: u64 = [a, b]
         .iter()
         .map(|g| (g.router().requests()[0].body.len() / 4 + 6) as u64)
         .sum();
