@@ -256,10 +256,6 @@ impl<T> ModelPatterns<T> {
     pub fn values(&self) -> impl Iterator<Item = &T> {
         self.entries.iter().map(|(_, v)| v)
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 /// An API key given as an object (`[[tenants.keys]]`): a name the router
@@ -309,6 +305,21 @@ pub struct Tenants {
 }
 
 impl Tenants {
+    /// A table of `list`, found by id (tests and fuzzing; the loader
+    /// builds the full indexes).
+    pub fn with(list: Vec<Arc<Tenant>>) -> Tenants {
+        let by_id = list
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.clone(), i))
+            .collect();
+        Tenants {
+            list,
+            by_id,
+            ..Tenants::default()
+        }
+    }
+
     pub fn by_id(&self, id: &str) -> Option<&Arc<Tenant>> {
         self.by_id.get(id).map(|&i| &self.list[i])
     }

@@ -250,11 +250,6 @@ fn take_one(scope: &Arc<ScopeLimiter>, ask: Ask, now: u64, unix: u64) -> Result<
 }
 
 impl Taken {
-    /// Whether this holds one of the scope's concurrency slots.
-    pub fn holds_slot(&self) -> bool {
-        self.ask.slot
-    }
-
     /// Gives back everything taken; the slot too.
     fn undo(mut self) {
         let unix = unix_now();

@@ -59,9 +59,14 @@ local function gcra(key)
   if tat < now then tat = now end
   return tat
 end
-local function slots(key)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  return redis.call('ZCARD', key)
+-- Slots still held; those of a gateway that died (past their expiry) are
+-- purged only when they would make the difference.
+local function slots(key, max)
+  local n = redis.call('ZCOUNT', key, now, '+inf')
+  if n >= max and redis.call('ZCARD', key) > n then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  end
+  return n
 end
 local function spent(key)
   return tonumber(redis.call('GET', key)) or 0
@@ -76,7 +81,7 @@ for i = 1, #KEYS do
       refused, retry = i, math.ceil(news[i] - now - y)
     end
   elseif kind == 's' then
-    olds[i] = slots(KEYS[i])
+    olds[i] = slots(KEYS[i], x)
     if refused == 0 and olds[i] >= x then
       refused, retry = i, 1000000
     end
@@ -110,12 +115,14 @@ for i = 1, #KEYS do
     v = olds[i]
     if refused == 0 then
       v = redis.call('INCRBY', KEYS[i], ARGV[a + 1])
-      redis.call('EXPIREAT', KEYS[i], ARGV[a + 3])
+      if v == tonumber(ARGV[a + 1]) then
+        redis.call('EXPIREAT', KEYS[i], ARGV[a + 3])
+      end
     end
   elseif kind == 'G' then
     v = gcra(KEYS[i]) - now
   elseif kind == 'S' then
-    v = slots(KEYS[i])
+    v = redis.call('ZCOUNT', KEYS[i], now, '+inf')
   else
     v = spent(KEYS[i])
   end

@@ -123,14 +123,6 @@ impl ScopeLimits {
     pub fn is_empty(&self) -> bool {
         *self == ScopeLimits::default()
     }
-
-    /// Whether any limit is reserved against: tokens or money.
-    pub fn reserves(&self) -> bool {
-        self.tokens_per_minute.is_some()
-            || self.tokens_per_day.is_some()
-            || self.budget_per_day.is_some()
-            || self.budget_per_month.is_some()
-    }
 }
 
 /// The live state of one scope, shared by every request it applies to.
