@@ -141,21 +141,20 @@ pub fn save(path: &Path, tenants: &Tenants) -> std::io::Result<()> {
 /// since; returns how many tenants had state restored.
 pub fn restore(path: &Path, tenants: &Tenants) -> Result<usize, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let not_state =
-        |e: serde_json::Error| format!("{} is not a limit state file: {e}", path.display());
-    let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+    restore_bytes(&bytes, tenants).map_err(|e| format!("{}{e}", path.display()))
+}
+
+/// [`restore`] from the file's bytes; errors read after the file's name.
+pub fn restore_bytes(bytes: &[u8], tenants: &Tenants) -> Result<usize, String> {
+    let not_state = |e: serde_json::Error| format!(" is not a limit state file: {e}");
+    let version = serde_json::from_slice::<serde_json::Value>(bytes)
         .map_err(not_state)?
         .get("version")
         .and_then(serde_json::Value::as_u64);
     let state = match version {
-        Some(2) => serde_json::from_slice::<StateFile>(&bytes).map_err(not_state)?,
-        Some(1) => upgrade_v1(serde_json::from_slice(&bytes).map_err(not_state)?, tenants),
-        v => {
-            return Err(format!(
-                "{} has version {v:?}, not {VERSION}",
-                path.display()
-            ))
-        }
+        Some(2) => serde_json::from_slice::<StateFile>(bytes).map_err(not_state)?,
+        Some(1) => upgrade_v1(serde_json::from_slice(bytes).map_err(not_state)?, tenants),
+        v => return Err(format!(" has version {v:?}, not {VERSION}")),
     };
     let elapsed_ns = unix_ms(SystemTime::now())
         .saturating_sub(state.saved_at_ms)
@@ -270,10 +269,7 @@ mod tests {
                 ..ScopeLimits::tenant(&tenant.limits)
             },
         ));
-        let mut t = Tenants::default();
-        t.by_id.insert("acme".into(), 0);
-        t.list.push(Arc::new(tenant));
-        t
+        Tenants::with(vec![Arc::new(tenant)])
     }
 
     fn admit(t: &Tenant) -> bool {
