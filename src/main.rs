@@ -194,7 +194,7 @@ fn run(cmd: Command) -> Result<(), String> {
                     api_key::hash_entry(&key)
                 ),
                 Some(id) => println!(
-                    "Add under the tenant in tenants.toml:\n\n[[tenants.keys]]\nid = \"{id}\"\nhash = \"{}\"\n# expires_at = 2027-06-30T00:00:00Z\n# models = [\"...\"]    # narrows the tenant's allowlist",
+                    "Add under the tenant in tenants.toml:\n\n[[tenants.keys]]\nid = \"{id}\"\nhash = \"{}\"\n# expires_at = 2027-06-30T00:00:00Z\n# models = [\"...\"]    # narrows the tenant's allowlist\n# tokens_per_day = 50_000   # the key's own limits, inside the tenant's\n# budget_per_day = 5.0",
                     api_key::hash_entry(&key)
                 ),
             }
