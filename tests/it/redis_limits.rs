@@ -432,4 +432,62 @@ async fn three_gateways_admit_what_one_would() {
     assert!(admitted >= 2, "the budget was shared, not split");
     let total: usize = gws.iter().map(Gateway::router_count).sum();
     assert_eq!(total as u64, admitted + 1);
+
+    // Requests: `swarm` has a burst of 10 and 10 a second. A refusal comes
+    // back at once, so the last one bounds the time the admissions took.
+    let token = gws[0].keys.token("swarm");
+    let answers = hammer(&gws, 30, || post(CHAT, &chat_body()).bearer(&token).build()).await;
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count() as f64;
+    let decided = answers
+        .iter()
+        .filter(|(s, _)| *s == 429)
+        .map(|(_, t)| t.as_secs_f64())
+        .fold(0.0, f64::max);
+    let expected = 10.0 + (decided * 10.0).floor();
+    assert!(
+        (ok - expected).abs() <= 1.0,
+        "{ok} admitted, expected {expected} (±1)"
+    );
+    assert!(
+        answers.iter().all(|(s, _)| matches!(s, 200 | 429)),
+        "{answers:?}"
+    );
+
+    // Money: `budgeted` has 0.06 a day; each request reserves its prompt
+    // estimate at 0.001 and 10 output tokens at 0.002.
+    let body = chat("m-small", 10);
+    let reservation =
+        (portcullis::body::tokens::estimate_chat(&body) as f64 * 1000.0 + 10.0 * 2000.0) / 1e6;
+    let key = gws[0].keys.budget_key.clone();
+    let answers = hammer(&gws, 12, || {
+        post(CHAT, &body).header("x-api-key", &key).build()
+    })
+    .await;
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count() as f64;
+    println!("12 requests over three gateways: {ok} admitted at {reservation} each of 0.06");
+    assert!(
+        ok * reservation <= 0.06 + 1e-9,
+        "{ok} × {reservation} > 0.06"
+    );
+    assert!(
+        (ok + 1.0) * reservation > 0.06,
+        "{ok} admitted: under-admitted"
+    );
+}
+
+/// Sends `n` requests at once, spread over the gateways in turn: each
+/// answer's status and when it came.
+async fn hammer(gws: &[Gateway], n: usize, req: impl Fn() -> Vec<u8>) -> Vec<(u16, Duration)> {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (addr, req) = (gws[i % gws.len()].addr, req());
+            tokio::spawn(async move { (send(addr, &req).await.unwrap().status, start.elapsed()) })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for h in handles {
+        statuses.push(h.await.unwrap());
+    }
+    statuses
 }

@@ -103,6 +103,14 @@ signing_key_file = "context.key"
     )
 }
 
+/// A daemon's files in `d`: the JWKS, context key, tenants and config.
+fn write_daemon_dir(d: &Path, keys: &Keys, tenants: &str, config: &str) {
+    std::fs::write(d.join("jwks.json"), keys.jwks.to_string()).unwrap();
+    std::fs::write(d.join("tenants.toml"), tenants).unwrap();
+    std::fs::write(d.join("context.key"), hex::encode(&keys.context_key)).unwrap();
+    std::fs::write(d.join("gateway.toml"), config).unwrap();
+}
+
 /// Starts a daemon in `d` and waits until it answers on `addr`.
 async fn start_daemon(d: &Path, addr: &str) {
     serve_daemon(&d.join("gateway.toml"), false);
@@ -145,16 +153,10 @@ async fn an_upgrade_hands_every_limit_cell_to_the_new_process() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let addr = format!("127.0.0.1:{}", free_port());
-    std::fs::write(d.join("jwks.json"), keys.jwks.to_string()).unwrap();
-    std::fs::write(d.join("tenants.toml"), tenants_toml(&keys)).unwrap();
-    std::fs::write(d.join("context.key"), hex::encode(&keys.context_key)).unwrap();
     let state = d.join("limits.json");
     let extra = format!("[limits]\nstate_file = \"{}\"\n", state.display());
-    std::fs::write(
-        d.join("gateway.toml"),
-        gateway_toml(&addr, router.addr(), &extra),
-    )
-    .unwrap();
+    let config = gateway_toml(&addr, router.addr(), &extra);
+    write_daemon_dir(d, &keys, &tenants_toml(&keys), &config);
     let _cleanup = Daemons(d);
     start_daemon(d, &addr).await;
     let addr: std::net::SocketAddr = addr.parse().unwrap();
@@ -256,26 +258,19 @@ async fn an_upgrade_under_load_fails_no_request() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let addr = format!("127.0.0.1:{}", free_port());
-    std::fs::write(d.join("jwks.json"), keys.jwks.to_string()).unwrap();
     // Limits far above what the load reaches: only the upgrade may fail a request.
     let unlimited = tenants_toml(&keys).replace(
         "requests_per_second = 1000\nburst = 1000",
         "requests_per_second = 1000000\nburst = 1000000",
     );
-    std::fs::write(d.join("tenants.toml"), unlimited).unwrap();
-    std::fs::write(d.join("context.key"), hex::encode(&keys.context_key)).unwrap();
-    std::fs::write(
-        d.join("gateway.toml"),
-        gateway_toml(&addr, router.addr(), ""),
-    )
-    .unwrap();
+    write_daemon_dir(
+        d,
+        &keys,
+        &unlimited,
+        &gateway_toml(&addr, router.addr(), ""),
+    );
     let _cleanup = Daemons(d);
-    serve_daemon(&d.join("gateway.toml"), false);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pid(d).is_none() || TcpStream::connect(&addr).await.is_err() {
-        assert!(Instant::now() < deadline, "the daemon did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    start_daemon(d, &addr).await;
     let old = pid(d).unwrap();
 
     let token = keys.token("globex");
