@@ -107,12 +107,14 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
             JwksRefreshService(refresh),
         ));
     }
+    let mut handoff = None;
     let limiter = match gw.limits.backend {
         LimitsBackend::Local => {
             // After bootstrap: an upgrade's sockets have arrived, so the old
             // process has been told to hand over and has written its state.
             if flags.upgrade {
-                state::take_handoff(&gw.limits.state_file, &snapshot.tenants, HANDOFF_WAIT);
+                handoff =
+                    state::take_handoff(&gw.limits.state_file, &snapshot.tenants, HANDOFF_WAIT);
             } else {
                 state::restore_logged(&gw.limits.state_file, &snapshot.tenants);
             }
@@ -146,6 +148,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
             StateSaver {
                 path: gw.limits.state_file.clone(),
                 snapshot: shared.clone(),
+                handoff,
             },
         ));
     }
@@ -205,15 +208,22 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
 
 /// How long an upgrade's new process waits for the old one's handoff.
 const HANDOFF_WAIT: Duration = Duration::from_secs(3);
+/// How long it watches for the old one's tail: beyond Pingora's close
+/// window and any graceful shutdown an operator would configure.
+const TAIL_WAIT: Duration = Duration::from_secs(600);
 
 /// Writes the local limit state every [`state::SAVE_EVERY`] and once more
 /// at shutdown, so a restart goes on from it. Told to upgrade (SIGQUIT,
 /// the signal Pingora hands its sockets over on), it writes the handoff
-/// file at once for the new process and stops writing: from then on the
-/// new process owns the state file.
+/// file at once for the new process and stops writing the state file: from
+/// then on the new process owns it. At shutdown after a handoff it writes
+/// the tail instead (what this process did since), and a new process that
+/// took a handoff watches for that tail and charges it.
 struct StateSaver {
     path: PathBuf,
     snapshot: SharedSnapshot,
+    /// The handoff this process started from, while its tail is awaited.
+    handoff: Option<state::Saved>,
 }
 
 impl StateSaver {
@@ -230,18 +240,42 @@ impl BackgroundService for StateSaver {
         let mut every = tokio::time::interval(state::SAVE_EVERY);
         every.tick().await;
         let mut upgrade = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit()).ok();
+        let mut handed_over = false;
+        let mut tail = self
+            .handoff
+            .as_ref()
+            .map(|h| (h, tokio::time::interval(Duration::from_millis(100))));
+        let tail_deadline = tokio::time::Instant::now() + TAIL_WAIT;
         loop {
             tokio::select! {
-                _ = every.tick() => self.save_to(&self.path),
+                _ = every.tick(), if !handed_over => self.save_to(&self.path),
                 _ = shutdown.changed() => break,
-                Some(()) = async { upgrade.as_mut()?.recv().await } => {
+                Some(()) = async { upgrade.as_mut()?.recv().await }, if !handed_over => {
                     self.save_to(&state::handoff_path(&self.path));
                     tracing::info!("limit state handed over to the upgrade");
-                    return;
+                    handed_over = true;
+                }
+                Some(handoff) = async {
+                    let (h, poll) = tail.as_mut()?;
+                    poll.tick().await;
+                    Some(*h)
+                } => {
+                    let tenants = &self.snapshot.load().tenants;
+                    if state::take_tail(&self.path, handoff, tenants) {
+                        tail = None;
+                    } else if tokio::time::Instant::now() > tail_deadline {
+                        tracing::warn!("limit state: the old process left no tail");
+                        tail = None;
+                    }
                 }
             }
         }
-        self.save_to(&self.path);
+        let at = if handed_over {
+            state::tail_path(&self.path)
+        } else {
+            self.path.clone()
+        };
+        self.save_to(&at);
     }
 }
 

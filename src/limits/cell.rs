@@ -18,10 +18,13 @@ pub fn now_ns() -> u64 {
     u64::try_from(EPOCH.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The theoretical arrival time of the next unit, in epoch nanoseconds.
+/// The theoretical arrival time of the next unit, in epoch nanoseconds,
+/// and the cell time taken so far less what was given back: an upgrade's
+/// new process charges what the old one took after handing over.
 #[derive(Debug, Default)]
 pub struct Cell {
     tat: AtomicU64,
+    used: AtomicU64,
 }
 
 /// A refused admission: how long until it would fit.
@@ -46,7 +49,10 @@ impl Cell {
                 .tat
                 .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.used.fetch_add(cost, Ordering::Relaxed);
+                    return Ok(());
+                }
                 Err(actual) => current = actual,
             }
         }
@@ -59,6 +65,11 @@ impl Cell {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
                 Some(t.saturating_sub(cost))
             });
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(cost))
+            });
     }
 
     /// Charges `cost` unconditionally: settlement may overdraw, and later
@@ -69,6 +80,12 @@ impl Cell {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
                 Some(t.max(now).saturating_add(cost))
             });
+        self.used.fetch_add(cost, Ordering::Relaxed);
+    }
+
+    /// The cell time taken so far, less what was given back.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
     }
 
     /// The time until the cell is back to full capacity.

@@ -127,6 +127,22 @@ impl Budget {
             .charge(now_ns(), backlog.min(self.rate.capacity_ns));
     }
 
+    /// The cell time taken so far, less what was given back.
+    pub fn used(&self) -> u64 {
+        self.cell.used()
+    }
+
+    /// Takes (or, below zero, gives back) cell time another process
+    /// accounted: what an upgrade's old process did after handing over.
+    pub fn add_used(&self, delta: i128) {
+        let d = u64::try_from(delta.unsigned_abs()).unwrap_or(u64::MAX);
+        if delta > 0 {
+            self.cell.charge(now_ns(), d);
+        } else {
+            self.cell.refund(d);
+        }
+    }
+
     /// Where the cell stands, given its backlog (measured here or in Redis).
     pub fn state(&self, backlog: u64) -> CellState {
         CellState {

@@ -4,10 +4,15 @@
 //! shutdown, and read at start. Without it a restart, or the new process
 //! of an upgrade, handed every tenant a fresh burst and a fresh budget.
 //!
-//! An upgrade hands over through a second file beside it: the old process
+//! An upgrade hands over through two more files beside it. The old process
 //! writes `<state_file>.handoff` the moment it is told to hand its sockets
 //! over (SIGQUIT), and the new process reads it before serving, so what was
-//! used just before the upgrade is still used just after it.
+//! used just before the upgrade is still used just after it. The old
+//! process still serves for Pingora's close window and drains; when it
+//! stops it writes `<state_file>.handoff.tail`, and the new process charges
+//! the difference: what the old one took (or gave back, settling earlier
+//! reservations) after handing over. Each cell counts the cell time it has
+//! taken, less refunds, for that difference.
 //!
 //! A GCRA cell is saved as its backlog (the time until it is full again)
 //! with the wall-clock time of the save, so the next process charges what
@@ -53,6 +58,10 @@ struct ScopeState {
     /// nano-units spent in it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     spend: BTreeMap<String, (u64, u64)>,
+    /// The cell time each cell has taken in the writing process, less
+    /// refunds: only an upgrade's handoff and tail are compared by it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    used: BTreeMap<String, u64>,
 }
 
 /// Version 1: `{limits: "<x-tenant-limits>", cells}` per tenant.
@@ -70,8 +79,17 @@ struct TenantStateV1 {
 
 /// The file an upgrade hands the state over in.
 pub fn handoff_path(state_file: &Path) -> PathBuf {
+    beside(state_file, ".handoff")
+}
+
+/// What the old process writes when it stops, after a handoff.
+pub fn tail_path(state_file: &Path) -> PathBuf {
+    beside(state_file, ".handoff.tail")
+}
+
+fn beside(state_file: &Path, suffix: &str) -> PathBuf {
     let mut name = state_file.as_os_str().to_owned();
-    name.push(".handoff");
+    name.push(suffix);
     PathBuf::from(name)
 }
 
@@ -105,10 +123,16 @@ fn scope_state(s: &ScopeLimiter, now: u64, unix: u64) -> Option<ScopeState> {
         .map(|m| (m.window.key().to_string(), m.spent(unix)))
         .filter(|(_, (_, spent))| *spent > 0)
         .collect();
-    (!cells.is_empty() || !spend.is_empty()).then(|| ScopeState {
+    let used: BTreeMap<_, _> = s
+        .cells()
+        .map(|b| (b.kind.key().to_string(), b.used()))
+        .filter(|(_, used)| *used > 0)
+        .collect();
+    (!cells.is_empty() || !spend.is_empty() || !used.is_empty()).then(|| ScopeState {
         limits: s.limits().clone(),
         cells,
         spend,
+        used,
     })
 }
 
@@ -140,36 +164,66 @@ pub fn save(path: &Path, tenants: &Tenants) -> std::io::Result<()> {
 /// Charges each scope what an earlier process saved, less the refill
 /// since; returns how many tenants had state restored.
 pub fn restore(path: &Path, tenants: &Tenants) -> Result<usize, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    restore_bytes(&bytes, tenants).map_err(|e| format!("{}{e}", path.display()))
+    Ok(Saved::read(path, tenants)?.restore_into(tenants))
 }
 
-/// [`restore`] from the file's bytes; errors read after the file's name.
+/// [`restore`] from the file's bytes.
 pub fn restore_bytes(bytes: &[u8], tenants: &Tenants) -> Result<usize, String> {
-    let not_state = |e: serde_json::Error| format!(" is not a limit state file: {e}");
-    let version = serde_json::from_slice::<serde_json::Value>(bytes)
-        .map_err(not_state)?
-        .get("version")
-        .and_then(serde_json::Value::as_u64);
-    let state = match version {
-        Some(2) => serde_json::from_slice::<StateFile>(bytes).map_err(not_state)?,
-        Some(1) => upgrade_v1(serde_json::from_slice(bytes).map_err(not_state)?, tenants),
-        v => return Err(format!(" has version {v:?}, not {VERSION}")),
-    };
-    let elapsed_ns = unix_ms(SystemTime::now())
-        .saturating_sub(state.saved_at_ms)
-        .saturating_mul(1_000_000);
-    let unix = unix_now();
-    let mut restored = 0;
-    for (id, saved) in &state.tenants {
-        let Some(tenant) = tenants.by_id(id) else {
-            continue;
-        };
-        let mut any = false;
-        for (name, s) in scopes(tenant) {
-            let Some(saved) = saved.get(&name).filter(|v| v.limits == *s.limits()) else {
-                continue;
-            };
+    Ok(Saved::parse(bytes, tenants)?.restore_into(tenants))
+}
+
+/// A state file as read.
+#[derive(Debug)]
+pub struct Saved(StateFile);
+
+impl Saved {
+    pub fn read(path: &Path, tenants: &Tenants) -> Result<Saved, String> {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Saved::parse(&bytes, tenants).map_err(|e| format!("{}{e}", path.display()))
+    }
+
+    /// Errors read after the file's name.
+    pub fn parse(bytes: &[u8], tenants: &Tenants) -> Result<Saved, String> {
+        let not_state = |e: serde_json::Error| format!(" is not a limit state file: {e}");
+        let version = serde_json::from_slice::<serde_json::Value>(bytes)
+            .map_err(not_state)?
+            .get("version")
+            .and_then(serde_json::Value::as_u64);
+        match version {
+            Some(2) => serde_json::from_slice(bytes).map(Saved).map_err(not_state),
+            Some(1) => Ok(Saved(upgrade_v1(
+                serde_json::from_slice(bytes).map_err(not_state)?,
+                tenants,
+            ))),
+            v => Err(format!(" has version {v:?}, not {VERSION}")),
+        }
+    }
+
+    /// Every scope saved under the limits it has now, with its state.
+    fn matching<'a>(
+        &'a self,
+        tenants: &'a Tenants,
+    ) -> impl Iterator<Item = (&'a str, &'a ScopeLimiter, &'a ScopeState)> + 'a {
+        self.0.tenants.iter().flat_map(move |(id, saved)| {
+            tenants.by_id(id).into_iter().flat_map(move |tenant| {
+                scopes(tenant).filter_map(move |(name, s)| {
+                    let state = saved.get(&name).filter(|v| v.limits == *s.limits())?;
+                    Some((id.as_str(), s, state))
+                })
+            })
+        })
+    }
+
+    /// Charges each scope what was saved, less the refill since; returns
+    /// how many tenants had state restored.
+    pub fn restore_into(&self, tenants: &Tenants) -> usize {
+        let elapsed_ns = unix_ms(SystemTime::now())
+            .saturating_sub(self.0.saved_at_ms)
+            .saturating_mul(1_000_000);
+        let unix = unix_now();
+        let mut restored = std::collections::BTreeSet::new();
+        for (id, s, saved) in self.matching(tenants) {
             for b in s.cells() {
                 if let Some(backlog) = saved.cells.get(b.kind.key()) {
                     b.restore(backlog.saturating_sub(elapsed_ns));
@@ -180,11 +234,42 @@ pub fn restore_bytes(bytes: &[u8], tenants: &Tenants) -> Result<usize, String> {
                     m.restore(unix, *start, *spent);
                 }
             }
-            any = true;
+            restored.insert(id);
         }
-        restored += usize::from(any);
+        restored.len()
     }
-    Ok(restored)
+
+    /// Charges what the process that wrote this handoff did after writing
+    /// it, as its `tail` tells: the difference of each cell's use, and of
+    /// each money window's spend. Returns how many scopes moved.
+    pub fn tail_into(&self, tail: &Saved, tenants: &Tenants) -> usize {
+        let unix = unix_now();
+        let mut moved = 0;
+        for (id, s, after) in tail.matching(tenants) {
+            let name = s.name.cell_prefix();
+            let name = name.strip_suffix(':').unwrap_or("tenant");
+            let before = self.0.tenants.get(id).and_then(|t| t.get(name));
+            for b in s.cells() {
+                let key = b.kind.key();
+                let was = before.and_then(|v| v.used.get(key)).copied().unwrap_or(0);
+                let is = after.used.get(key).copied().unwrap_or(0);
+                b.add_used(i128::from(is) - i128::from(was));
+            }
+            for m in &s.spend {
+                let key = m.window.key();
+                let Some((start, is)) = after.spend.get(key) else {
+                    continue;
+                };
+                let was = before
+                    .and_then(|v| v.spend.get(key))
+                    .filter(|(w, _)| w == start)
+                    .map_or(0, |(_, spent)| *spent);
+                m.adjust(unix, *start, i128::from(*is) - i128::from(was));
+            }
+            moved += 1;
+        }
+        moved
+    }
 }
 
 /// A version 1 file as version 2: its cells were the tenant scope's.
@@ -200,6 +285,7 @@ fn upgrade_v1(v1: StateFileV1, tenants: &Tenants) -> StateFile {
                 limits: t.limiter.limits().clone(),
                 cells: saved.cells,
                 spend: BTreeMap::new(),
+                used: BTreeMap::new(),
             };
             Some((id, BTreeMap::from([("tenant".to_string(), scope)])))
         })
@@ -223,24 +309,59 @@ pub fn restore_logged(path: &Path, tenants: &Tenants) {
 /// The new process of an upgrade: the state the old one handed over, once
 /// it is there (it is written when the old process is told to hand over,
 /// which is before the sockets arrive), else the regular state file.
-pub fn take_handoff(state_file: &Path, tenants: &Tenants, wait: Duration) {
+/// Returns the handoff, to charge the old process's tail against later.
+pub fn take_handoff(state_file: &Path, tenants: &Tenants, wait: Duration) -> Option<Saved> {
     let handoff = handoff_path(state_file);
     let deadline = std::time::Instant::now() + wait;
     while !handoff.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    if handoff.exists() {
-        restore_logged(&handoff, tenants);
-        if let Err(e) = std::fs::remove_file(&handoff) {
-            eprintln!(
-                "WARNING: limit state: cannot remove {}: {e}",
-                handoff.display()
-            );
-        }
-    } else {
+    if !handoff.exists() {
         eprintln!("WARNING: limit state: no handoff from the old process; reading the state file");
         restore_logged(state_file, tenants);
+        return None;
     }
+    let saved = Saved::read(&handoff, tenants);
+    if let Err(e) = std::fs::remove_file(&handoff) {
+        eprintln!(
+            "WARNING: limit state: cannot remove {}: {e}",
+            handoff.display()
+        );
+    }
+    match saved {
+        Ok(saved) => {
+            let n = saved.restore_into(tenants);
+            eprintln!(
+                "limit state: restored {n} tenants from {}",
+                handoff.display()
+            );
+            Some(saved)
+        }
+        Err(e) => {
+            eprintln!("WARNING: limit state: {e}; starting empty");
+            None
+        }
+    }
+}
+
+/// Charges the old process's tail against its `handoff`, if it has been
+/// written; true once done (the file is then removed).
+pub fn take_tail(state_file: &Path, handoff: &Saved, tenants: &Tenants) -> bool {
+    let path = tail_path(state_file);
+    if !path.exists() {
+        return false;
+    }
+    match Saved::read(&path, tenants) {
+        Ok(tail) => {
+            let n = handoff.tail_into(&tail, tenants);
+            tracing::info!(scopes = n, "limit state: the old process's tail charged");
+        }
+        Err(e) => tracing::warn!(error = %e, "limit state: the old process's tail is unreadable"),
+    }
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::warn!(error = %e, path = %path.display(), "cannot remove the tail");
+    }
+    true
 }
 
 #[cfg(test)]
@@ -318,6 +439,39 @@ mod tests {
         let changed = tenants(5.0);
         assert_eq!(restore(&path, &changed), Ok(0));
         assert!(admit(changed.by_id("acme").unwrap()));
+    }
+
+    #[test]
+    fn a_tail_charges_what_the_old_process_did_after_handing_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handoff, tail) = (dir.path().join("h"), dir.path().join("t"));
+        let old = tenants(0.001);
+        let acme = old.by_id("acme").unwrap();
+        let ask = Ask {
+            reserves: true,
+            tokens: 4_000,
+            cost: 300_000_000,
+            ..Ask::default()
+        };
+        let before = take_local(&[(&acme.limiter, ask)]).unwrap();
+        save(&handoff, &old).unwrap();
+        // After the handoff the old process admits a request and settles
+        // the reservation it held to 1,000 tokens and 0.1.
+        assert!(admit(acme));
+        before[0].settle(1_000, 100_000_000);
+        save(&tail, &old).unwrap();
+
+        let new = tenants(0.001);
+        let h = Saved::read(&handoff, &new).unwrap();
+        assert_eq!(h.restore_into(&new), 1);
+        let t = Saved::read(&tail, &new).unwrap();
+        assert_eq!(h.tail_into(&t, &new), 1);
+        let acme = new.by_id("acme").unwrap();
+        // Tokens: 1,000 of 10,000 used; money: 0.1 of 1.0; requests: one
+        // of the burst of 2.
+        assert!(reserve(acme, 9_000, 0) && !reserve(acme, 1, 0));
+        assert_eq!(acme.limiter.spend[0].spent(unix_now()).1, 100_000_000);
+        assert!(admit(acme) && !admit(acme));
     }
 
     #[test]

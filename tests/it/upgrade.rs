@@ -121,25 +121,43 @@ async fn start_daemon(d: &Path, addr: &str) {
     }
 }
 
-/// What deploy/upgrade.sh does; returns the new pid once the old process
-/// has handed over, drained and exited.
-async fn upgrade(d: &Path) -> i32 {
+/// What deploy/upgrade.sh does; returns the old and the new pid once the
+/// new process has the sockets (the old one still drains).
+async fn begin_upgrade(d: &Path) -> (i32, i32) {
     let old = pid(d).expect("a running daemon");
     signal(old, "-QUIT");
     serve_daemon(&d.join("gateway.toml"), true);
     let started = Instant::now();
     loop {
         match pid(d) {
-            Some(p) if p != old && !alive(old) => return p,
+            Some(p) if p != old => return (old, p),
             _ => {
                 assert!(
-                    started.elapsed() < Duration::from_secs(20),
-                    "the upgrade did not complete"
+                    started.elapsed() < Duration::from_secs(10),
+                    "the new process did not take over"
                 );
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     }
+}
+
+async fn wait_gone(pid: i32) {
+    let started = Instant::now();
+    while alive(pid) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the old process lingered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One request on a kept-alive connection; its status.
+async fn on_connection(c: &mut TcpStream, req: &[u8]) -> u16 {
+    let req = String::from_utf8_lossy(req).replace("Connection: close", "Connection: keep-alive");
+    c.write_all(req.as_bytes()).await.unwrap();
+    read_keep_alive(c).await.expect("an answer").0
 }
 
 /// Every limit cell crosses a zero-downtime upgrade: what remained just
@@ -194,9 +212,25 @@ async fn an_upgrade_hands_every_limit_cell_to_the_new_process() {
     };
     let spent_before = spent(call(quota(&keys.budget_key)).await);
     assert!(spent_before > 0.0);
+    // A kept-alive connection the old process will still serve after the
+    // handoff, in Pingora's close window.
+    let mut held = TcpStream::connect(addr).await.unwrap();
+    let models = get("/v1/models")
+        .header("x-api-key", &keys.omni_key)
+        .build();
+    assert_eq!(on_connection(&mut held, &models).await, 200);
 
-    let new = upgrade(d).await;
+    let (old, new) = begin_upgrade(d).await;
+    // The old process admits `throttled`'s second request after it handed
+    // over; its tail carries it to the new process when it stops.
+    assert_eq!(
+        on_connection(&mut held, &chat(&keys.throttled_key)).await,
+        200
+    );
+    drop(held);
+    wait_gone(old).await;
     assert!(alive(new));
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     // After: the same standing. The lookup is one more request of the
     // key's burst; a day's tokens refill by one every 29 s (key) and 9 ms
@@ -224,8 +258,8 @@ async fn an_upgrade_hands_every_limit_cell_to_the_new_process() {
         (spent_after - spent_before).abs() < 1e-12,
         "{spent_before} -> {spent_after}"
     );
-    // `throttled` has one request of its burst left, not a fresh burst.
-    assert_eq!(call(chat(&keys.throttled_key)).await.status, 200);
+    // `throttled` used its burst of 2: one before the upgrade, one on the
+    // old process after it; not a fresh burst, nor one request left.
     let r = call(chat(&keys.throttled_key)).await;
     assert_eq!(
         (r.status, r.code()),
