@@ -6,7 +6,7 @@
 //! exact and a price per million tokens is a cost per token in milli-units:
 //! `tokens × price × 1000` nano-units.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use time::{Date, Month, OffsetDateTime};
@@ -55,10 +55,15 @@ fn nano(tokens: u64, per_million: f64) -> u64 {
 /// no price: its tokens cost nothing against the budget. The set is
 /// bounded, since a prefix allowlist admits any number of model names.
 pub fn note_unpriced(tenant: &str, model: &str) {
-    static SEEN: std::sync::LazyLock<Mutex<std::collections::HashSet<String>>> =
-        std::sync::LazyLock::new(Mutex::default);
-    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-    if seen.len() < 1024 && seen.insert(model.to_string()) {
+    static SEEN: std::sync::LazyLock<RwLock<std::collections::HashSet<String>>> =
+        std::sync::LazyLock::new(RwLock::default);
+    // Every such request asks; a shared read answers all but the first.
+    let known = |s: &std::collections::HashSet<String>| s.contains(model) || s.len() >= 1024;
+    if known(&SEEN.read().unwrap_or_else(|p| p.into_inner())) {
+        return;
+    }
+    let mut seen = SEEN.write().unwrap_or_else(|p| p.into_inner());
+    if !known(&seen) && seen.insert(model.to_string()) {
         tracing::warn!(
             tenant,
             model,
@@ -133,19 +138,21 @@ impl Spend {
         }
     }
 
-    fn with<T>(&self, now: u64, f: impl FnOnce(&mut u64) -> T) -> (u64, T) {
+    /// Runs `f` on the spend of the window holding `now` (a new window
+    /// starts at zero), with that window's start.
+    fn with<T>(&self, now: u64, f: impl FnOnce(u64, &mut u64) -> T) -> (u64, T) {
         let (start, _) = self.window.bounds(now);
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if s.0 != start {
             *s = (start, 0);
         }
-        (start, f(&mut s.1))
+        (start, f(start, &mut s.1))
     }
 
     /// Reserves `cost` if the window's spend stays within the budget;
     /// returns the window it was taken from.
     pub fn take(&self, now: u64, cost: u64) -> Result<u64, Empty> {
-        let (start, fits) = self.with(now, |spent| {
+        let (start, fits) = self.with(now, |_, spent| {
             let after = spent.saturating_add(cost);
             let fits = after <= self.limit;
             if fits {
@@ -167,8 +174,8 @@ impl Spend {
     /// a shortfall above, which may overdraw). A window that has ended
     /// keeps what it was charged.
     pub fn adjust(&self, now: u64, start: u64, delta: i128) {
-        self.with(now, |spent| {
-            if self.window.bounds(now).0 == start {
+        self.with(now, |current, spent| {
+            if current == start {
                 *spent = (i128::from(*spent) + delta).clamp(0, i128::from(u64::MAX)) as u64;
             }
         });
@@ -176,7 +183,7 @@ impl Spend {
 
     /// `(window start, spent)` now.
     pub fn spent(&self, now: u64) -> (u64, u64) {
-        self.with(now, |spent| *spent)
+        self.with(now, |_, spent| *spent)
     }
 
     /// Puts back what an earlier process spent in window `start`.

@@ -127,6 +127,7 @@ async fn a_keys_own_limits_nest_inside_its_tenants() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_token_quota_refuses_what_the_tenant_would_allow() {
     let gw = Gateway::start().await;
+    let started = std::time::Instant::now();
     let req = |key: &str, max_tokens| {
         post(CHAT, &chat("m-small", max_tokens))
             .header("x-api-key", key)
@@ -156,7 +157,14 @@ async fn a_key_token_quota_refuses_what_the_tenant_would_allow() {
         - tenant["limits"]["tokens_per_day"]["remaining"]
             .as_u64()
             .unwrap();
-    assert_eq!(tenant_used, real(0) + real(1), "{q}");
+    // The tenant's day (10 million) refills a token every 8.6 ms while the
+    // test runs; the key's (3,000) one every 29 s.
+    let refill = (started.elapsed().as_secs_f64() * 10e6 / 86_400.0).ceil() as u64;
+    let charged = real(0) + real(1);
+    assert!(
+        tenant_used <= charged && tenant_used + refill >= charged,
+        "{tenant_used} of {charged} (refill {refill}): {q}"
+    );
     // A request admitted at the header stage has arrived: the rate counts
     // it even when its reservation is refused (the burst of 3 is spent by
     // the refused request, the passing one and the lookup).
@@ -287,14 +295,4 @@ async fn the_quota_answer_shows_the_callers_scopes_and_no_one_elses() {
     let q = quota(&gw, &gw.keys.metered_key).await;
     assert_eq!(q["key_id"], Value::Null);
     assert_eq!(q["scopes"].as_array().unwrap().len(), 3);
-}
-
-/// The value of a metric series as a float (0 when absent).
-async fn metric_f64(gw: &Gateway, series: &str) -> f64 {
-    let r = send(gw.admin, &get("/metrics").build()).await.unwrap();
-    String::from_utf8_lossy(&r.body)
-        .lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }

@@ -326,10 +326,15 @@ pub fn verify_signature(
 /// The value of the first metric line starting with `line_prefix` (0 when
 /// the series does not exist yet).
 pub async fn metric(gw: &Gateway, line_prefix: &str) -> u64 {
+    metric_f64(gw, line_prefix).await as u64
+}
+
+/// The same for a series with a fractional value (a cost).
+pub async fn metric_f64(gw: &Gateway, line_prefix: &str) -> f64 {
     let r = send(gw.admin, &get("/metrics").build()).await.unwrap();
     String::from_utf8_lossy(&r.body)
         .lines()
         .find_map(|l| l.strip_prefix(line_prefix))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0.0)
 }
