@@ -9,7 +9,6 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
 use pingora::connectors::http::Connector;
-use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::protocols::http::v2::server::H2Options;
 use pingora::proxy::http_proxy;
@@ -18,13 +17,15 @@ use pingora::server::Server;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
-use pingora::tls::ssl::{SslFiletype, SslVerifyMode, SslVersion};
+use pingora::tls::ssl::{
+    select_next_proto, AlpnError, SslAcceptor, SslFiletype, SslMethod, SslVerifyMode, SslVersion,
+};
 use pingora::tls::x509::X509Name;
 
 use crate::admin::Admin;
 use crate::config::reload::{ReloadService, Reloader};
 use crate::config::{SharedSnapshot, Snapshot};
-use crate::connection::Guarded;
+use crate::connection::{Edge, Guarded, Handshake};
 use crate::forward::upstream::{self, RouterPeers, Upstream, UpstreamConfig};
 use crate::identity::jwks_fetch::JwksRefreshService;
 use crate::identity::mtls::{
@@ -175,27 +176,41 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     );
     app.server_options = Some(options);
     app.h2_options = Some(h2_options(&gw.server.head_limits));
+    // One application behind two listener groups, each with its own
+    // connection stage (the PROXY mode, and the handshake on TLS ones).
+    let app = Arc::new(app);
+    let edge = Edge::new(
+        gw.server.max_connections_per_ip,
+        gw.server.trusted_proxies.clone(),
+        gw.server.request_header_timeout,
+    );
     let mut proxy = Service::new(
         "portcullis proxy".into(),
-        Guarded::new(
-            app,
-            gw.server.max_connections_per_ip,
-            gw.server.request_header_timeout,
-        ),
+        Guarded::new(app.clone(), edge.clone(), gw.server.proxy_protocol, None),
     );
     for addr in &gw.server.listen {
         proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(l4_buffers()));
     }
-    if let (Some(tls), Some(material)) = (&gw.server.tls, &tls_material) {
-        for addr in &tls.listen {
-            proxy.add_tls_with_settings(
-                &addr.to_string(),
-                None,
-                tls_settings(tls, material.clone())?,
-            );
-        }
-    }
     server.add_service(proxy);
+    if let (Some(tls), Some(material)) = (&gw.server.tls, &tls_material) {
+        let handshake = Handshake {
+            acceptor: tls_acceptor(tls)?,
+            callbacks: Arc::new(CertCallbacks {
+                required: tls.client_cert == ClientCertMode::Required,
+                material: material.clone(),
+            }),
+            timeout: tls.handshake_timeout,
+        };
+        let mut proxy = Service::new(
+            "portcullis tls proxy".into(),
+            Guarded::new(app, edge, tls.proxy_protocol, Some(handshake)),
+        );
+        // Pingora's default buffers: TLS reads whole records.
+        for addr in &tls.listen {
+            proxy.add_listener(ListenerConfig::tcp(addr.to_string()));
+        }
+        server.add_service(proxy);
+    }
     server.add_service(health);
 
     if let Some(addr) = gw.admin {
@@ -319,48 +334,38 @@ fn insecure_settings(upstream: &UpstreamConfig) -> Vec<String> {
     }
 }
 
-/// TLS 1.2+ with Mozilla's intermediate suites, ALPN h2 and http/1.1, and
-/// client-certificate verification per `client_cert`.
-fn tls_settings(
-    tls: &TlsListenerConfig,
-    material: Arc<ArcSwap<TlsMaterial>>,
-) -> Result<TlsSettings, String> {
-    let callbacks = Box::new(CertCallbacks {
-        required: tls.client_cert == ClientCertMode::Required,
-        material,
-    });
-    let mut settings =
-        TlsSettings::with_callbacks(callbacks).map_err(|e| format!("[server.tls]: {e}"))?;
-    settings
-        .set_certificate_chain_file(&tls.cert)
+/// TLS 1.2+ with Mozilla's intermediate suites, ALPN h2 then http/1.1,
+/// and client-certificate verification per `client_cert`. The listener's
+/// files at start are the fallback; [`CertCallbacks`] swaps in the current
+/// ones for each handshake.
+fn tls_acceptor(tls: &TlsListenerConfig) -> Result<SslAcceptor, String> {
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())
+        .map_err(|e| format!("[server.tls]: {e}"))?;
+    b.set_certificate_chain_file(&tls.cert)
         .map_err(|e| format!("[server.tls] cert: {e}"))?;
-    settings
-        .set_private_key_file(&tls.key, SslFiletype::PEM)
+    b.set_private_key_file(&tls.key, SslFiletype::PEM)
         .map_err(|e| format!("[server.tls] key: {e}"))?;
-    settings
-        .check_private_key()
+    b.check_private_key()
         .map_err(|e| format!("[server.tls] key does not match cert: {e}"))?;
-    settings.enable_h2();
-    settings
-        .set_min_proto_version(Some(SslVersion::TLS1_2))
+    b.set_alpn_select_callback(|_, offered| {
+        select_next_proto(b"\x02h2\x08http/1.1", offered).ok_or(AlpnError::NOACK)
+    });
+    b.set_min_proto_version(Some(SslVersion::TLS1_2))
         .map_err(|e| format!("[server.tls]: {e}"))?;
     if let Some(ca) = &tls.client_ca {
-        // The certificate callback swaps in the current store per
-        // connection; this one, identical at start, is the fallback.
-        settings
-            .set_verify_cert_store(client_verify_store(ca, tls.crl.as_deref())?)
+        b.set_verify_cert_store(client_verify_store(ca, tls.crl.as_deref())?)
             .map_err(|e| format!("[server.tls] client_ca: {e}"))?;
         // Tell clients which CA their certificate must chain to.
         let names = X509Name::load_client_ca_file(ca)
             .map_err(|e| format!("[server.tls] client_ca: {e}"))?;
-        settings.set_client_ca_list(names);
+        b.set_client_ca_list(names);
     }
     match tls.client_cert {
         ClientCertMode::None => {}
-        ClientCertMode::Optional => settings.set_verify(SslVerifyMode::PEER),
+        ClientCertMode::Optional => b.set_verify(SslVerifyMode::PEER),
         ClientCertMode::Required => {
-            settings.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT)
+            b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT)
         }
     }
-    Ok(settings)
+    Ok(b.build())
 }

@@ -20,6 +20,7 @@ use toml::Spanned;
 use super::diag::{Diagnostic, SourceFile};
 use crate::body::policy::OverCap;
 use crate::body::BodyConfig;
+use crate::connection::proxy_header::{ProxyProtocol, TrustedProxies};
 
 /// The largest clock-skew allowance accepted for JWT `exp`/`nbf`.
 pub const MAX_JWT_LEEWAY_SECONDS: u64 = 30;
@@ -74,6 +75,10 @@ struct RawServer {
     request_header_timeout_ms: u64,
     #[serde(default = "default_connections_per_ip")]
     max_connections_per_ip: u32,
+    #[serde(default)]
+    proxy_protocol: ProxyProtocol,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
     tls: Option<RawTls>,
 }
 
@@ -117,6 +122,14 @@ struct RawTls {
     crl: Option<Spanned<String>>,
     #[serde(default)]
     client_cert: ClientCertMode,
+    /// Defaults to `[server] proxy_protocol`.
+    proxy_protocol: Option<ProxyProtocol>,
+    #[serde(default = "default_handshake_timeout")]
+    handshake_timeout_ms: u64,
+}
+
+fn default_handshake_timeout() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -336,6 +349,9 @@ pub struct ServerConfig {
     pub request_header_timeout: Duration,
     /// Open connections from one client address (an IPv6 /64); 0 is no limit.
     pub max_connections_per_ip: u32,
+    /// Whether the plain listeners read a PROXY header first.
+    pub proxy_protocol: ProxyProtocol,
+    pub trusted_proxies: TrustedProxies,
     pub tls: Option<TlsListenerConfig>,
 }
 
@@ -392,8 +408,25 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
             client_ca,
             crl,
             client_cert: t.client_cert,
+            proxy_protocol: t.proxy_protocol.unwrap_or(raw.server.proxy_protocol),
+            handshake_timeout: Duration::from_millis(t.handshake_timeout_ms.max(100)),
         }
     });
+    let trusted_proxies = TrustedProxies::parse(&raw.server.trusted_proxies).unwrap_or_else(|e| {
+        errs.push(src.at(None, format!("[server] trusted_proxies: {e}")));
+        TrustedProxies::default()
+    });
+    let proxied = raw.server.proxy_protocol != ProxyProtocol::Off
+        || tls
+            .as_ref()
+            .is_some_and(|t| t.proxy_protocol != ProxyProtocol::Off);
+    if proxied && trusted_proxies.is_empty() {
+        errs.push(src.at(
+            None,
+            "proxy_protocol needs [server] trusted_proxies, the balancers' addresses \
+             (to trust every address, say so: [\"0.0.0.0/0\", \"::/0\"])",
+        ));
+    }
     if listen.is_empty() && tls.as_ref().is_none_or(|t| t.listen.is_empty()) {
         errs.push(src.at(
             None,
@@ -613,6 +646,8 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
                 raw.server.request_header_timeout_ms.max(100),
             ),
             max_connections_per_ip: raw.server.max_connections_per_ip,
+            proxy_protocol: raw.server.proxy_protocol,
+            trusted_proxies,
             tls,
         },
         admin,

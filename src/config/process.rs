@@ -41,13 +41,25 @@ const PROCESS_ONLY: &[Setting] = &[
     ("[server] max_connections_per_ip", |g| {
         g.server.max_connections_per_ip.to_string()
     }),
-    // The certificate, key, client CA and CRL reload; the sockets and the
-    // verification mode do not.
+    ("[server] proxy_protocol", |g| {
+        format!("{:?}", g.server.proxy_protocol)
+    }),
+    ("[server] trusted_proxies", |g| {
+        format!("{:?}", g.server.trusted_proxies)
+    }),
+    // The certificate, key, client CA and CRL reload; the sockets, the
+    // verification mode and the handshake's framing do not.
     ("[server.tls] listen", |g| {
         format!("{:?}", g.server.tls.as_ref().map(|t| &t.listen))
     }),
     ("[server.tls] client_cert", |g| {
         format!("{:?}", g.server.tls.as_ref().map(|t| t.client_cert))
+    }),
+    ("[server.tls] proxy_protocol", |g| {
+        format!("{:?}", g.server.tls.as_ref().map(|t| t.proxy_protocol))
+    }),
+    ("[server.tls] handshake_timeout_ms", |g| {
+        format!("{:?}", g.server.tls.as_ref().map(|t| t.handshake_timeout))
     }),
     ("[admin] listen", |g| format!("{:?}", g.admin)),
     // The JWKS refresh task starts with the process (a JWKS file reloads).

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -21,6 +22,8 @@ use pingora::tls::pkey::{PKey, Private};
 use pingora::tls::ssl::SslFiletype;
 use pingora::tls::x509::store::{X509Lookup, X509Store, X509StoreBuilder};
 use pingora::tls::x509::verify::X509VerifyFlags;
+
+use crate::connection::proxy_header::ProxyProtocol;
 use pingora::tls::x509::{X509Crl, X509PurposeId, X509};
 
 /// Whether TLS listeners ask for, or demand, a client certificate.
@@ -43,6 +46,9 @@ pub struct TlsListenerConfig {
     /// one without a current CRL from its issuer is refused.
     pub crl: Option<PathBuf>,
     pub client_cert: ClientCertMode,
+    pub proxy_protocol: ProxyProtocol,
+    /// From accept to the end of the handshake.
+    pub handshake_timeout: Duration,
 }
 
 /// The certificate chain, key and client CA a listener serves with.

@@ -34,7 +34,7 @@ pub struct Metrics {
     pub policy_errors: IntCounterVec,
     pub policy_duration: HistogramVec,
     pub ext_authz_calls: IntCounterVec,
-    pub connections_refused: IntCounterVec,
+    pub connection_rejections: IntCounterVec,
 }
 
 /// Registration fails only on a duplicate name, which is a programming error
@@ -130,12 +130,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["result"]
     )
     .expect("register portcullis_ext_authz_total"),
-    connections_refused: register_int_counter_vec!(
-        "portcullis_connections_refused_total",
-        "Connections closed by the connection stage: per_ip_limit, header_timeout",
+    connection_rejections: register_int_counter_vec!(
+        "portcullis_connection_rejections_total",
+        "Connections closed by the connection stage: per_ip_limit, header_timeout, \
+         untrusted_proxy, missing_proxy_header, invalid_proxy_header, tls_handshake_timeout",
         &["reason"]
     )
-    .expect("register portcullis_connections_refused_total"),
+    .expect("register portcullis_connection_rejections_total"),
 }
 });
 

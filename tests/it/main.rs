@@ -10,6 +10,7 @@ mod body;
 mod body_corpus;
 mod cli;
 mod dashboards;
+mod edge;
 mod gateway;
 mod jwks_url;
 mod keys;

@@ -69,7 +69,7 @@ async fn a_trickled_head_is_cut_at_the_header_deadline() {
     assert!(
         metric(
             &gw,
-            "portcullis_connections_refused_total{reason=\"header_timeout\"}"
+            "portcullis_connection_rejections_total{reason=\"header_timeout\"}"
         )
         .await
             >= 2
@@ -192,7 +192,7 @@ async fn connections_per_client_address_are_capped() {
     assert_eq!(
         metric(
             &gw,
-            "portcullis_connections_refused_total{reason=\"per_ip_limit\"}"
+            "portcullis_connection_rejections_total{reason=\"per_ip_limit\"}"
         )
         .await,
         2

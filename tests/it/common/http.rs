@@ -43,8 +43,16 @@ impl Response {
 
 /// Sends raw bytes and reads the response until the server closes.
 pub async fn send(addr: SocketAddr, raw: &[u8]) -> std::io::Result<Response> {
+    send_on(TcpStream::connect(addr).await?, raw).await
+}
+
+/// Sends raw bytes on an open stream (one that wrote a PROXY header, or
+/// a TLS one) and reads the response until the server closes.
+pub async fn send_on<S>(mut s: S, raw: &[u8]) -> std::io::Result<Response>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let io = async {
-        let mut s = TcpStream::connect(addr).await?;
         s.write_all(raw).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;

@@ -1,6 +1,5 @@
-//! The connection stage, before Pingora parses a byte: a cap on open
-//! connections per client address, and an overall deadline for each HTTP/1
-//! request head.
+//! The deadline for each HTTP/1 request head, whatever the pace of single
+//! reads.
 //!
 //! Pingora's own header timeout restarts on every read, so a client that
 //! sends one byte a minute (slowloris) holds its connection forever. The
@@ -8,150 +7,25 @@
 //! head's first byte (later requests) to the blank line that ends the head.
 //! HTTP/2 is left to its own limits (see `server::h2_options`).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
-use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::observe::metrics::METRICS;
-
-/// Wraps the proxy application with the connection stage.
-pub struct Guarded<A> {
-    inner: Arc<A>,
-    per_ip: PerIp,
-    header_timeout: Duration,
-}
-
-impl<A> Guarded<A> {
-    pub fn new(inner: A, max_per_ip: u32, header_timeout: Duration) -> Self {
-        Guarded {
-            inner: Arc::new(inner),
-            per_ip: PerIp::new(max_per_ip),
-            header_timeout,
-        }
-    }
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let peer = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        let _slot = match peer {
-            Some(ip) => match self.per_ip.acquire(ip) {
-                Some(slot) => Some(slot),
-                None => {
-                    METRICS
-                        .connections_refused
-                        .with_label_values(&["per_ip_limit"])
-                        .inc();
-                    return None;
-                }
-            },
-            None => None,
-        };
-        let stream: Stream = if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            stream
-        } else {
-            Box::new(HeadDeadline::new(stream, self.header_timeout))
-        };
-        self.inner.process_new(stream, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        self.inner.cleanup().await
-    }
-}
-
-/// Open connections per client address. IPv6 clients are counted per /64,
-/// the smallest block a site is usually given, so one host cannot spread
-/// its connections over its own prefix.
-struct PerIp {
-    max: u32,
-    open: Arc<Mutex<HashMap<IpAddr, u32>>>,
-}
-
-impl PerIp {
-    fn new(max: u32) -> Self {
-        PerIp {
-            max,
-            open: Arc::default(),
-        }
-    }
-
-    /// A slot for one more connection from `ip`, or `None` at the limit.
-    /// With no limit there is nothing to count.
-    fn acquire(&self, ip: IpAddr) -> Option<Option<Slot>> {
-        if self.max == 0 {
-            return Some(None);
-        }
-        let key = client_key(ip);
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(key).or_insert(0);
-        if *n >= self.max {
-            return None;
-        }
-        *n += 1;
-        Some(Some(Slot {
-            key,
-            open: self.open.clone(),
-        }))
-    }
-}
-
-fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-    }
-}
-
-/// One counted connection; dropping it (the connection ended, whichever
-/// way) gives the slot back.
-struct Slot {
-    key: IpAddr,
-    open: Arc<Mutex<HashMap<IpAddr, u32>>>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.key);
-            }
-        }
-    }
-}
+use super::Rejection;
 
 /// Where the stream is in the HTTP/1 exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +55,7 @@ enum Line {
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 /// A stream that fails its reads once a request head is overdue.
-struct HeadDeadline {
+pub struct HeadDeadline {
     inner: Stream,
     limit: Duration,
     phase: Phase,
@@ -190,7 +64,9 @@ struct HeadDeadline {
 }
 
 impl HeadDeadline {
-    fn new(inner: Stream, limit: Duration) -> Self {
+    /// The first head is due `limit` after `since`: the accept, so that a
+    /// PROXY header read before it takes from the same time.
+    pub fn new(inner: Stream, limit: Duration, since: Instant) -> Self {
         HeadDeadline {
             inner,
             limit,
@@ -199,15 +75,12 @@ impl HeadDeadline {
                 line: Line::Start,
             },
             first_read: true,
-            sleep: Box::pin(tokio::time::sleep(limit)),
+            sleep: Box::pin(tokio::time::sleep_until(since + limit)),
         }
     }
 
     fn overdue() -> io::Error {
-        METRICS
-            .connections_refused
-            .with_label_values(&["header_timeout"])
-            .inc();
+        Rejection::HeaderTimeout.count();
         io::Error::new(io::ErrorKind::TimedOut, "request head not received in time")
     }
 
@@ -409,7 +282,7 @@ mod tests {
         a.set_nonblocking(true).expect("nonblocking");
         let s = tokio::net::UnixStream::from_std(a).expect("tokio stream");
         let l4: pingora::protocols::l4::stream::Stream = s.into();
-        HeadDeadline::new(Box::new(l4), Duration::from_secs(1))
+        HeadDeadline::new(Box::new(l4), Duration::from_secs(1), Instant::now())
     }
 
     #[tokio::test]
@@ -464,38 +337,5 @@ mod tests {
         let mut d = deadline();
         d.observe_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         assert_eq!(d.phase, Phase::Off);
-    }
-
-    #[test]
-    fn per_ip_counts_and_releases() {
-        let l = PerIp::new(2);
-        let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        let a = l.acquire(ip).unwrap();
-        let b = l.acquire(ip).unwrap();
-        assert!(l.acquire(ip).is_none(), "third connection refused");
-        assert!(l.acquire("10.0.0.2".parse().unwrap()).is_some());
-        drop(a);
-        assert!(
-            l.acquire(ip).is_some(),
-            "a closed connection frees its slot"
-        );
-        drop(b);
-        assert!(l.open.lock().unwrap().len() <= 1);
-    }
-
-    #[test]
-    fn ipv6_counts_per_64() {
-        let l = PerIp::new(1);
-        let _a = l.acquire("2001:db8:1:2::1".parse().unwrap()).unwrap();
-        assert!(l.acquire("2001:db8:1:2::ffff".parse().unwrap()).is_none());
-        assert!(l.acquire("2001:db8:1:3::1".parse().unwrap()).is_some());
-        let _v4 = l.acquire("192.0.2.1".parse().unwrap()).unwrap();
-        assert!(
-            l.acquire("::ffff:192.0.2.1".parse().unwrap()).is_none(),
-            "a v4-mapped address is the v4 client"
-        );
-        assert!(PerIp::new(0)
-            .acquire("192.0.2.1".parse().unwrap())
-            .is_some());
     }
 }
