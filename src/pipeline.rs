@@ -96,13 +96,14 @@ pub async fn run(
         .max_body_bytes
         .unwrap_or(tenant.limits.max_body_bytes.min(cfg.max_body_bytes));
     let headers = &session.req_header().headers;
-    intake::check_head(headers, limit, route.api.media())?;
+    let declared = intake::check_head(headers, limit, route.api.media())?;
     let content_type = (route.api == Api::Multipart)
         .then(|| headers.get(http::header::CONTENT_TYPE))
         .flatten()
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let raw = intake::read(session, cfg, limit).await?;
+    let lease = ctx.body_lease.insert(gw.bodies.lease());
+    let raw = intake::read(session, cfg, limit, declared, lease).await?;
     let body_bytes = raw.len();
     let judged = if route.api == Api::Multipart {
         // Boxed: the form reader's state would otherwise live inside every

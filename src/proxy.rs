@@ -21,7 +21,7 @@ use crate::forward::exchange::{self, Answer};
 use crate::forward::upstream::Upstream;
 use crate::identity::Identity;
 use crate::ids::Binding;
-use crate::limits::guard::{Admission, AuthFailures, Overload};
+use crate::limits::guard::{Admission, AuthFailures, BodyBudget, BodyLease, Overload};
 use crate::limits::{local_rate_state, spend, Held, Limiter};
 use crate::observe::access_log::{self, AccessRecord};
 use crate::observe::metrics::{status_label, METRICS};
@@ -39,6 +39,7 @@ pub struct Gateway {
     pub connector: Connector,
     pub auth_failures: AuthFailures,
     pub overload: Overload,
+    pub bodies: BodyBudget,
     /// Where limit state lives: this process, or Redis for the fleet.
     pub limiter: Limiter,
 }
@@ -68,6 +69,9 @@ pub struct RequestCtx {
     /// The tenant's concurrency slot and token reservation; dropping the
     /// context frees them.
     pub(crate) limits: Option<Held>,
+    /// The request body's share of the gateway's body budget, until the
+    /// body has gone to the router.
+    pub(crate) body_lease: Option<BodyLease>,
 }
 
 fn new_request_id() -> String {
@@ -169,6 +173,7 @@ impl ProxyHttp for Gateway {
             usage_tap: None,
             admission: None,
             limits: None,
+            body_lease: None,
         }
     }
 
@@ -292,6 +297,13 @@ impl ProxyHttp for Gateway {
 impl Answer for RequestCtx {
     fn request_head(&self, session: &Session) -> Result<RequestHeader> {
         pipeline::router_head(session, self)
+    }
+
+    fn sent(&mut self) {
+        if let Some(j) = &mut self.judged {
+            j.body = Bytes::new();
+        }
+        self.body_lease = None;
     }
 
     fn head(&mut self, resp: &mut ResponseHeader) -> Result<()> {

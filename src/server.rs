@@ -32,7 +32,7 @@ use crate::identity::mtls::{
     client_verify_store, CertCallbacks, ClientCertMode, TlsListenerConfig, TlsMaterial,
 };
 use crate::inbound::HeadLimits;
-use crate::limits::guard::{AuthFailures, Overload};
+use crate::limits::guard::{AuthFailures, BodyBudget, Overload};
 use crate::limits::redis::{BreakerProbe, RedisLimits};
 use crate::limits::{state, Limiter, LimitsBackend};
 use crate::observe::logging::LoggingService;
@@ -171,6 +171,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
             connector: Connector::new(None),
             auth_failures: AuthFailures::new(gw.limits.auth_failures_per_ip_per_minute),
             overload: Overload::new(gw.limits.max_inflight),
+            bodies: BodyBudget::default(),
             limiter,
         },
     );

@@ -10,6 +10,7 @@ use http::HeaderMap;
 use pingora::proxy::Session;
 
 use super::BodyConfig;
+use crate::limits::guard::BodyLease;
 use crate::reject::{Reject, RejectCode};
 
 /// The body a route takes.
@@ -23,8 +24,8 @@ pub enum Media {
 }
 
 /// Checks the head of a request for a route that takes `media`, against
-/// the effective size `limit`.
-pub fn check_head(headers: &HeaderMap, limit: u64, media: Media) -> Result<(), Reject> {
+/// the effective size `limit`; returns the declared length, if any.
+pub fn check_head(headers: &HeaderMap, limit: u64, media: Media) -> Result<Option<u64>, Reject> {
     let ctype = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let no_body = !headers.contains_key(TRANSFER_ENCODING)
         && headers
@@ -57,28 +58,40 @@ pub fn check_head(headers: &HeaderMap, limit: u64, media: Media) -> Result<(), R
             ));
         }
     }
-    if let Some(len) = headers.get(CONTENT_LENGTH) {
-        let declared: u64 = len
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| {
-                Reject::bad_request(RejectCode::InvalidRequest, "malformed Content-Length")
-            })?;
-        if declared > limit {
-            return Err(too_large(limit));
-        }
+    let Some(len) = headers.get(CONTENT_LENGTH) else {
+        return Ok(None);
+    };
+    let declared: u64 = len
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| {
+            Reject::bad_request(RejectCode::InvalidRequest, "malformed Content-Length")
+        })?;
+    if declared > limit {
+        return Err(too_large(limit));
     }
-    Ok(())
+    Ok(Some(declared))
 }
 
 /// Reads the whole body, at most `limit` bytes, within the whole-body
-/// timeout and above the minimum rate. Any failure closes the connection,
-/// whose framing state is then unknown.
-pub async fn read(session: &mut Session, cfg: &BodyConfig, limit: u64) -> Result<BytesMut, Reject> {
+/// timeout and above the minimum rate, holding what it reads in `lease`
+/// (a declared length is held before the read starts). Any failure closes
+/// the connection, whose framing state is then unknown.
+pub async fn read(
+    session: &mut Session,
+    cfg: &BodyConfig,
+    limit: u64,
+    declared: Option<u64>,
+    lease: &mut BodyLease,
+) -> Result<BytesMut, Reject> {
+    lease.hold(declared.unwrap_or(0), cfg.max_buffered_bytes)?;
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let started = Instant::now();
-    let mut raw = BytesMut::new();
+    // A declared length is the buffer's size: no regrowth, no slack.
+    let mut raw = BytesMut::with_capacity(
+        declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit)),
+    );
     loop {
         let (deadline, by_rate) = cfg.next_read_deadline(started, raw.len());
         let left = deadline.saturating_duration_since(Instant::now());
@@ -105,9 +118,14 @@ pub async fn read(session: &mut Session, cfg: &BodyConfig, limit: u64) -> Result
             Ok(Ok(None)) => return Ok(raw),
             Ok(Ok(Some(chunk))) => chunk,
         };
-        if raw.len() + chunk.len() > limit {
+        let total = raw.len() + chunk.len();
+        if total > limit {
             session.set_keepalive(None);
             return Err(too_large(limit as u64));
+        }
+        if let Err(full) = lease.hold(total as u64, cfg.max_buffered_bytes) {
+            session.set_keepalive(None);
+            return Err(full);
         }
         raw.extend_from_slice(&chunk);
     }

@@ -29,6 +29,8 @@ use schema::Schemas;
 pub struct BodyConfig {
     /// A cap on every body, whatever the plan allows.
     pub max_body_bytes: u64,
+    /// A cap on the body bytes held across every in-flight request.
+    pub max_buffered_bytes: u64,
     /// The whole body must arrive within this time of the request head.
     pub read_timeout: Duration,
     /// After the first second, the body must keep arriving at least this
@@ -43,6 +45,7 @@ impl Default for BodyConfig {
     fn default() -> Self {
         BodyConfig {
             max_body_bytes: 8 * 1024 * 1024,
+            max_buffered_bytes: 1 << 30,
             read_timeout: Duration::from_secs(30),
             min_bytes_per_second: 1024,
             max_depth: 64,

@@ -42,6 +42,7 @@ struct RawGateway {
 #[serde(deny_unknown_fields)]
 struct RawBody {
     max_body_bytes: Option<u64>,
+    max_buffered_bytes: Option<u64>,
     read_timeout_ms: Option<u64>,
     min_bytes_per_second: Option<u64>,
     max_depth: Option<usize>,
@@ -605,6 +606,7 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
         None => defaults,
         Some(b) => BodyConfig {
             max_body_bytes: b.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            max_buffered_bytes: b.max_buffered_bytes.unwrap_or(defaults.max_buffered_bytes),
             read_timeout: b
                 .read_timeout_ms
                 .map_or(defaults.read_timeout, |ms| Duration::from_millis(ms.max(1))),

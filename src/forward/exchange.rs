@@ -33,6 +33,9 @@ pub trait Answer {
     /// The head the router gets, built for each attempt (a retry on a
     /// pooled connection the router closed needs a new one).
     fn request_head(&self, session: &Session) -> Result<RequestHeader>;
+    /// The request is with the router: the body it held can go (a long
+    /// stream must not keep its prompt's bytes in the body budget).
+    fn sent(&mut self);
     /// The gateway's part of the answer's head (request id, rate-limit
     /// headers, re-framing).
     fn head(&mut self, resp: &mut ResponseHeader) -> Result<()>;
@@ -56,6 +59,7 @@ pub async fn run(
     answer: &mut impl Answer,
 ) -> Result<()> {
     let mut up = send(connector, peer, session, body, answer).await?;
+    answer.sent();
     let mut resp = up
         .response_header()
         .cloned()

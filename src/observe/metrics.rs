@@ -35,6 +35,7 @@ pub struct Metrics {
     pub policy_duration: HistogramVec,
     pub ext_authz_calls: IntCounterVec,
     pub connection_rejections: IntCounterVec,
+    pub body_buffered: IntGauge,
 }
 
 /// Registration fails only on a duplicate name, which is a programming error
@@ -137,6 +138,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["reason"]
     )
     .expect("register portcullis_connection_rejections_total"),
+    body_buffered: register_int_gauge!(
+        "portcullis_body_buffered_bytes",
+        "Request-body bytes held across in-flight requests, against [body] max_buffered_bytes"
+    )
+    .expect("register portcullis_body_buffered_bytes"),
 }
 });
 

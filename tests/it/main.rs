@@ -7,6 +7,7 @@ mod access_log;
 mod adversarial;
 mod api_surface;
 mod body;
+mod body_budget;
 mod body_corpus;
 mod cli;
 mod dashboards;

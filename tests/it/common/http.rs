@@ -61,6 +61,11 @@ where
     let buf = tokio::time::timeout(Duration::from_secs(15), io)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response in 15 s"))??;
+    parse_response(&buf)
+}
+
+/// Parses one whole response (its body de-chunked or cut to its length).
+pub fn parse_response(buf: &[u8]) -> std::io::Result<Response> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(&buf) {
