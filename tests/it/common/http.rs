@@ -68,12 +68,12 @@ where
 pub fn parse_response(buf: &[u8]) -> std::io::Result<Response> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
-    let head_len = match resp.parse(&buf) {
+    let head_len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         _ => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!("bad response: {:?}", String::from_utf8_lossy(&buf)),
+                format!("bad response: {:?}", String::from_utf8_lossy(buf)),
             ))
         }
     };
