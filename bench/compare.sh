@@ -8,7 +8,7 @@
 #   bench/compare.sh                         # every scenario, ~15 min
 #   SCENARIOS="1k fixed" REPS=1 bench/compare.sh
 #
-# Scenarios: 1k 32k sse tls redis rego threads dialects fixed rss (see
+# Scenarios: 1k 32k sse tls redis rego threads dialects proxy fixed rss (see
 # bench/RESULTS.md). dialects: the 1 KiB full path as chat, Responses and
 # Anthropic Messages, in turn.
 # Env: DURATION=10 WARMUP=3 CONNS=50 REPS=3 FIXED_QPS=5000 IDLE_CONNS=10000
@@ -25,7 +25,7 @@ OUT=${OUT:-$WORK/results/$(date +%Y%m%d-%H%M%S)}
 DURATION=${DURATION:-10}; WARMUP=${WARMUP:-3}; CONNS=${CONNS:-50}; REPS=${REPS:-3}
 FIXED_QPS=${FIXED_QPS:-5000}; IDLE_CONNS=${IDLE_CONNS:-10000}
 PROXY_CPU=${PROXY_CPU:-0}; LOAD_CPU=${LOAD_CPU:-1}
-SCENARIOS=${SCENARIOS:-"1k 32k sse tls redis rego threads dialects fixed rss"}
+SCENARIOS=${SCENARIOS:-"1k 32k sse tls redis rego threads dialects proxy fixed rss"}
 RUN=$WORK/run; LOGS=$WORK/logs; GEN=$WORK/gen; KEYS=$WORK/keys
 mkdir -p "$OUT" "$RUN" "$LOGS" "$GEN" "$WORK/nginx-prefix/logs"
 
@@ -105,7 +105,7 @@ TOML
   done
 } >"$GEN/tenants.toml"
 
-portcullis_config() {  # NAME THREADS BACKEND [EXTRA] -> path of gateway.toml
+portcullis_config() {  # NAME THREADS BACKEND [EXTRA] [SERVER_EXTRA] -> path of gateway.toml
   local d=$GEN/$1
   mkdir -p "$d"
   cat >"$d/gateway.toml" <<TOML
@@ -118,6 +118,7 @@ graceful_shutdown_timeout_seconds = 1
 pid_file = "$RUN/$1.pid"
 upgrade_sock = "$RUN/$1.sock"
 max_connections_per_ip = 0             # every client is 127.0.0.1 here
+${5:-}
 
 [server.tls]
 listen = ["127.0.0.1:18443"]
@@ -207,14 +208,15 @@ setup_case() {
         --disable-hot-restart --log-level warn
       PORT=18000; DESC="Envoy gateway config (jwt_authn, strip, local rate limit, buffer, json_to_metadata, Lua), --concurrency 1";;
     portcullis*|tls-*)
-      local threads=1 backend=local extra="" log=${PORTCULLIS_LOG:-info}
+      local threads=1 backend=local extra="" server="" log=${PORTCULLIS_LOG:-info}
       case $c in
+        portcullis-proxyv2) server=$'proxy_protocol = "required"\ntrusted_proxies = ["127.0.0.1"]';;
         portcullis-nolog) log=warn;;
         portcullis-t2) threads=2; cpus="";;
         portcullis-redis) backend=redis; start_redis;;
         portcullis-rego) extra="rego = \"$ROOT/policies/authz.rego\"";;
       esac
-      start proxy "$cpus" env PORTCULLIS_LOG="$log" "$BIN" serve -c "$(portcullis_config "$c" "$threads" "$backend" "$extra")"
+      start proxy "$cpus" env PORTCULLIS_LOG="$log" "$BIN" serve -c "$(portcullis_config "$c" "$threads" "$backend" "$extra" "$server")"
       PORT=18010; DESC="Portcullis, threads = $threads, limits $backend${extra:+, Rego}, log level $log (info writes the access log)"
       if [[ $c == tls-* ]]; then PORT=18443; SCHEME=https; fi;;
     *) echo "unknown case $c" >&2; return 1;;
@@ -245,8 +247,9 @@ rss_kb() {  # NAME: resident KiB of the process and its children
 # sanity CASE URL TOKEN BODY: one request must be 200, and where a gateway
 # is in the path the router must have seen the tenant and no credential.
 sanity() {
-  local h
-  h=$(curl -sk -D - -o /dev/null -H 'content-type: application/json' -H "authorization: Bearer $3" \
+  local h proxied=()
+  [[ $1 == portcullis-proxyv2 ]] && proxied=(--haproxy-protocol)
+  h=$(curl -sk "${proxied[@]}" -D - -o /dev/null -H 'content-type: application/json' -H "authorization: Bearer $3" \
         --data-binary @"$4" "$2" | tr -d '\r')
   [[ $(head -1 <<<"$h") == *" 200"* ]] || { echo "sanity FAILED for $1: $(head -1 <<<"$h")" >&2; return 1; }
   if [[ $1 == envoy-gw || $1 == portcullis* || $1 == tls-* ]]; then
@@ -366,6 +369,10 @@ for rep in $(seq "$REPS"); do
       rego) for c in portcullis portcullis-rego; do measure rego "$c" "$WORK/body-1k.json" "$MIX"; done;;
       threads) measure threads portcullis "$WORK/body-1k.json" "$MIX"
                measure threads portcullis-t2 "$WORK/body-1k.json" "$MIX";;
+      # PROXY v2 costs once per connection: measured where it costs most,
+      # one request per connection, against the same without a header.
+      proxy) measure proxy portcullis-newconn "$WORK/body-1k.json" "$MIX" 1
+             PROXY_V2=1 measure proxy portcullis-proxyv2 "$WORK/body-1k.json" "$MIX" 1;;
       dialects) measure dialects portcullis-chat "$WORK/body-1k.json" "$MIX"
                 ROUTE=/v1/responses measure dialects portcullis-responses "$WORK/body-responses-1k.json" "$MIX"
                 ROUTE=/v1/messages measure dialects portcullis-messages "$WORK/body-messages-1k.json" "$MIX";;

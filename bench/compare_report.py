@@ -115,6 +115,15 @@ for dialect in ("responses", "messages"):
         ratio = statistics.median(ratios)
         target(f"{dialect} CPU/req within 10 % of chat (1 KiB, paired per repetition)", ratio,
                ratio <= 1.10, f"{ratio:.2f}× (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
+# PROXY v2 against the same new-connection load without a header, paired
+# per repetition like the dialects.
+plain = [r["cpu_us_per_req"] for r in groups.get(("proxy", "portcullis-newconn"), [])]
+v2 = [r["cpu_us_per_req"] for r in groups.get(("proxy", "portcullis-proxyv2"), [])]
+ratios = [p / c for p, c in zip(v2, plain) if c]
+if ratios:
+    ratio = statistics.median(ratios)
+    target("PROXY v2 CPU/req within noise (5 %) of none, one request per connection", ratio,
+           ratio <= 1.05, f"{ratio:.2f}× (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
 fl = med("1k", "pingora", "cpu_us_per_req")
 if pc and fl:
     out.append(f"\nBare Pingora (no policy) costs {fl:.1f} µs/req here: the policy path adds {pc - fl:.1f} µs.")

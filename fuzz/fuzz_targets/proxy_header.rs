@@ -2,10 +2,11 @@
 //! a header never claims more bytes than it was given or than the bounds,
 //! and the answer is stable as bytes arrive. Every prefix of the input is
 //! `Partial` or already the final answer, and bytes after a final answer
-//! (the TLS or HTTP that follows) never change it.
+//! (the TLS or HTTP that follows) never change it; reading as the gateway
+//! does (`next_read`) stops exactly where a header ends.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use portcullis::connection::proxy_header::{parse, Parsed, V2_MAX};
+use portcullis::connection::proxy_header::{next_read, parse, Parsed, V2_MAX};
 
 fuzz_target!(|data: &[u8]| {
     let full = parse(data);
@@ -18,6 +19,14 @@ fuzz_target!(|data: &[u8]| {
             early == Parsed::Partial || early == full,
             "{cut}: {early:?} then {full:?}"
         );
+    }
+    // Read as the gateway reads: it stops exactly at a header's end.
+    let mut at = 0;
+    while at < data.len() && parse(&data[..at]) == Parsed::Partial {
+        at = (at + next_read(&data[..at])).min(data.len());
+    }
+    if let Parsed::Header { len, .. } = full {
+        assert_eq!(at, len, "read past the header");
     }
     if full != Parsed::Partial {
         let mut more = data.to_vec();

@@ -146,23 +146,18 @@ impl<A> Guarded<A> {
     }
 }
 
-/// Reads a PROXY header whole, and puts back what follows it (or, on an
-/// optional listener, everything read when there is no header). `Err(None)`
-/// is a client that closed first.
+/// Reads a PROXY header whole, never past it (so nothing is put back but
+/// the first bytes of an optional listener's connection without one).
+/// `Err(None)` is a client that closed first.
 async fn read_proxy_header(
     l4: &mut L4Stream,
     mode: ProxyProtocol,
 ) -> Result<Source, Option<Rejection>> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 512];
+    // The largest v2 address block is 216 bytes; TLVs may grow it.
+    let mut buf = Vec::with_capacity(proxy_header::V1_MAX.max(232));
     loop {
         match proxy_header::parse(&buf) {
-            Parsed::Header { len, source } => {
-                if buf.len() > len {
-                    l4.rewind(&buf[len..]);
-                }
-                return Ok(source);
-            }
+            Parsed::Header { source, .. } => return Ok(source),
             Parsed::Absent if mode == ProxyProtocol::Required => {
                 return Err(Some(Rejection::MissingProxyHeader))
             }
@@ -173,11 +168,12 @@ async fn read_proxy_header(
             Parsed::Invalid => return Err(Some(Rejection::InvalidProxyHeader)),
             Parsed::Partial => {}
         }
-        // `parse` refuses a header over its bound before it is all read,
-        // so `buf` stays within a chunk of it.
-        match l4.read(&mut chunk).await {
+        // `parse` refuses a header over its bound before it is read.
+        let at = buf.len();
+        buf.resize(at + proxy_header::next_read(&buf), 0);
+        match l4.read(&mut buf[at..]).await {
             Ok(0) | Err(_) => return Err(None),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Ok(n) => buf.truncate(at + n),
         }
     }
 }

@@ -82,7 +82,7 @@ pub enum Parsed {
 
 const V1_PREFIX: &[u8] = b"PROXY ";
 /// The longest v1 line the spec allows, CRLF included.
-const V1_MAX: usize = 107;
+pub const V1_MAX: usize = 107;
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 const V2_FIXED: usize = 16;
 /// Balancers' TLVs (AWS's endpoint id, GCP's PSC data, HAProxy's SSL
@@ -99,6 +99,24 @@ pub fn parse(buf: &[u8]) -> Parsed {
         return parse_v1(buf);
     }
     Parsed::Absent
+}
+
+/// How many bytes to read next from a connection that started with `buf`
+/// (judged `Partial`), so as never to read past a header: at first enough
+/// to tell the versions apart, then a v2 header's declared length, and a
+/// v1 line byte by byte (reads are served from the stream's buffer).
+pub fn next_read(buf: &[u8]) -> usize {
+    const TELLS_APART: usize = V1_PREFIX.len();
+    if buf.len() < TELLS_APART {
+        TELLS_APART - buf.len()
+    } else if !starts_like(buf, V2_SIGNATURE) {
+        1
+    } else if buf.len() < V2_FIXED {
+        V2_FIXED - buf.len()
+    } else {
+        let len = V2_FIXED + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+        len.saturating_sub(buf.len()).max(1)
+    }
 }
 
 /// Whether `buf` and `prefix` agree on their common length (an empty
@@ -296,6 +314,27 @@ mod tests {
         let mut huge = v2(1, 0x11, &v4, &[]);
         huge[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
         assert_eq!(parse(&huge), Parsed::Invalid, "over V2_MAX is not read");
+    }
+
+    #[test]
+    fn reads_never_go_past_a_header() {
+        let tlv = [0xea, 0x00, 0x04, 0x01, b'v', b'p', b'c'];
+        let v4 = [127, 0, 0, 23, 10, 0, 0, 1, 0x9c, 0x40, 0x01, 0xbb];
+        let shortest_v1 = b"PROXY UNKNOWN\r\n".to_vec();
+        for header in [
+            v2(1, 0x11, &v4, &tlv),
+            v2(0, 0x00, &[], &[]),
+            shortest_v1,
+            b"PROXY TCP4 127.0.0.23 10.0.0.1 40000 443\r\n".to_vec(),
+        ] {
+            let mut wire = header.clone();
+            wire.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+            let mut at = 0;
+            while parse(&wire[..at]) == Parsed::Partial {
+                at += next_read(&wire[..at]);
+            }
+            assert_eq!(at, header.len(), "{:?}", String::from_utf8_lossy(&header));
+        }
     }
 
     #[test]
