@@ -297,12 +297,14 @@ async fn an_upgrade_under_load_fails_no_request() {
         "requests_per_second = 1000\nburst = 1000",
         "requests_per_second = 1000000\nburst = 1000000",
     );
-    write_daemon_dir(
-        d,
-        &keys,
-        &unlimited,
-        &gateway_toml(&addr, router.addr(), ""),
+    // The listener reads a PROXY header from 127.0.0.1 when one comes: the
+    // handoff passes such a listener over like any other.
+    let config = gateway_toml(&addr, router.addr(), "").replace(
+        "upgrade_sock = \"upgrade.sock\"\n",
+        "upgrade_sock = \"upgrade.sock\"\nproxy_protocol = \"optional\"\n\
+         trusted_proxies = [\"127.0.0.1\"]\n",
     );
+    write_daemon_dir(d, &keys, &unlimited, &config);
     let _cleanup = Daemons(d);
     start_daemon(d, &addr).await;
     let old = pid(d).unwrap();
@@ -315,10 +317,17 @@ async fn an_upgrade_under_load_fails_no_request() {
     let fresh = Arc::new(Counts::default());
     let kept = Arc::new(Counts::default());
     let mut load = Vec::new();
-    for _ in 0..2 {
-        // A new connection for every request.
+    for proxied in [false, true] {
+        // A new connection for every request, one client behind a balancer
+        // that writes a PROXY header first.
         let (stop, c, addr) = (stop.clone(), fresh.clone(), addr.clone());
-        let req = post(CHAT, &chat_body()).bearer(&token).build();
+        let mut req = post(CHAT, &chat_body()).bearer(&token).build();
+        if proxied {
+            req.splice(
+                0..0,
+                b"PROXY TCP4 198.51.100.7 10.0.0.1 40000 443\r\n".to_vec(),
+            );
+        }
         load.push(tokio::spawn(async move {
             let mut pace = tokio::time::interval(PACE);
             while !stop.load(Ordering::Relaxed) {
