@@ -114,9 +114,13 @@ pub fn next_read(buf: &[u8]) -> usize {
     } else if buf.len() < V2_FIXED {
         V2_FIXED - buf.len()
     } else {
-        let len = V2_FIXED + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
-        len.saturating_sub(buf.len()).max(1)
+        v2_len(buf).saturating_sub(buf.len()).max(1)
     }
+}
+
+/// A v2 header's whole length, from its fixed part (`buf` holds it).
+fn v2_len(buf: &[u8]) -> usize {
+    V2_FIXED + usize::from(u16::from_be_bytes([buf[14], buf[15]]))
 }
 
 /// Whether `buf` and `prefix` agree on their common length (an empty
@@ -130,7 +134,7 @@ fn parse_v2(buf: &[u8]) -> Parsed {
     if buf.len() < V2_FIXED {
         return Parsed::Partial;
     }
-    let len = V2_FIXED + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    let len = v2_len(buf);
     if len > V2_MAX {
         return Parsed::Invalid;
     }
