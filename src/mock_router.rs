@@ -397,7 +397,8 @@ fn answer(req: &Recorded, stream_chunks: usize, serial: usize) -> Answer {
             // Half the prompt "from the cache", as OpenAI reports it.
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 6,
                       "total_tokens": prompt_tokens + 6,
-                      "prompt_tokens_details": {"cached_tokens": prompt_tokens / 2}}
+                      "prompt_tokens_details": {"cached_tokens": prompt_tokens / 2},
+                      "completion_tokens_details": {"reasoning_tokens": 2}}
         }),
         ("POST", ["", "v1", "completions"]) => json!({
             "id": "cmpl-mock",
@@ -527,6 +528,6 @@ fn response_object(id: &str, model: &str, status: &str, input: usize, previous: 
         "error": null, "incomplete_details": null, "instructions": null,
         "usage": {"input_tokens": input, "output_tokens": 6, "total_tokens": input + 6,
                   "input_tokens_details": {"cached_tokens": 0},
-                  "output_tokens_details": {"reasoning_tokens": 0}}
+                  "output_tokens_details": {"reasoning_tokens": 1}}
     })
 }

@@ -11,17 +11,20 @@ use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 
 use crate::authz;
-use crate::body::{self, intake, multipart, response_not_found, Gate};
+use crate::body::{self, intake, multipart, response_not_found, Gate, Judged};
+use crate::config::Snapshot;
 use crate::forward::{self, TrustedContext};
 use crate::identity;
 use crate::identity::mtls::CertIdentity;
 use crate::ids::Binding;
 use crate::inbound;
+use crate::limits::guard::BodyLease;
 use crate::limits::{quota, spend, Reserve, ScopeLimiter};
+use crate::observe::telemetry::RequestTrace;
 use crate::policy::PolicyRequest;
 use crate::proxy::{Gateway, RequestCtx};
 use crate::reject::{Reject, RejectCode};
-use crate::route::{Api, RouteSpec};
+use crate::route::{Api, Route, RouteSpec};
 use crate::tenant::{Feature, Tenant};
 
 /// What a request that passed every stage gets.
@@ -60,11 +63,13 @@ pub async fn run(
     } else {
         Vec::new()
     };
+    let t = stage_start(&ctx.trace);
     let held = gw
         .limiter
-        .admit(&tenant.id, scopes, &ctx.request_id, slot, &read)
-        .await?;
-    let held = ctx.limits.insert(held);
+        .admit(&tenant, scopes, &ctx.request_id, slot, &read)
+        .await;
+    stage_end(&ctx.trace, "limits", t, &held);
+    let held = ctx.limits.insert(held?);
     match route.api {
         Api::Quota => {
             let key_id = who.key_id.as_deref();
@@ -89,40 +94,19 @@ pub async fn run(
         ctx.router_path = Some(open_path_id(&route, &session.req_header().uri, &ids)?);
     }
 
-    // The body gate: bounded read, then the pure judgement. A route's own
-    // cap (an audio route's) replaces the plan's and the gateway's.
-    let cfg = &snap.gateway.body;
-    let limit = route
-        .max_body_bytes
-        .unwrap_or(tenant.limits.max_body_bytes.min(cfg.max_body_bytes));
-    let headers = &session.req_header().headers;
-    let declared = intake::check_head(headers, limit, route.api.media())?;
-    let content_type = (route.api == Api::Multipart)
-        .then(|| headers.get(http::header::CONTENT_TYPE))
-        .flatten()
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let lease = ctx.body_lease.insert(gw.bodies.lease());
-    let raw = intake::read(session, cfg, limit, declared, lease).await?;
-    let body_bytes = raw.len();
-    let judged = if route.api == Api::Multipart {
-        // Boxed: the form reader's state would otherwise live inside every
-        // request's future, moved with it, multipart or not.
-        Box::pin(multipart::judge(
-            &route,
-            &tenant,
-            content_type.as_deref(),
-            raw.freeze(),
-        ))
-        .await?
-    } else {
-        let gate = Gate {
-            cfg,
-            schemas: &snap.schemas,
-            ids,
-        };
-        body::judge(&route, &tenant, &gate, &raw)?
-    };
+    let t = stage_start(&ctx.trace);
+    let judged = judge_body(
+        gw,
+        session,
+        &mut ctx.body_lease,
+        &snap,
+        &route,
+        &tenant,
+        ids,
+    )
+    .await;
+    stage_end(&ctx.trace, "body", t, &judged);
+    let (judged, body_bytes) = judged?;
 
     // Policy: Rego, then the external authorizer.
     if !snap.policies.is_empty() {
@@ -146,11 +130,13 @@ pub async fn run(
             prompt_tokens: judged.prompt_tokens,
         };
         let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let t = stage_start(&ctx.trace);
         let headers = snap
             .policies
             .authorize(&preq, &req.headers, path, &ctx.request_id)
-            .await?;
-        ctx.policy_headers = headers;
+            .await;
+        stage_end(&ctx.trace, "policy", t, &headers);
+        ctx.policy_headers = headers?;
     }
 
     // Token and money budgets: the prompt estimate plus every output
@@ -175,9 +161,13 @@ pub async fn run(
     }
     let model_scope = tenant.model_scopes.lookup(&judged.model).map(|(_, s)| s);
     if let Some(held) = ctx.limits.as_mut() {
-        gw.limiter
+        let t = stage_start(&ctx.trace);
+        let reserved = gw
+            .limiter
             .reserve(held, &tenant.id, &ctx.request_id, model_scope, reserve)
-            .await?;
+            .await;
+        stage_end(&ctx.trace, "limits", t, &reserved);
+        reserved?;
     }
     ctx.usage_tap = route.api.usage_tap(
         judged.features.contains(Feature::Stream),
@@ -186,6 +176,53 @@ pub async fn run(
     let body = judged.body.clone();
     ctx.judged = Some(judged);
     Ok(Outcome::Forward(body))
+}
+
+/// The body gate: bounded read, then the pure judgement. A route's own
+/// cap (an audio route's) replaces the plan's and the gateway's. Returns
+/// the judged body and how many bytes the client sent.
+async fn judge_body(
+    gw: &Gateway,
+    session: &mut Session,
+    lease: &mut Option<BodyLease>,
+    snap: &Snapshot,
+    route: &Route,
+    tenant: &Tenant,
+    ids: Binding<'_>,
+) -> Result<(Judged, usize), Reject> {
+    let cfg = &snap.gateway.body;
+    let limit = route
+        .max_body_bytes
+        .unwrap_or(tenant.limits.max_body_bytes.min(cfg.max_body_bytes));
+    let headers = &session.req_header().headers;
+    let declared = intake::check_head(headers, limit, route.api.media())?;
+    let content_type = (route.api == Api::Multipart)
+        .then(|| headers.get(http::header::CONTENT_TYPE))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let lease = lease.insert(gw.bodies.lease());
+    let raw = intake::read(session, cfg, limit, declared, lease).await?;
+    let body_bytes = raw.len();
+    let judged = if route.api == Api::Multipart {
+        // Boxed: the form reader's state would otherwise live inside every
+        // request's future, moved with it, multipart or not.
+        Box::pin(multipart::judge(
+            route,
+            tenant,
+            content_type.as_deref(),
+            raw.freeze(),
+        ))
+        .await?
+    } else {
+        let gate = Gate {
+            cfg,
+            schemas: &snap.schemas,
+            ids,
+        };
+        body::judge(route, tenant, &gate, &raw)?
+    };
+    Ok((judged, body_bytes))
 }
 
 /// The scopes `GET /v1/quota` reports, in check order: the caller's key,
@@ -225,12 +262,16 @@ fn identify(gw: &Gateway, session: &Session, ctx: &mut RequestCtx) -> Result<(),
         .digest()
         .and_then(|d| d.ssl_digest.as_ref())
         .and_then(|s| s.extension.get::<CertIdentity>());
+    let t = stage_start(&ctx.trace);
     let who = identity::resolve(&snap.auth, &snap.tenants, &req.headers, cert, unix_now())
         .inspect_err(|r| {
             if let (401, Some(ip)) = (r.status, &ip) {
                 gw.auth_failures.record_failure(ip);
             }
-        })?;
+        });
+    stage_end(&ctx.trace, "identity", t, &who);
+    let who = who?;
+    let t = stage_start(&ctx.trace);
     let route = authz::admit(
         &who.tenant,
         &snap.routes,
@@ -238,6 +279,7 @@ fn identify(gw: &Gateway, session: &Session, ctx: &mut RequestCtx) -> Result<(),
         req.uri.path(),
         &snap.gateway.server.region,
     );
+    stage_end(&ctx.trace, "authz", t, &route);
     // Known even when the route is refused: the rejection is counted
     // against the tenant and carries its rate-limit headers.
     ctx.identity = Some(who);
@@ -317,9 +359,29 @@ pub fn router_head(session: &Session, ctx: &RequestCtx) -> pingora::Result<Reque
         head.set_uri(uri);
     }
     forward::apply(&mut head, &trusted, &ctx.snapshot.signer, unix_now())?;
+    if let Some(trace) = &ctx.trace {
+        trace.inject(&mut head);
+    }
     let body_len = ctx.judged.as_ref().map_or(0, |j| j.body.len());
     head.insert_header("content-length", body_len.to_string())?;
     Ok(head)
+}
+
+/// When a stage began, read only when the request is traced.
+fn stage_start(trace: &Option<RequestTrace>) -> Option<SystemTime> {
+    trace.as_ref().map(|_| SystemTime::now())
+}
+
+/// The stage's span, when the request is traced.
+fn stage_end<T>(
+    trace: &Option<RequestTrace>,
+    name: &'static str,
+    start: Option<SystemTime>,
+    result: &Result<T, Reject>,
+) {
+    if let (Some(trace), Some(start)) = (trace, start) {
+        trace.stage(name, start, result.is_ok());
+    }
 }
 
 fn internal(what: &'static str) -> Reject {

@@ -25,6 +25,7 @@ use crate::limits::guard::{Admission, AuthFailures, BodyBudget, BodyLease, Overl
 use crate::limits::{local_rate_state, spend, Held, Limiter};
 use crate::observe::access_log::{self, AccessRecord};
 use crate::observe::metrics::{status_label, METRICS};
+use crate::observe::telemetry::{Finished, RequestTrace, Telemetry};
 use crate::pipeline::{self, Outcome};
 use crate::policy::PolicyHeaders;
 use crate::reject::{ErrorShape, Reject, RejectCode};
@@ -42,6 +43,8 @@ pub struct Gateway {
     pub bodies: BodyBudget,
     /// Where limit state lives: this process, or Redis for the fleet.
     pub limiter: Limiter,
+    /// The tracer, when `[telemetry]` is configured.
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 /// Per-request state. The snapshot is loaded once, so a request finishes on
@@ -72,6 +75,13 @@ pub struct RequestCtx {
     /// The request body's share of the gateway's body budget, until the
     /// body has gone to the router.
     pub(crate) body_lease: Option<BodyLease>,
+    /// The request's spans, when tracing is on.
+    pub(crate) trace: Option<RequestTrace>,
+    /// Whether the answer is an event stream.
+    stream: bool,
+    /// When the answer's first body byte arrived, and its last.
+    first_byte: Option<Instant>,
+    answer_end: Option<Instant>,
 }
 
 fn new_request_id() -> String {
@@ -128,6 +138,9 @@ impl Gateway {
         body: Bytes,
     ) -> Result<()> {
         ctx.upstream_started = Some(Instant::now());
+        if let Some(t) = &mut ctx.trace {
+            t.start_upstream();
+        }
         let sent = match self.upstream.peer() {
             Ok(peer) => exchange::run(&self.connector, &peer, session, body, ctx).await,
             Err(e) => Err(e),
@@ -148,8 +161,11 @@ impl Gateway {
         Ok(())
     }
 
+    /// The request's `tenant` metric label (`[observe] tenant_label`).
     fn tenant_label(ctx: &RequestCtx) -> &str {
-        ctx.identity.as_ref().map_or("-", |i| i.tenant.id.as_str())
+        ctx.identity
+            .as_ref()
+            .map_or("-", |i| i.tenant.metric_label())
     }
 }
 
@@ -174,6 +190,10 @@ impl ProxyHttp for Gateway {
             admission: None,
             limits: None,
             body_lease: None,
+            trace: None,
+            stream: false,
+            first_byte: None,
+            answer_end: None,
         }
     }
 
@@ -182,6 +202,10 @@ impl ProxyHttp for Gateway {
         if session.get_keepalive().is_some() {
             let idle = ctx.snapshot.gateway.server.idle_timeout.as_secs();
             session.set_keepalive(Some(idle));
+        }
+        if let Some(t) = &self.telemetry {
+            let start = SystemTime::now() - ctx.started.elapsed();
+            ctx.trace = Some(t.start_request(&session.req_header().headers, start));
         }
         match pipeline::run(self, session, ctx).await {
             Ok(Outcome::Forward(body)) => self.forward(session, ctx, body).await?,
@@ -240,18 +264,20 @@ impl ProxyHttp for Gateway {
         let cost = ctx
             .limits
             .take()
-            .and_then(|mut held| held.settle(usage.as_ref()));
+            .and_then(|mut held| held.settle(usage.as_ref()))
+            .map(|c| c as f64 / spend::NANO);
         ctx.admission = None;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let tenant = Self::tenant_label(ctx);
         let route = ctx.route.as_ref().map_or("-", |r| r.label.as_str());
         let total = ctx.started.elapsed();
         let gateway = total.saturating_sub(ctx.upstream_elapsed.unwrap_or_default());
+        let streamed = Streamed::of(ctx, usage.as_ref());
         let m = &*METRICS;
         if let (Some(c), Some(j)) = (cost, &ctx.judged) {
             m.cost
                 .with_label_values(&[tenant, j.model_label.as_str()])
-                .inc_by(c as f64 / spend::NANO);
+                .inc_by(c);
         }
         if let (Some(u), Some(j)) = (usage, &ctx.judged) {
             let model = j.model_label.as_str();
@@ -276,20 +302,86 @@ impl ProxyHttp for Gateway {
                 .with_label_values(&[route])
                 .observe(up.as_secs_f64());
         }
+        if let Some(ttft) = streamed.ttft {
+            m.time_to_first_token
+                .with_label_values(&[route])
+                .observe(ttft.as_secs_f64());
+        }
+        if let Some(per_token) = streamed.per_token {
+            m.time_per_output_token
+                .with_label_values(&[route])
+                .observe(per_token.as_secs_f64());
+        }
+        let who = ctx.identity.as_ref();
+        let key_id = who.and_then(|i| i.key_id.as_deref());
+        let method = session.req_header().method.as_str();
+        let trace_id = ctx.trace.as_ref().map(RequestTrace::trace_id);
+        if let Some(trace) = ctx.trace.take() {
+            trace.finish(&Finished {
+                method,
+                route: ctx.route.as_ref().map(|r| r.path.as_str()),
+                status,
+                tenant_id: who.map(|i| i.tenant.id.as_str()),
+                plan: who.map(|i| i.tenant.plan.as_str()),
+                key_id,
+                request_id: &ctx.request_id,
+                reject_code: ctx.reject_code,
+                operation: ctx.route.as_ref().and_then(|r| r.api.operation()),
+                request_model: ctx.judged.as_ref().map(|j| j.model.as_str()),
+                max_tokens: ctx
+                    .judged
+                    .as_ref()
+                    .map(|j| j.max_output_tokens)
+                    .filter(|n| *n > 0),
+                input_tokens: usage.map(|u| u.prompt_tokens),
+                output_tokens: usage.map(|u| u.completion_tokens),
+                response_model: ctx.usage_tap.as_ref().and_then(UsageTap::model),
+            });
+        }
         access_log::write(&AccessRecord {
             request_id: &ctx.request_id,
-            tenant,
-            key_id: ctx.identity.as_ref().and_then(|i| i.key_id.as_deref()),
+            tenant: who.map_or("-", |i| i.tenant.id.as_str()),
+            key_id,
             route,
             model: ctx.judged.as_ref().map(|j| j.model.as_str()),
-            method: session.req_header().method.as_str(),
+            method,
             status,
             reject_code: ctx.reject_code,
             gateway_ms: gateway.as_secs_f64() * 1e3,
             upstream_ms: ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1e3),
             prompt_tokens: usage.map(|u| u.prompt_tokens),
             completion_tokens: usage.map(|u| u.completion_tokens),
+            cached_tokens: usage.map(|u| u.cached_tokens),
+            reasoning_tokens: usage.map(|u| u.reasoning_tokens),
+            cost,
+            ttft_ms: streamed.ttft.map(|d| d.as_secs_f64() * 1e3),
+            trace_id: trace_id.as_deref(),
         });
+    }
+}
+
+/// A stream's latencies as LLM users feel them: the time to its first
+/// byte from the request's arrival, and the time per output token after
+/// it (for streams whose usage counts more than one token).
+struct Streamed {
+    ttft: Option<Duration>,
+    per_token: Option<Duration>,
+}
+
+impl Streamed {
+    fn of(ctx: &RequestCtx, usage: Option<&crate::response::Usage>) -> Streamed {
+        let first = ctx.first_byte.filter(|_| ctx.stream);
+        let per_token = match (first, ctx.answer_end, usage) {
+            (Some(first), Some(end), Some(u)) if u.completion_tokens > 1 => {
+                let gaps = u32::try_from(u.completion_tokens - 1).unwrap_or(u32::MAX);
+                Some(end.saturating_duration_since(first) / gaps)
+            }
+            _ => None,
+        };
+        Streamed {
+            ttft: first.map(|t| t.saturating_duration_since(ctx.started)),
+            per_token,
+        }
     }
 }
 
@@ -312,6 +404,7 @@ impl Answer for RequestCtx {
             .headers
             .get("content-type")
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        self.stream = is_sse;
         if let Some(other) = self.usage_tap.as_ref().and_then(|t| t.for_answer(is_sse)) {
             self.usage_tap = Some(other);
         }
@@ -328,6 +421,9 @@ impl Answer for RequestCtx {
     }
 
     fn chunk(&mut self, chunk: Bytes) -> Bytes {
+        if self.first_byte.is_none() && !chunk.is_empty() {
+            self.first_byte = Some(Instant::now());
+        }
         let (Some(tap), Some(who)) = (self.usage_tap.as_mut(), &self.identity) else {
             return chunk;
         };
@@ -339,6 +435,7 @@ impl Answer for RequestCtx {
     }
 
     fn end(&mut self) -> Option<Bytes> {
+        self.answer_end = Some(Instant::now());
         let (tap, who) = (self.usage_tap.as_mut()?, self.identity.as_ref()?);
         Some(tap.push(
             Bytes::new(),

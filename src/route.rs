@@ -96,6 +96,18 @@ impl Api {
     }
 
     /// Whether errors on the route take Anthropic's shape.
+    /// The GenAI semantic conventions' `gen_ai.operation.name`; messages
+    /// are chat.
+    pub fn operation(self) -> Option<&'static str> {
+        match self {
+            Api::OpenAiChat | Api::AnthropicMessages => Some("chat"),
+            Api::OpenAiCompletions => Some("text_completion"),
+            Api::OpenAiEmbeddings => Some("embeddings"),
+            Api::OpenAiResponses => Some("responses"),
+            _ => None,
+        }
+    }
+
     pub fn anthropic(self) -> bool {
         matches!(self, Api::AnthropicMessages | Api::AnthropicCountTokens)
     }

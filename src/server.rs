@@ -37,6 +37,7 @@ use crate::limits::redis::{BreakerProbe, RedisLimits};
 use crate::limits::{state, Limiter, LimitsBackend};
 use crate::observe::logging::LoggingService;
 use crate::observe::metrics::METRICS;
+use crate::observe::telemetry::Telemetry;
 use crate::proxy::Gateway;
 
 /// Pingora's process-level flags, as `portcullis serve` accepts them.
@@ -163,9 +164,19 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
     // Pingora counts reuses after the first request.
     options.keepalive_request_limit = Some(gw.server.max_requests_per_connection - 1);
     options.h2_idle_timeout = Some(gw.server.idle_timeout);
+    crate::observe::metrics::configure_tenant_label(
+        gw.observe.tenant_label,
+        gw.observe.max_tenant_series,
+    );
+    let telemetry = gw.telemetry.as_ref().map(|t| {
+        let (telemetry, exporter) = Telemetry::new(t);
+        server.add_service(background_service("otlp export", exporter));
+        Arc::new(telemetry)
+    });
     let mut app = http_proxy(
         &server.configuration,
         Gateway {
+            telemetry,
             snapshot: shared,
             upstream,
             connector: Connector::new(None),

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::limits::spend::Price;
 use crate::limits::{ScopeLimiter, ScopeLimits, ScopeName};
@@ -150,6 +150,8 @@ pub struct Tenant {
     /// The scopes of the tenant's key objects that have limits of their
     /// own, for the state file and the next reload.
     pub key_scopes: Vec<Arc<ScopeLimiter>>,
+    /// The tenant's `tenant` metric label, chosen on first use.
+    pub series: OnceLock<Arc<str>>,
 }
 
 impl Tenant {
@@ -186,7 +188,14 @@ impl Tenant {
             limiter,
             model_scopes: ModelPatterns::default(),
             key_scopes: Vec::new(),
+            series: OnceLock::new(),
         }
+    }
+
+    /// What the tenant is called in metrics (`[observe] tenant_label`).
+    pub fn metric_label(&self) -> &str {
+        self.series
+            .get_or_init(|| crate::observe::metrics::tenant_series(&self.id, &self.plan))
     }
 
     /// The allowlist entry `model` matches: an exact name, or a prefix

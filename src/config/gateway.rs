@@ -21,6 +21,8 @@ use super::diag::{Diagnostic, SourceFile};
 use crate::body::policy::OverCap;
 use crate::body::BodyConfig;
 use crate::connection::proxy_header::{ProxyProtocol, TrustedProxies};
+use crate::observe::metrics::TenantLabel;
+use crate::observe::telemetry::{Protocol, TelemetryConfig};
 
 /// The largest clock-skew allowance accepted for JWT `exp`/`nbf`.
 pub const MAX_JWT_LEEWAY_SECONDS: u64 = 30;
@@ -36,6 +38,50 @@ struct RawGateway {
     policy: RawPolicy,
     context: RawContext,
     body: Option<RawBody>,
+    telemetry: Option<RawTelemetry>,
+    observe: Option<RawObserve>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    otlp_endpoint: Spanned<String>,
+    #[serde(default)]
+    protocol: Protocol,
+    #[serde(default = "default_service_name")]
+    service_name: String,
+    #[serde(default = "default_sample_ratio")]
+    sample_ratio: Spanned<f64>,
+    #[serde(default = "default_export_timeout")]
+    export_timeout_ms: u64,
+    #[serde(default = "default_queue_size")]
+    queue_size: usize,
+}
+
+fn default_service_name() -> String {
+    "portcullis".into()
+}
+fn default_sample_ratio() -> Spanned<f64> {
+    Spanned::new(0..0, 1.0)
+}
+fn default_export_timeout() -> u64 {
+    2000
+}
+fn default_queue_size() -> usize {
+    8192
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawObserve {
+    #[serde(default)]
+    tenant_label: TenantLabel,
+    #[serde(default = "default_max_tenant_series")]
+    max_tenant_series: usize,
+}
+
+fn default_max_tenant_series() -> usize {
+    10_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -329,6 +375,16 @@ pub struct GatewayConfig {
     pub policy: PolicyConfig,
     pub context_key_file: PathBuf,
     pub body: BodyConfig,
+    /// `[telemetry]`: traces are exported only when it is present.
+    pub telemetry: Option<TelemetryConfig>,
+    pub observe: ObserveConfig,
+}
+
+/// `[observe]`: what the metrics' `tenant` label holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObserveConfig {
+    pub tenant_label: TenantLabel,
+    pub max_tenant_series: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -601,6 +657,43 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
         ext_authz,
     };
     let context_key_file = existing_file(&src, &raw.context.signing_key_file, &mut errs);
+    let telemetry = raw.telemetry.map(|t| {
+        let endpoint = t.otlp_endpoint.get_ref();
+        let valid = endpoint
+            .parse::<http::Uri>()
+            .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+        if !valid {
+            errs.push(src.at(
+                Some(t.otlp_endpoint.span()),
+                "[telemetry] otlp_endpoint must be an http:// or https:// address",
+            ));
+        }
+        let ratio = *t.sample_ratio.get_ref();
+        if !(0.0..=1.0).contains(&ratio) {
+            errs.push(src.at(
+                Some(t.sample_ratio.span()),
+                "[telemetry] sample_ratio must be between 0.0 and 1.0",
+            ));
+        }
+        TelemetryConfig {
+            otlp_endpoint: endpoint.clone(),
+            protocol: t.protocol,
+            service_name: t.service_name,
+            sample_ratio: ratio.clamp(0.0, 1.0),
+            export_timeout: Duration::from_millis(t.export_timeout_ms.max(1)),
+            queue_size: t.queue_size.max(1),
+        }
+    });
+    let observe = raw.observe.map_or(
+        ObserveConfig {
+            tenant_label: TenantLabel::Id,
+            max_tenant_series: default_max_tenant_series(),
+        },
+        |o| ObserveConfig {
+            tenant_label: o.tenant_label,
+            max_tenant_series: o.max_tenant_series,
+        },
+    );
     let defaults = BodyConfig::default();
     let body = match raw.body {
         None => defaults,
@@ -659,6 +752,8 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
         policy,
         context_key_file,
         body,
+        telemetry,
+        observe,
     })
 }
 

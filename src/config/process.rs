@@ -92,6 +92,10 @@ const PROCESS_ONLY: &[Setting] = &[
     ("[limits] state_file", |g| {
         g.limits.state_file.display().to_string()
     }),
+    // The tracer and its exporter start with the process.
+    ("[telemetry]", |g| format!("{:?}", g.telemetry)),
+    // A series once exported keeps its label for the process's life.
+    ("[observe]", |g| format!("{:?}", g.observe)),
 ];
 
 /// The process-only keys whose value in `loaded` differs from the one the

@@ -13,6 +13,7 @@ use super::{local_rate_state, take_local, too_many, Ask, RateState, ScopeLimiter
 use crate::observe::metrics::InflightMark;
 use crate::reject::Reject;
 use crate::response::Usage;
+use crate::tenant::Tenant;
 
 /// Where the scopes' limit state lives.
 pub enum Limiter {
@@ -33,19 +34,20 @@ impl Limiter {
     /// round trip.
     pub async fn admit(
         &self,
-        tenant_id: &str,
+        tenant: &Tenant,
         scopes: Vec<Arc<ScopeLimiter>>,
         request_id: &str,
         slot: bool,
         read: &[Arc<ScopeLimiter>],
     ) -> Result<Held, Reject> {
+        let tenant_id = tenant.id.as_str();
         let ask = Ask {
             request: true,
             slot,
             ..Ask::default()
         };
         let mut held = Held {
-            _inflight: InflightMark::new(tenant_id),
+            _inflight: InflightMark::new(tenant.metric_label()),
             scopes,
             slots: Vec::new(),
             reservation: Vec::new(),

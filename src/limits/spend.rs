@@ -238,6 +238,7 @@ mod tests {
             prompt_tokens: 1_000_000,
             completion_tokens: 500_000,
             cached_tokens: 400_000,
+            reasoning_tokens: 0,
         };
         // 600k × 0.9 + 400k × 0.45 + 500k × 2.0 = 0.54 + 0.18 + 1.0
         assert_eq!(p.cost(&u), 1_720_000_000);

@@ -1,6 +1,7 @@
-//! One JSON line per request under the target `access`: time, request id,
-//! tenant, route, model, method, status, reject code, latencies and tokens;
-//! never a prompt, key or token.
+//! One JSON line per request under the target `access`, the request's
+//! usage record: time, request id, tenant, key, route, model, method,
+//! status, reject code, latencies, tokens, cost and trace id; never a
+//! prompt, a completion, a key or a token.
 //!
 //! The line is serialised straight into the non-blocking log writer rather
 //! than through `tracing`'s formatter, which costs several times more per
@@ -19,8 +20,9 @@ use super::logging;
 pub struct AccessRecord<'a> {
     pub request_id: &'a str,
     pub tenant: &'a str,
-    /// The key object's id, when the credential was one.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The key object's id, when the credential was one. This and the
+    /// usage-record fields below are always present (`null` when unknown),
+    /// so a record's shape does not depend on the request.
     pub key_id: Option<&'a str>,
     pub route: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -36,6 +38,16 @@ pub struct AccessRecord<'a> {
     pub prompt_tokens: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completion_tokens: Option<u64>,
+    /// Of the prompt tokens, those read from the provider's cache.
+    pub cached_tokens: Option<u64>,
+    /// Of the completion tokens, those spent reasoning.
+    pub reasoning_tokens: Option<u64>,
+    /// The settled cost at `[prices]`, when the model has a price.
+    pub cost: Option<f64>,
+    /// Streams: milliseconds from arrival to the first answer byte.
+    pub ttft_ms: Option<f64>,
+    /// The trace's id, when tracing is on.
+    pub trace_id: Option<&'a str>,
 }
 
 #[derive(Serialize)]

@@ -1,9 +1,12 @@
 //! Prometheus metrics, registered once in the default registry.
 //!
 //! Label values are bounded: tenant ids come from `tenants.toml` (or `-`
-//! before authentication), routes and codes from fixed tables.
+//! before authentication), capped by `[observe] max_tenant_series` or
+//! replaced by the plan ([`tenant_series`]); routes and codes come from
+//! fixed tables.
 
-use std::sync::LazyLock;
+use std::collections::HashSet;
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 
 use prometheus::{
     register_counter_vec, register_histogram_vec, register_int_counter, register_int_counter_vec,
@@ -36,6 +39,9 @@ pub struct Metrics {
     pub ext_authz_calls: IntCounterVec,
     pub connection_rejections: IntCounterVec,
     pub body_buffered: IntGauge,
+    pub time_to_first_token: HistogramVec,
+    pub time_per_output_token: HistogramVec,
+    pub spans_dropped: IntCounter,
 }
 
 /// Registration fails only on a duplicate name, which is a programming error
@@ -143,8 +149,92 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Request-body bytes held across in-flight requests, against [body] max_buffered_bytes"
     )
     .expect("register portcullis_body_buffered_bytes"),
+    time_to_first_token: register_histogram_vec!(
+        "portcullis_time_to_first_token_seconds",
+        "Streams: from the request reaching the gateway to the first answer byte",
+        &["route"],
+        BUCKETS.to_vec()
+    )
+    .expect("register portcullis_time_to_first_token_seconds"),
+    time_per_output_token: register_histogram_vec!(
+        "portcullis_time_per_output_token_seconds",
+        "Streams with usage: (end - first token) / (output tokens - 1)",
+        &["route"],
+        TOKEN_BUCKETS.to_vec()
+    )
+    .expect("register portcullis_time_per_output_token_seconds"),
+    spans_dropped: register_int_counter!(
+        "portcullis_telemetry_spans_dropped_total",
+        "Trace spans dropped on a full export queue or a failed export"
+    )
+    .expect("register portcullis_telemetry_spans_dropped_total"),
 }
 });
+
+/// Time per output token: 1 ms (a fast small model) to 1 s (a stalled one).
+const TOKEN_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// What stands in a metric's `tenant` label: `[observe] tenant_label`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantLabel {
+    /// The tenant id, for the first `max_tenant_series` tenants seen;
+    /// `other` for the rest.
+    #[default]
+    Id,
+    /// The tenant's plan name.
+    Plan,
+    /// `-` for every tenant.
+    None,
+}
+
+/// The label for tenants beyond `max_tenant_series`.
+pub const OTHER_TENANTS: &str = "other";
+
+struct TenantSeries {
+    mode: TenantLabel,
+    max: usize,
+    /// The tenants that have their own label, for as long as the process
+    /// lives: a series once exported keeps its name.
+    named: Mutex<HashSet<Arc<str>>>,
+}
+
+static TENANT_SERIES: OnceLock<TenantSeries> = OnceLock::new();
+
+/// Sets the tenant label rule; the first call wins (it is process-only).
+pub fn configure_tenant_label(mode: TenantLabel, max_tenant_series: usize) {
+    let _ = TENANT_SERIES.set(TenantSeries {
+        mode,
+        max: max_tenant_series,
+        named: Mutex::new(HashSet::new()),
+    });
+}
+
+/// The `tenant` label for a tenant. Computed once per tenant and
+/// snapshot (the tenant caches it), so the lock is off the hot path.
+pub fn tenant_series(id: &str, plan: &str) -> Arc<str> {
+    let Some(rule) = TENANT_SERIES.get() else {
+        return id.into();
+    };
+    match rule.mode {
+        TenantLabel::Plan => plan.into(),
+        TenantLabel::None => "-".into(),
+        TenantLabel::Id => {
+            let mut named = rule.named.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(known) = named.get(id) {
+                return known.clone();
+            }
+            if named.len() >= rule.max {
+                return OTHER_TENANTS.into();
+            }
+            let label: Arc<str> = id.into();
+            named.insert(label.clone());
+            label
+        }
+    }
+}
 
 /// The text exposition of every registered metric.
 pub fn render() -> Vec<u8> {

@@ -1,5 +1,6 @@
-//! Observability: Prometheus metrics and the JSON access log.
+//! Observability: Prometheus metrics, the JSON access log and OTLP traces.
 
 pub mod access_log;
 pub mod logging;
 pub mod metrics;
+pub mod telemetry;

@@ -26,6 +26,8 @@ pub struct Usage {
     pub completion_tokens: u64,
     /// Of the prompt tokens, those read from a cache (priced apart).
     pub cached_tokens: u64,
+    /// Of the completion tokens, those spent reasoning.
+    pub reasoning_tokens: u64,
 }
 
 impl Usage {
@@ -40,7 +42,9 @@ impl Usage {
     ///   (Responses counts cached tokens inside `input_tokens`);
     /// - only `total_tokens` (rerank, a tokenizer), counted as prompt;
     /// - cached prompt tokens from OpenAI's `prompt_tokens_details`,
-    ///   Responses' `input_tokens_details` or Anthropic's cache reads.
+    ///   Responses' `input_tokens_details` or Anthropic's cache reads;
+    /// - reasoning tokens from OpenAI's `completion_tokens_details` or
+    ///   Responses' `output_tokens_details`.
     pub fn from_member(u: &Value) -> Option<Usage> {
         if !u.is_object() {
             return None;
@@ -63,6 +67,10 @@ impl Usage {
                 .find_map(|d| u.get(*d)?.get("cached_tokens")?.as_u64())
                 .or(field("cache_read_input_tokens"))
                 .unwrap_or(0),
+            reasoning_tokens: ["completion_tokens_details", "output_tokens_details"]
+                .iter()
+                .find_map(|d| u.get(*d)?.get("reasoning_tokens")?.as_u64())
+                .unwrap_or(0),
         })
     }
 }
@@ -73,6 +81,7 @@ impl Usage {
 #[derive(serde::Deserialize)]
 struct AnswerMembers {
     usage: Option<Value>,
+    model: Option<Value>,
     id: Option<Value>,
     previous_response_id: Option<Value>,
 }
@@ -81,6 +90,19 @@ struct AnswerMembers {
 #[derive(serde::Deserialize)]
 struct UsageMember {
     usage: Option<Value>,
+    model: Option<Value>,
+}
+
+/// The longest model name kept from an answer (for the trace).
+const MAX_MODEL_NAME: usize = 256;
+
+/// The model an answer names in its `model` member, if it is a short
+/// string.
+fn model_name(model: Option<&Value>) -> Option<String> {
+    model
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty() && m.len() <= MAX_MODEL_NAME)
+        .map(str::to_owned)
 }
 
 /// Watches one response body for its usage.
@@ -101,6 +123,7 @@ pub struct JsonTap {
     charge: bool,
     /// Read when the body is complete.
     usage: Option<Usage>,
+    model: Option<String>,
 }
 
 impl JsonTap {
@@ -111,6 +134,7 @@ impl JsonTap {
             bind_ids,
             charge,
             usage: None,
+            model: None,
         }
     }
 }
@@ -166,6 +190,14 @@ impl UsageTap {
         }
     }
 
+    /// The model the answer names, when it names one.
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            UsageTap::Stream(s) => s.model.as_deref(),
+            UsageTap::Json(j) => j.model.as_deref(),
+        }
+    }
+
     /// The usage seen, once the body is complete.
     pub fn usage(&self) -> Option<Usage> {
         match self {
@@ -199,11 +231,10 @@ impl JsonTap {
             return out;
         }
         if !self.bind_ids {
-            self.usage = serde_json::from_slice::<UsageMember>(&self.copy)
-                .ok()
-                .and_then(|m| m.usage)
-                .as_ref()
-                .and_then(Usage::from_member);
+            if let Ok(m) = serde_json::from_slice::<UsageMember>(&self.copy) {
+                self.usage = m.usage.as_ref().and_then(Usage::from_member);
+                self.model = model_name(m.model.as_ref());
+            }
             return out;
         }
         let Ok(members) = serde_json::from_slice::<AnswerMembers>(&self.copy) else {
@@ -211,6 +242,7 @@ impl JsonTap {
             return std::mem::take(&mut self.copy).into();
         };
         self.usage = members.usage.as_ref().and_then(Usage::from_member);
+        self.model = model_name(members.model.as_ref());
         bind_in_place(&self.copy, &members, ids)
             .unwrap_or_else(|| rebuild_bound(&self.copy, ids))
             .into()

@@ -28,6 +28,8 @@ pub struct StreamTap {
     /// Remove the usage chunk from what the client receives (OpenAI).
     pub hide_usage: bool,
     pub usage: Option<Usage>,
+    /// The model the answer names, from the event that carries its usage.
+    pub model: Option<String>,
     /// Whether the usage is charged (a stored response's replay is not).
     pub charge: bool,
     pending: BytesMut,
@@ -41,6 +43,7 @@ impl StreamTap {
             dialect,
             hide_usage,
             usage: None,
+            model: None,
             charge: true,
             pending: BytesMut::new(),
             bypass: false,
@@ -82,8 +85,9 @@ impl StreamTap {
         };
         match self.dialect {
             Dialect::OpenAi => {
-                if let Some(u) = openai_usage(&data) {
+                if let Some((u, model)) = openai_usage(&data) {
                     self.usage = Some(u);
+                    self.model = model;
                     if self.hide_usage {
                         return;
                     }
@@ -124,6 +128,7 @@ impl StreamTap {
         if ended {
             if let Some(u) = response.get("usage").and_then(Usage::from_member) {
                 self.usage = Some(u);
+                self.model = super::model_name(response.get("model"));
             }
         }
         if !ids.bind_members(response) {
@@ -142,7 +147,10 @@ impl StreamTap {
             return;
         };
         let usage = match v.get("type").and_then(Value::as_str) {
-            Some("message_start") => v.get("message").and_then(|m| m.get("usage")),
+            Some("message_start") => {
+                self.model = super::model_name(v.get("message").and_then(|m| m.get("model")));
+                v.get("message").and_then(|m| m.get("usage"))
+            }
             Some("message_delta") => v.get("usage"),
             _ => None,
         };
@@ -195,8 +203,9 @@ fn event_data(event: &[u8]) -> Option<String> {
     any.then_some(data)
 }
 
-/// The usage of an OpenAI chunk with usage and no choices.
-fn openai_usage(data: &str) -> Option<Usage> {
+/// The usage of an OpenAI chunk with usage and no choices, and the model
+/// it names.
+fn openai_usage(data: &str) -> Option<(Usage, Option<String>)> {
     if !data.contains("\"usage\"") {
         return None;
     }
@@ -206,7 +215,10 @@ fn openai_usage(data: &str) -> Option<Usage> {
         .and_then(Value::as_array)
         .is_some_and(|c| c.is_empty());
     if no_choices {
-        Usage::from_member(v.get("usage")?)
+        Some((
+            Usage::from_member(v.get("usage")?)?,
+            super::model_name(v.get("model")),
+        ))
     } else {
         None
     }

@@ -24,6 +24,7 @@ mod replicas;
 mod routes;
 mod sdk;
 mod slow_clients;
+mod telemetry;
 mod tls;
 mod token_estimate;
 mod upgrade;

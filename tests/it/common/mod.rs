@@ -5,10 +5,12 @@ mod fixtures;
 mod gateway;
 mod http;
 mod keys;
+mod otlp;
 mod redis;
 
 pub use fixtures::*;
 pub use gateway::*;
 pub use http::*;
 pub use keys::*;
+pub use otlp::*;
 pub use redis::*;
