@@ -36,7 +36,7 @@ async fn dashboards_and_alerts_reference_exported_metrics() {
     let alerts = std::fs::read_to_string(format!("{root}/deploy/prometheus/alerts.yml")).unwrap();
 
     // Traffic that makes every labelled family appear: a success with
-    // tokens, a rejection, and a request in flight measured.
+    // tokens, a rejection, a stream, and a request in flight measured.
     let gw = Gateway::start().await;
     let ok = gw
         .send(
@@ -48,6 +48,17 @@ async fn dashboards_and_alerts_reference_exported_metrics() {
     assert_eq!(ok.status, 200);
     gw.send(&post("/v1/chat/completions", &chat_body()).build())
         .await;
+    // A stream with usage: the first-token and per-token histograms.
+    let mut stream = chat_body();
+    stream["stream"] = serde_json::json!(true);
+    let streamed = gw
+        .send(
+            &post("/v1/chat/completions", &stream)
+                .bearer(&gw.keys.token("globex"))
+                .build(),
+        )
+        .await;
+    assert_eq!(streamed.status, 200);
     let metrics = send(gw.admin, &get("/metrics").build()).await.unwrap();
     let exposition = String::from_utf8_lossy(&metrics.body);
     let exported: BTreeSet<String> = exposition
@@ -80,6 +91,9 @@ async fn dashboards_and_alerts_reference_exported_metrics() {
         "portcullis_upstream_duration_seconds",
         "portcullis_inflight_requests",
         "portcullis_config_generation",
+        "portcullis_time_to_first_token_seconds",
+        "portcullis_time_per_output_token_seconds",
+        "portcullis_telemetry_spans_dropped_total",
     ] {
         assert!(exported.contains(family), "{family} is not exported");
     }

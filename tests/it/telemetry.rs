@@ -561,3 +561,77 @@ async fn streams_report_first_token_and_per_token_times_and_the_usage_record_add
         "{a}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_exports_the_same_trace() {
+    let collector = Collector::grpc().await;
+    let config = set(
+        telemetry(&collector.endpoint()),
+        "telemetry.protocol",
+        "grpc",
+    );
+    let gw = Gateway::start_with(Options {
+        config,
+        ..Options::default()
+    })
+    .await;
+    let r = gw
+        .send(
+            &post(CHAT, &chat("m-small", "hi"))
+                .bearer(&gw.keys.token("acme"))
+                .build(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let spans = collector
+        .wait_for("the request's spans", |s| {
+            s.iter().any(|s| s.name() == "portcullis.request")
+                && s.iter().any(|s| s.name() == "upstream")
+        })
+        .await;
+    let root = request_spans(&spans)[0];
+    assert_eq!(
+        (root.service.as_str(), root.span.kind),
+        ("edge-test", SERVER)
+    );
+    let upstream = spans.iter().find(|s| s.name() == "upstream").unwrap();
+    assert_eq!(upstream.parent_id(), root.span_id());
+    assert_eq!(
+        gw.router().requests()[0].header("traceparent"),
+        Some(format!("00-{}-{}-01", root.trace_id(), upstream.span_id()).as_str())
+    );
+    assert!(collector.posts() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_finished_before_a_sigterm_are_exported() {
+    let collector = Collector::start().await;
+    let mut gw = Gateway::start_with(Options {
+        config: telemetry(&collector.endpoint()),
+        ..Options::default()
+    })
+    .await;
+    let r = gw
+        .send(
+            &post(CHAT, &chat("m-small", "hi"))
+                .bearer(&gw.keys.token("acme"))
+                .build(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    std::process::Command::new("kill")
+        .args(["-TERM", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !gw.exited() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let spans = collector.spans();
+    assert_eq!(request_spans(&spans).len(), 1, "{spans:?}");
+    assert_eq!(spans.len(), 7, "every span of the request");
+}

@@ -1,18 +1,25 @@
-//! An OTLP/HTTP collector for the tests: it accepts `POST /v1/traces`,
-//! decodes the protobuf with `opentelemetry-proto` and keeps every span.
-//! Told to stall, it reads requests and never answers (a hung collector).
+//! OTLP collectors for the tests, decoding with `opentelemetry-proto` and
+//! keeping every span: over HTTP, `POST /v1/traces` (told to stall, it
+//! reads requests and never answers, a hung collector), and over gRPC,
+//! the `TraceService` served by tonic.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::TcpListenerStream;
 
 /// A span as exported, with its resource's `service.name`.
 #[derive(Clone, Debug)]
@@ -78,6 +85,23 @@ impl Collector {
     /// Reads every request and never answers.
     pub async fn stalled() -> Collector {
         Collector::spawn(true).await
+    }
+
+    /// The gRPC `TraceService` on an ephemeral port.
+    pub async fn grpc() -> Collector {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let posts = Arc::new(Mutex::new(0));
+        let service = TraceServiceServer::new(Grpc {
+            spans: spans.clone(),
+            posts: posts.clone(),
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .serve_with_incoming(service, TcpListenerStream::new(listener)),
+        );
+        Collector { addr, spans, posts }
     }
 
     async fn spawn(stall: bool) -> Collector {
@@ -205,5 +229,47 @@ async fn serve(
             "HTTP/1.1 {status}\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n"
         );
         conn.write_all(answer.as_bytes()).await?;
+    }
+}
+
+/// Every span of one export, with its resource's service name.
+fn keep(spans: &Mutex<Vec<Exported>>, req: ExportTraceServiceRequest) {
+    let mut kept = spans.lock().unwrap();
+    for rs in req.resource_spans {
+        let service = rs
+            .resource
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                AnyValue::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        for ss in rs.scope_spans {
+            for span in ss.spans {
+                kept.push(Exported {
+                    service: service.clone(),
+                    span,
+                });
+            }
+        }
+    }
+}
+
+struct Grpc {
+    spans: Arc<Mutex<Vec<Exported>>>,
+    posts: Arc<Mutex<usize>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        *self.posts.lock().unwrap() += 1;
+        keep(&self.spans, request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
