@@ -8,7 +8,7 @@
 #   bench/compare.sh                         # every scenario, ~15 min
 #   SCENARIOS="1k fixed" REPS=1 bench/compare.sh
 #
-# Scenarios: 1k 32k sse tls redis rego threads dialects proxy fixed rss (see
+# Scenarios: 1k 32k sse tls redis rego threads dialects proxy tracing fixed rss (see
 # bench/RESULTS.md). dialects: the 1 KiB full path as chat, Responses and
 # Anthropic Messages, in turn.
 # Env: DURATION=10 WARMUP=3 CONNS=50 REPS=3 FIXED_QPS=5000 IDLE_CONNS=10000
@@ -25,7 +25,7 @@ OUT=${OUT:-$WORK/results/$(date +%Y%m%d-%H%M%S)}
 DURATION=${DURATION:-10}; WARMUP=${WARMUP:-3}; CONNS=${CONNS:-50}; REPS=${REPS:-3}
 FIXED_QPS=${FIXED_QPS:-5000}; IDLE_CONNS=${IDLE_CONNS:-10000}
 PROXY_CPU=${PROXY_CPU:-0}; LOAD_CPU=${LOAD_CPU:-1}
-SCENARIOS=${SCENARIOS:-"1k 32k sse tls redis rego threads dialects proxy fixed rss"}
+SCENARIOS=${SCENARIOS:-"1k 32k sse tls redis rego threads dialects proxy tracing fixed rss"}
 RUN=$WORK/run; LOGS=$WORK/logs; GEN=$WORK/gen; KEYS=$WORK/keys
 mkdir -p "$OUT" "$RUN" "$LOGS" "$GEN" "$WORK/nginx-prefix/logs"
 
@@ -105,7 +105,7 @@ TOML
   done
 } >"$GEN/tenants.toml"
 
-portcullis_config() {  # NAME THREADS BACKEND [EXTRA] [SERVER_EXTRA] -> path of gateway.toml
+portcullis_config() {  # NAME THREADS BACKEND [EXTRA] [SERVER_EXTRA] [TABLES] -> path of gateway.toml
   local d=$GEN/$1
   mkdir -p "$d"
   cat >"$d/gateway.toml" <<TOML
@@ -153,6 +153,7 @@ ${4:-}
 
 [context]
 signing_key_file = "$KEYS/context.key"
+${6:-}
 TOML
   echo "$d/gateway.toml"
 }
@@ -208,16 +209,19 @@ setup_case() {
         --disable-hot-restart --log-level warn
       PORT=18000; DESC="Envoy gateway config (jwt_authn, strip, local rate limit, buffer, json_to_metadata, Lua), --concurrency 1";;
     portcullis*|tls-*)
-      local threads=1 backend=local extra="" server="" log=${PORTCULLIS_LOG:-info}
+      local threads=1 backend=local extra="" server="" tables="" log=${PORTCULLIS_LOG:-info}
       case $c in
         portcullis-proxyv2) server=$'proxy_protocol = "required"\ntrusted_proxies = ["127.0.0.1"]';;
         portcullis-nolog) log=warn;;
         portcullis-t2) threads=2; cpus="";;
         portcullis-redis) backend=redis; start_redis;;
         portcullis-rego) extra="rego = \"$ROOT/policies/authz.rego\"";;
+        # Traces into the mock router's OTLP sink, or into a closed port.
+        portcullis-trace-on) tables=$'[telemetry]\notlp_endpoint = "http://127.0.0.1:18080"';;
+        portcullis-trace-dead) tables=$'[telemetry]\notlp_endpoint = "http://127.0.0.1:18999"';;
       esac
-      start proxy "$cpus" env PORTCULLIS_LOG="$log" "$BIN" serve -c "$(portcullis_config "$c" "$threads" "$backend" "$extra" "$server")"
-      PORT=18010; DESC="Portcullis, threads = $threads, limits $backend${extra:+, Rego}, log level $log (info writes the access log)"
+      start proxy "$cpus" env PORTCULLIS_LOG="$log" "$BIN" serve -c "$(portcullis_config "$c" "$threads" "$backend" "$extra" "$server" "$tables")"
+      PORT=18010; DESC="Portcullis, threads = $threads, limits $backend${extra:+, Rego}${tables:+, traced}, log level $log (info writes the access log)"
       if [[ $c == tls-* ]]; then PORT=18443; SCHEME=https; fi;;
     *) echo "unknown case $c" >&2; return 1;;
   esac
@@ -373,6 +377,11 @@ for rep in $(seq "$REPS"); do
       # one request per connection, against the same without a header.
       proxy) measure proxy portcullis-newconn "$WORK/body-1k.json" "$MIX" 1
              PROXY_V2=1 measure proxy portcullis-proxyv2 "$WORK/body-1k.json" "$MIX" 1;;
+      # Tracing off, on at ratio 1.0 (into the mock router's sink), and on
+      # with nothing listening at the collector's address.
+      tracing) for c in portcullis portcullis-trace-on portcullis-trace-dead; do
+                 measure tracing "$c" "$WORK/body-1k.json" "$MIX"
+               done;;
       dialects) measure dialects portcullis-chat "$WORK/body-1k.json" "$MIX"
                 ROUTE=/v1/responses measure dialects portcullis-responses "$WORK/body-responses-1k.json" "$MIX"
                 ROUTE=/v1/messages measure dialects portcullis-messages "$WORK/body-messages-1k.json" "$MIX";;

@@ -124,6 +124,16 @@ if ratios:
     ratio = statistics.median(ratios)
     target("PROXY v2 CPU/req within noise (5 %) of none, one request per connection", ratio,
            ratio <= 1.05, f"{ratio:.2f}× (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
+# Tracing on (a sink that accepts, and a closed port) against off, paired
+# per repetition.
+off = [r["cpu_us_per_req"] for r in groups.get(("tracing", "portcullis"), [])]
+for case, what in (("portcullis-trace-on", "on, ratio 1.0"), ("portcullis-trace-dead", "on, dead collector")):
+    runs = [r["cpu_us_per_req"] for r in groups.get(("tracing", case), [])]
+    ratios = [t / o for t, o in zip(runs, off) if o]
+    if ratios:
+        ratio = statistics.median(ratios)
+        target(f"tracing {what}: CPU/req ≤ 1.15 × off (1 KiB)", ratio, ratio <= 1.15,
+               f"{ratio:.2f}× (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
 fl = med("1k", "pingora", "cpu_us_per_req")
 if pc and fl:
     out.append(f"\nBare Pingora (no policy) costs {fl:.1f} µs/req here: the policy path adds {pc - fl:.1f} µs.")

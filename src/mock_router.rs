@@ -412,6 +412,9 @@ fn answer(req: &Recorded, stream_chunks: usize, serial: usize) -> Answer {
         // What a router's load balancer (or the gateway's
         // `health_check_path`) polls.
         ("GET", ["", "healthz"]) => json!({"status": "ok"}),
+        // An OTLP/HTTP sink, so a benchmark can trace into something that
+        // accepts: an empty body is an empty ExportTraceServiceResponse.
+        ("POST", ["", "v1", "traces"]) => return Answer::Json("200 OK", Vec::new()),
         ("POST", ["", "v1", "embeddings"]) => json!({
             "object": "list",
             "model": model,
