@@ -204,7 +204,8 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(Some(idle));
         }
         if let Some(t) = &self.telemetry {
-            let start = SystemTime::now() - ctx.started.elapsed();
+            let now = SystemTime::now();
+            let start = now.checked_sub(ctx.started.elapsed()).unwrap_or(now);
             ctx.trace = Some(t.start_request(&session.req_header().headers, start));
         }
         match pipeline::run(self, session, ctx).await {

@@ -193,46 +193,57 @@ pub enum TenantLabel {
 /// The label for tenants beyond `max_tenant_series`.
 pub const OTHER_TENANTS: &str = "other";
 
+/// The tenant label rule and the tenants that have a label of their own,
+/// for as long as the process lives: a series once exported keeps its name.
 struct TenantSeries {
     mode: TenantLabel,
     max: usize,
-    /// The tenants that have their own label, for as long as the process
-    /// lives: a series once exported keeps its name.
     named: Mutex<HashSet<Arc<str>>>,
+}
+
+impl TenantSeries {
+    fn new(mode: TenantLabel, max: usize) -> TenantSeries {
+        TenantSeries {
+            mode,
+            max,
+            named: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn label(&self, id: &str, plan: &str) -> Arc<str> {
+        match self.mode {
+            TenantLabel::Plan => plan.into(),
+            TenantLabel::None => "-".into(),
+            TenantLabel::Id => {
+                let mut named = self.named.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(known) = named.get(id) {
+                    return known.clone();
+                }
+                if named.len() >= self.max {
+                    return OTHER_TENANTS.into();
+                }
+                let label: Arc<str> = id.into();
+                named.insert(label.clone());
+                label
+            }
+        }
+    }
 }
 
 static TENANT_SERIES: OnceLock<TenantSeries> = OnceLock::new();
 
 /// Sets the tenant label rule; the first call wins (it is process-only).
 pub fn configure_tenant_label(mode: TenantLabel, max_tenant_series: usize) {
-    let _ = TENANT_SERIES.set(TenantSeries {
-        mode,
-        max: max_tenant_series,
-        named: Mutex::new(HashSet::new()),
-    });
+    let _ = TENANT_SERIES.set(TenantSeries::new(mode, max_tenant_series));
 }
 
-/// The `tenant` label for a tenant. Computed once per tenant and
-/// snapshot (the tenant caches it), so the lock is off the hot path.
+/// The `tenant` label for a tenant (its id until a rule is configured).
+/// Computed once per tenant and snapshot (the tenant caches it), so the
+/// lock is off the hot path.
 pub fn tenant_series(id: &str, plan: &str) -> Arc<str> {
-    let Some(rule) = TENANT_SERIES.get() else {
-        return id.into();
-    };
-    match rule.mode {
-        TenantLabel::Plan => plan.into(),
-        TenantLabel::None => "-".into(),
-        TenantLabel::Id => {
-            let mut named = rule.named.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(known) = named.get(id) {
-                return known.clone();
-            }
-            if named.len() >= rule.max {
-                return OTHER_TENANTS.into();
-            }
-            let label: Arc<str> = id.into();
-            named.insert(label.clone());
-            label
-        }
+    match TENANT_SERIES.get() {
+        Some(rule) => rule.label(id, plan),
+        None => id.into(),
     }
 }
 
@@ -289,5 +300,34 @@ pub fn status_label(status: u16) -> &'static str {
         s if s < 400 => "3xx",
         s if s < 500 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tenant_label_is_capped_first_come_and_kept() {
+        let rule = TenantSeries::new(TenantLabel::Id, 2);
+        let labels: Vec<Arc<str>> = ["a", "b", "c", "a", "d", "b"]
+            .iter()
+            .map(|id| rule.label(id, "basic"))
+            .collect();
+        let labels: Vec<&str> = labels.iter().map(|l| &**l).collect();
+        assert_eq!(labels, ["a", "b", "other", "a", "other", "b"]);
+        assert_eq!(
+            &*TenantSeries::new(TenantLabel::Plan, 0).label("a", "gold"),
+            "gold"
+        );
+        assert_eq!(
+            &*TenantSeries::new(TenantLabel::None, 9).label("a", "gold"),
+            "-"
+        );
+        // A cap of 0 names no tenant.
+        assert_eq!(
+            &*TenantSeries::new(TenantLabel::Id, 0).label("a", "gold"),
+            "other"
+        );
     }
 }

@@ -165,7 +165,7 @@ impl RequestTrace {
             .with_start_time(start)
             .start_with_context(&telemetry.tracer, &self.cx);
         if !ok {
-            span.set_status(Status::error(""));
+            span.set_status(Status::error("refused"));
         }
         span.end();
     }

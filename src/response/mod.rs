@@ -293,6 +293,36 @@ fn rebuild_bound(raw: &[u8], ids: &Binding) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_and_reasoning_tokens_come_from_every_dialects_details() {
+        let of = |v: serde_json::Value| {
+            Usage::from_member(&v).map(|u| (u.cached_tokens, u.reasoning_tokens))
+        };
+        let openai = serde_json::json!({"prompt_tokens": 10, "completion_tokens": 7,
+            "prompt_tokens_details": {"cached_tokens": 4},
+            "completion_tokens_details": {"reasoning_tokens": 5}});
+        assert_eq!(of(openai), Some((4, 5)));
+        let responses = serde_json::json!({"input_tokens": 10, "output_tokens": 7,
+            "input_tokens_details": {"cached_tokens": 3},
+            "output_tokens_details": {"reasoning_tokens": 2}});
+        assert_eq!(of(responses), Some((3, 2)));
+        let anthropic = serde_json::json!({"input_tokens": 10, "output_tokens": 7,
+            "cache_read_input_tokens": 6});
+        assert_eq!(of(anthropic), Some((6, 0)));
+    }
+
+    #[test]
+    fn the_answer_names_its_model_only_when_short_and_a_string() {
+        let name = |v: serde_json::Value| model_name(v.get("model"));
+        assert_eq!(
+            name(serde_json::json!({"model": "m-1"})).as_deref(),
+            Some("m-1")
+        );
+        assert_eq!(name(serde_json::json!({"model": 7})), None);
+        assert_eq!(name(serde_json::json!({"model": ""})), None);
+        assert_eq!(name(serde_json::json!({"model": "x".repeat(257)})), None);
+    }
     use crate::ids::ResponseIds;
 
     #[test]

@@ -345,3 +345,51 @@ fn keys_new_with_an_id_prints_a_block_that_loads() {
     assert!(!bad.status.success());
     assert!(bad.stdout.is_empty(), "no key is printed for a bad id");
 }
+
+#[test]
+fn check_refuses_bad_telemetry_and_observe_values_with_their_lines() {
+    let cases = [
+        (
+            "[telemetry]\notlp_endpoint = \"collector:4318\"\n",
+            "[telemetry] otlp_endpoint must be an http:// or https:// address",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\nsample_ratio = 1.5\n",
+            "[telemetry] sample_ratio must be between 0.0 and 1.0",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\nprotocol = \"http/json\"\n",
+            "unknown variant `http/json`, expected `http/protobuf` or `grpc`",
+        ),
+        (
+            "[observe]\ntenant_label = \"org\"\n",
+            "unknown variant `org`, expected one of `id`, `plan`, `none`",
+        ),
+    ];
+    for (table, message) in cases {
+        let dir = valid_dir();
+        let text = format!("{GATEWAY}\n{table}");
+        std::fs::write(dir.path().join("gateway.toml"), &text).unwrap();
+        let header = table.lines().next().unwrap();
+        let first = 1 + text.lines().position(|l| l == header).unwrap();
+        let err = check_fails(dir.path());
+        assert!(err.contains(message), "{table}: {err}");
+        // The diagnostic names the line of the offending value.
+        let line = (first..first + 3).any(|n| err.contains(&format!("gateway.toml:{n}:")));
+        assert!(line, "{table}: no line in {err}");
+    }
+    let dir = valid_dir();
+    let good = "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\nprotocol = \"grpc\"\n\
+                [observe]\ntenant_label = \"plan\"\n";
+    std::fs::write(
+        dir.path().join("gateway.toml"),
+        format!("{GATEWAY}\n{good}"),
+    )
+    .unwrap();
+    let out = portcullis(&["check", "-c", "gateway.toml"], dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

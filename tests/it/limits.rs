@@ -457,18 +457,7 @@ async fn a_restart_keeps_a_used_burst_used() {
         assert_eq!(gw.send(&chat()).await.status, 200);
     }
     assert_eq!(gw.send(&chat()).await.code(), "rate_limit_exceeded");
-    std::process::Command::new("kill")
-        .args(["-TERM", &gw.pid().to_string()])
-        .status()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !gw.exited() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the gateway did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gw.terminate().await;
     assert!(path.exists(), "the state is written at shutdown");
 
     let gw = Gateway::start_with(opts()).await;

@@ -25,6 +25,16 @@ fn chat(model: &str, prompt: &str) -> Value {
     json!({"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": prompt}]})
 }
 
+/// A small chat request as `tenant`, with its JWT.
+async fn chat_as(gw: &Gateway, tenant: &str) -> Response {
+    gw.send(
+        &post(CHAT, &chat("m-small", "hi"))
+            .bearer(&gw.keys.token(tenant))
+            .build(),
+    )
+    .await
+}
+
 /// The access log's lines once `n` have been written.
 async fn access_lines(gw: &Gateway, n: usize) -> Vec<Value> {
     let read = || {
@@ -375,22 +385,10 @@ async fn the_tenant_label_is_capped_or_replaced_and_logs_keep_the_real_id() {
     })
     .await;
     for t in tenants {
-        let r = gw
-            .send(
-                &post(CHAT, &chat("m-small", "hi"))
-                    .bearer(&gw.keys.token(t))
-                    .build(),
-            )
-            .await;
+        let r = chat_as(&gw, t).await;
         assert_eq!(r.status, 200, "{t}");
     }
-    let again = gw
-        .send(
-            &post(CHAT, &chat("m-small", "hi"))
-                .bearer(&gw.keys.token("acme"))
-                .build(),
-        )
-        .await;
+    let again = chat_as(&gw, "acme").await;
     assert_eq!(again.status, 200);
     let text = lines(&gw).await;
     assert!(text.contains(&format!("{}2", series("acme"))), "{text}");
@@ -426,13 +424,7 @@ async fn the_tenant_label_is_capped_or_replaced_and_logs_keep_the_real_id() {
         })
         .await;
         for t in tenants {
-            let r = gw
-                .send(
-                    &post(CHAT, &chat("m-small", "hi"))
-                        .bearer(&gw.keys.token(t))
-                        .build(),
-                )
-                .await;
+            let r = chat_as(&gw, t).await;
             assert_eq!(r.status, 200, "{t}");
         }
         let text = lines(&gw).await;
@@ -575,13 +567,7 @@ async fn grpc_exports_the_same_trace() {
         ..Options::default()
     })
     .await;
-    let r = gw
-        .send(
-            &post(CHAT, &chat("m-small", "hi"))
-                .bearer(&gw.keys.token("acme"))
-                .build(),
-        )
-        .await;
+    let r = chat_as(&gw, "acme").await;
     assert_eq!(r.status, 200);
     let spans = collector
         .wait_for("the request's spans", |s| {
@@ -611,26 +597,9 @@ async fn spans_finished_before_a_sigterm_are_exported() {
         ..Options::default()
     })
     .await;
-    let r = gw
-        .send(
-            &post(CHAT, &chat("m-small", "hi"))
-                .bearer(&gw.keys.token("acme"))
-                .build(),
-        )
-        .await;
+    let r = chat_as(&gw, "acme").await;
     assert_eq!(r.status, 200);
-    std::process::Command::new("kill")
-        .args(["-TERM", &gw.pid().to_string()])
-        .status()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !gw.exited() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the gateway did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gw.terminate().await;
     let spans = collector.spans();
     assert_eq!(request_spans(&spans).len(), 1, "{spans:?}");
     assert_eq!(spans.len(), 7, "every span of the request");

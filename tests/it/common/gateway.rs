@@ -246,6 +246,19 @@ signing_key_file = "context.key"
         self.child.try_wait().is_ok_and(|s| s.is_some())
     }
 
+    /// Sends SIGTERM and waits (up to 15 s) for the process to exit.
+    pub async fn terminate(&mut self) {
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill -TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.exited() {
+            assert!(Instant::now() < deadline, "the gateway did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The mock router (panics for a `Down` router).
     pub fn router(&self) -> &MockRouter {
         self.router.as_ref().expect("router is up")

@@ -200,27 +200,7 @@ async fn serve(
             ExportTraceServiceRequest::decode(body.as_slice()),
         ) {
             ("/v1/traces", Ok(req)) => {
-                let mut kept = spans.lock().unwrap();
-                for rs in req.resource_spans {
-                    let service = rs
-                        .resource
-                        .iter()
-                        .flat_map(|r| &r.attributes)
-                        .find(|kv| kv.key == "service.name")
-                        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                            AnyValue::StringValue(s) => Some(s.clone()),
-                            _ => None,
-                        })
-                        .unwrap_or_default();
-                    for ss in rs.scope_spans {
-                        for span in ss.spans {
-                            kept.push(Exported {
-                                service: service.clone(),
-                                span,
-                            });
-                        }
-                    }
-                }
+                keep(spans, req);
                 "200 OK"
             }
             _ => "400 Bad Request",
