@@ -2,9 +2,9 @@
 //!
 //! Modules follow a request's path (docs/ARCHITECTURE.md): [`connection`]
 //! limits, then [`pipeline`] runs [`inbound`] sanity checks, [`identity`],
-//! [`authz`] against the [`route`] table, [`limits`], [`body`] and
-//! [`policy`]; [`forward`] sends the request to the router and [`response`]
-//! reads its answer. [`config`] builds the snapshot they all read,
+//! [`authz`] against the [`route`] table, [`limits`], [`body`] (with its
+//! [`guardrails`]) and [`policy`]; [`forward`] sends the request to the
+//! router and [`response`] reads its answer. [`config`] builds the snapshot they all read,
 //! [`observe`] records what happened, and [`proxy`] wires it into Pingora's
 //! hooks.
 
@@ -17,6 +17,7 @@ pub mod demo;
 pub mod dev;
 pub mod diag;
 pub mod forward;
+pub mod guardrails;
 pub mod http_client;
 pub mod identity;
 pub mod ids;

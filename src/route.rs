@@ -95,7 +95,6 @@ impl Api {
         }
     }
 
-    /// Whether errors on the route take Anthropic's shape.
     /// The GenAI semantic conventions' `gen_ai.operation.name`; messages
     /// are chat.
     pub fn operation(self) -> Option<&'static str> {
@@ -108,6 +107,7 @@ impl Api {
         }
     }
 
+    /// Whether errors on the route take Anthropic's shape.
     pub fn anthropic(self) -> bool {
         matches!(self, Api::AnthropicMessages | Api::AnthropicCountTokens)
     }
@@ -171,6 +171,24 @@ impl Api {
             | Api::OpenAiResponses
             | Api::OpenAiResponsesObject
             | Api::Json => "input",
+        }
+    }
+
+    /// The body members whose text the guardrails scan
+    /// ([`crate::guardrails::prompt`]). A `json` route's fields are the
+    /// operator's, unknown here; a multipart upload's are audio.
+    pub fn prompt_text_fields(self) -> &'static [&'static str] {
+        match self {
+            Api::OpenAiChat => &["messages"],
+            Api::OpenAiCompletions => &["prompt"],
+            Api::OpenAiEmbeddings => &["input"],
+            Api::OpenAiResponses => &["instructions", "input"],
+            Api::AnthropicMessages | Api::AnthropicCountTokens => &["system", "messages"],
+            Api::OpenAiModels
+            | Api::Quota
+            | Api::OpenAiResponsesObject
+            | Api::Json
+            | Api::Multipart => &[],
         }
     }
 
