@@ -1,16 +1,22 @@
 //! The whole body stage (strict parse, schema, policy, token estimate,
 //! re-serialise) against a plain `serde_json::from_slice::<Value>` of the
-//! same bytes. Target: at most 3x the plain parse.
+//! same bytes (target: at most 3x the plain parse), and the same stage with
+//! every guardrail detector masking and two deny rules, from 1 KiB to
+//! 1 MiB (its cost per KiB shows whether it stays linear).
 //!
 //!   cargo bench --bench body
 
 use std::hint::black_box;
+use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use portcullis::body::schema::Schemas;
 use portcullis::body::{judge, BodyConfig, Gate};
+use portcullis::guardrails::detect::{Detectors, KindSet};
+use portcullis::guardrails::{Acted, DenyAction, DenyRules, Guardrails, PiiMode};
 use portcullis::ids::{Binding, ResponseIds};
 use portcullis::route::Routes;
+use portcullis::tenant::Tenant;
 use serde_json::{json, Value};
 
 mod common;
@@ -35,6 +41,25 @@ fn chat_body(size: usize) -> Vec<u8> {
     body.to_string().into_bytes()
 }
 
+/// `tenant` with every detector masking and two deny rules.
+fn guarded(tenant: &Tenant) -> Tenant {
+    let deny = DenyRules::compile(&[
+        "(?i)ignore (all )?previous instructions",
+        "BEGIN RSA PRIVATE KEY",
+    ])
+    .expect("deny rules");
+    Tenant {
+        guardrails: Arc::new(Guardrails::new(
+            PiiMode::Mask,
+            KindSet::all(),
+            Some(Arc::new(Detectors::new().expect("detectors"))),
+            Some(Arc::new(deny)),
+            DenyAction::Reject,
+        )),
+        ..tenant.clone()
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let routes = Routes::built_in();
     let chat = routes
@@ -42,6 +67,7 @@ fn bench(c: &mut Criterion) {
         .expect("the chat route");
     let schemas = Schemas::load(None, &routes).expect("built-in schemas");
     let tenant = tenant();
+    let guarded = guarded(&tenant);
     let cfg = BodyConfig::default();
     let keys = ResponseIds::from_key(&[1; 32]).expect("id keys");
     let gate = Gate {
@@ -50,9 +76,18 @@ fn bench(c: &mut Criterion) {
         ids: Binding::new(&keys, &tenant.id),
     };
     let mut group = c.benchmark_group("body_stage");
-    for (label, size) in [("1KiB", 1024), ("32KiB", 32 * 1024), ("256KiB", 256 * 1024)] {
+    let sizes = [
+        ("1KiB", 1024),
+        ("32KiB", 32 * 1024),
+        ("256KiB", 256 * 1024),
+        ("1MiB", 1024 * 1024),
+    ];
+    for (label, size) in sizes {
         let raw = chat_body(size);
-        assert!(judge(chat, &tenant, &gate, &raw).is_ok());
+        assert!(judge(chat, &tenant, &gate, &raw, &mut Acted::default()).is_ok());
+        let mut acted = Acted::default();
+        assert!(judge(chat, &guarded, &gate, &raw, &mut acted).is_ok());
+        assert_eq!(acted.masked, 0, "the bench prompt is clean");
         group.throughput(Throughput::Bytes(raw.len() as u64));
         group.bench_with_input(
             BenchmarkId::new("serde_json_value", label),
@@ -60,7 +95,10 @@ fn bench(c: &mut Criterion) {
             |b, raw| b.iter(|| serde_json::from_slice::<Value>(black_box(raw)).unwrap()),
         );
         group.bench_with_input(BenchmarkId::new("judge", label), &raw, |b, raw| {
-            b.iter(|| judge(chat, &tenant, &gate, black_box(raw)).unwrap())
+            b.iter(|| judge(chat, &tenant, &gate, black_box(raw), &mut Acted::default()).unwrap())
+        });
+        group.bench_with_input(BenchmarkId::new("judge_guarded", label), &raw, |b, raw| {
+            b.iter(|| judge(chat, &guarded, &gate, black_box(raw), &mut Acted::default()).unwrap())
         });
     }
     group.finish();

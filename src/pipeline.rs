@@ -14,6 +14,7 @@ use crate::authz;
 use crate::body::{self, intake, multipart, response_not_found, Gate, Judged};
 use crate::config::Snapshot;
 use crate::forward::{self, TrustedContext};
+use crate::guardrails::Acted;
 use crate::identity;
 use crate::identity::mtls::CertIdentity;
 use crate::ids::Binding;
@@ -89,8 +90,8 @@ pub async fn run(
     }
 
     let snap = ctx.snapshot.clone();
-    let ids = Binding::new(&snap.response_ids, &tenant.id);
     if route.api.binds_path_id() {
+        let ids = Binding::new(&snap.response_ids, &tenant.id);
         ctx.router_path = Some(open_path_id(&route, &session.req_header().uri, &ids)?);
     }
 
@@ -102,7 +103,7 @@ pub async fn run(
         &snap,
         &route,
         &tenant,
-        ids,
+        &mut ctx.guardrails,
     )
     .await;
     stage_end(&ctx.trace, "body", t, &judged);
@@ -188,7 +189,7 @@ async fn judge_body(
     snap: &Snapshot,
     route: &Route,
     tenant: &Tenant,
-    ids: Binding<'_>,
+    acted: &mut Acted,
 ) -> Result<(Judged, usize), Reject> {
     let cfg = &snap.gateway.body;
     let limit = route
@@ -218,9 +219,9 @@ async fn judge_body(
         let gate = Gate {
             cfg,
             schemas: &snap.schemas,
-            ids,
+            ids: Binding::new(&snap.response_ids, &tenant.id),
         };
-        body::judge(route, tenant, &gate, &raw)?
+        body::judge(route, tenant, &gate, &raw, acted)?
     };
     Ok((judged, body_bytes))
 }

@@ -19,6 +19,7 @@ use crate::body::Judged;
 use crate::config::{SharedSnapshot, Snapshot};
 use crate::forward::exchange::{self, Answer};
 use crate::forward::upstream::Upstream;
+use crate::guardrails::Acted;
 use crate::identity::Identity;
 use crate::ids::Binding;
 use crate::limits::guard::{Admission, AuthFailures, BodyBudget, BodyLease, Overload};
@@ -62,6 +63,8 @@ pub struct RequestCtx {
     upstream_started: Option<Instant>,
     upstream_elapsed: Option<Duration>,
     pub(crate) judged: Option<Judged>,
+    /// What the guardrails masked, refused or logged.
+    pub(crate) guardrails: Acted,
     /// Headers the policy stage adds for the router.
     pub(crate) policy_headers: PolicyHeaders,
     /// Reads the router's usage from the response (and hides the usage
@@ -185,6 +188,7 @@ impl ProxyHttp for Gateway {
             upstream_started: None,
             upstream_elapsed: None,
             judged: None,
+            guardrails: Acted::default(),
             policy_headers: PolicyHeaders::new(),
             usage_tap: None,
             admission: None,
@@ -295,6 +299,21 @@ impl ProxyHttp for Gateway {
         if let Some(code) = ctx.reject_code {
             m.rejections.with_label_values(&[tenant, code]).inc();
         }
+        for (kind, action) in ctx.guardrails.actions() {
+            m.guardrail_actions
+                .with_label_values(&[tenant, kind, action])
+                .inc();
+        }
+        if let Some((rule, at)) = &ctx.guardrails.logged {
+            tracing::warn!(
+                target: "guardrails",
+                request_id = %ctx.request_id,
+                tenant = ctx.identity.as_ref().map_or("-", |i| i.tenant.id.as_str()),
+                rule,
+                field = %at,
+                "a deny rule matched; forwarded (deny_action = log)"
+            );
+        }
         m.gateway_duration
             .with_label_values(&[route])
             .observe(gateway.as_secs_f64());
@@ -357,6 +376,7 @@ impl ProxyHttp for Gateway {
             cost,
             ttft_ms: streamed.ttft.map(|d| d.as_secs_f64() * 1e3),
             trace_id: trace_id.as_deref(),
+            guardrails: ctx.guardrails.kinds(),
         });
     }
 }
@@ -414,6 +434,12 @@ impl Answer for RequestCtx {
             resp.remove_header("content-length");
         }
         resp.insert_header("x-request-id", self.request_id.as_str())?;
+        if self.guardrails.masked > 0 {
+            resp.insert_header(
+                "x-portcullis-pii-masked",
+                self.guardrails.masked.to_string(),
+            )?;
+        }
         rate_limit_headers(self, resp)
     }
 

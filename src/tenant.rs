@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock};
 
+use crate::guardrails::Guardrails;
 use crate::limits::spend::Price;
 use crate::limits::{ScopeLimiter, ScopeLimits, ScopeName};
 
@@ -137,6 +138,9 @@ pub struct Tenant {
     pub regions: Option<Vec<String>>,
     /// Top-level body fields this tenant may not send.
     pub forbidden_fields: Vec<String>,
+    /// What the body stage masks or refuses in the prompt; shared by
+    /// every tenant with the same rules.
+    pub guardrails: Arc<Guardrails>,
     /// When not empty, a JWT for this tenant must carry one of these `sub` values.
     pub jwt_subjects: Vec<String>,
     pub mtls_identities: Vec<String>,
@@ -183,6 +187,7 @@ impl Tenant {
             features: FeatureSet::default(),
             regions: None,
             forbidden_fields: Vec::new(),
+            guardrails: Arc::default(),
             jwt_subjects: Vec::new(),
             mtls_identities: Vec::new(),
             limiter,

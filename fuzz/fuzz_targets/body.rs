@@ -6,9 +6,10 @@ use std::sync::LazyLock;
 use libfuzzer_sys::fuzz_target;
 use portcullis::body::schema::Schemas;
 use portcullis::body::{judge, BodyConfig, Gate};
+use portcullis::guardrails::Acted;
 use portcullis::ids::{Binding, ResponseIds};
-use portcullis::tenant::{Feature, FeatureSet, Limits, Tenant};
 use portcullis::route::Routes;
+use portcullis::tenant::{Feature, FeatureSet, Limits, Tenant};
 
 static TENANT: LazyLock<Tenant> = LazyLock::new(|| {
     let limits = Limits {
@@ -54,9 +55,9 @@ fuzz_target!(|data: &[u8]| {
         ids: Binding::new(&keys, &TENANT.id),
     };
     for route in ROUTES.iter().filter(|r| r.schema.is_some()) {
-        if let Ok(judged) = judge(route, &TENANT, &gate, data) {
+        if let Ok(judged) = judge(route, &TENANT, &gate, data, &mut Acted::default()) {
             // The normalised body is what the router gets: it must pass again.
-            let again = judge(route, &TENANT, &gate, &judged.body);
+            let again = judge(route, &TENANT, &gate, &judged.body, &mut Acted::default());
             assert!(again.is_ok(), "normalised body refused: {:?}", again.err());
         }
     }

@@ -1,5 +1,6 @@
 //! The body stage: read with a hard bound, parse strictly, validate, apply
-//! the tenant's model and feature policy, estimate tokens, normalise.
+//! the tenant's model and feature policy and its guardrails, estimate
+//! tokens, normalise.
 //!
 //! [`judge`] is the pure core: raw bytes in, the exact bytes to forward (or
 //! a rejection) out. The proxy does the reading; nothing of a body reaches
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 
+use crate::guardrails::Acted;
 use crate::ids::Binding;
 use crate::reject::{Reject, RejectCode};
 use crate::route::{Api, RouteSpec};
@@ -102,12 +104,14 @@ pub struct Gate<'a> {
     pub ids: Binding<'a>,
 }
 
-/// Judges a complete JSON body for `route` on behalf of `tenant`.
+/// Judges a complete JSON body for `route` on behalf of `tenant`; what
+/// the guardrails did, refused or not, is left in `acted`.
 pub fn judge(
     route: &RouteSpec,
     tenant: &Tenant,
     gate: &Gate,
     raw: &[u8],
+    acted: &mut Acted,
 ) -> Result<Judged, Reject> {
     let Gate { cfg, schemas, ids } = *gate;
     if raw.is_empty() && route.api == Api::OpenAiResponsesObject {
@@ -158,6 +162,8 @@ pub fn judge(
         tenant.limits.max_output_tokens,
         cfg.max_tokens_over_cap,
     )?;
+    // Before the estimate: what is forwarded, masked, is what is charged.
+    tenant.guardrails.apply(api, body, acted)?;
     let prompt_tokens = api.prompt_tokens(&doc);
     if prompt_tokens > tenant.limits.max_prompt_tokens {
         let mut r = Reject::bad_request(
@@ -288,7 +294,7 @@ mod tests {
             ids: Binding::new(&keys, "t"),
         };
         let route = json_route();
-        let judge = |raw: &[u8]| judge(&route, &tenant, &gate, raw);
+        let judge = |raw: &[u8]| judge(&route, &tenant, &gate, raw, &mut Acted::default());
         // No model, OpenAI-looking members left alone, nothing estimated.
         let j = judge(br#"{"text": "a long prompt", "stream": true, "n": 4}"#).unwrap();
         assert_eq!(

@@ -10,6 +10,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::diag::{Diagnostic, SourceFile};
+use crate::guardrails::detect::{Detectors, Kind, KindSet};
+use crate::guardrails::{DenyAction, DenyRules, Guardrails, PiiMode};
 use crate::identity::api_key::parse_key_hash;
 use crate::limits::spend::Price;
 use crate::limits::{ScopeLimiter, ScopeLimits, ScopeName};
@@ -61,6 +63,29 @@ impl RawModelLimits {
     }
 }
 
+/// `[plans.*.guardrails]`, and a tenant's `[tenants.overrides.guardrails]`,
+/// whose keys replace the plan's one by one (a tenant's `deny` replaces
+/// the plan's list, it does not add to it).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuardrails {
+    pii: Option<PiiMode>,
+    pii_kinds: Option<Vec<Spanned<String>>>,
+    deny: Option<Vec<Spanned<String>>>,
+    deny_action: Option<DenyAction>,
+}
+
+impl RawGuardrails {
+    fn merged(&self, over: &RawGuardrails) -> RawGuardrails {
+        RawGuardrails {
+            pii: over.pii.or(self.pii),
+            pii_kinds: over.pii_kinds.clone().or_else(|| self.pii_kinds.clone()),
+            deny: over.deny.clone().or_else(|| self.deny.clone()),
+            deny_action: over.deny_action.or(self.deny_action),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPlan {
@@ -81,6 +106,8 @@ struct RawPlan {
     budget_per_month: Option<f64>,
     #[serde(default)]
     model_limits: BTreeMap<String, RawModelLimits>,
+    #[serde(default)]
+    guardrails: RawGuardrails,
 }
 
 /// Per-tenant overrides: any plan key, each optional.
@@ -104,6 +131,8 @@ struct RawOverrides {
     /// Merged key by key into the plan's entry for the same pattern.
     #[serde(default)]
     model_limits: BTreeMap<String, RawModelLimits>,
+    /// Merged key by key into the plan's.
+    guardrails: Option<RawGuardrails>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +185,8 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
 
     // Plans are checked whether or not a tenant uses them.
     let mut plan_features = HashMap::new();
+    let mut rails = GuardrailBuilder::default();
+    let mut plan_rails = HashMap::new();
     for (name, plan) in &raw.plans {
         if !valid_id(name) {
             errs.push(src.at(
@@ -185,6 +216,10 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
         for (pattern, l) in &plan.model_limits {
             model_scope_limits(&src, &what, pattern, l, &mut errs);
         }
+        plan_rails.insert(
+            name.as_str(),
+            rails.build(&src, &what, &plan.guardrails, &mut errs),
+        );
     }
     let mut prices = Vec::new();
     for (pattern, p) in &raw.prices {
@@ -270,6 +305,14 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
                 .unwrap_or_default(),
         };
 
+        let guardrails = match &o.guardrails {
+            Some(over) => rails.build(&src, &what, &plan.guardrails.merged(over), &mut errs),
+            None => plan_rails
+                .get(t.plan.get_ref().as_str())
+                .cloned()
+                .unwrap_or_default(),
+        };
+
         let index = out.list.len();
         for key in &t.api_keys {
             match parse_key_hash(key.get_ref()) {
@@ -325,6 +368,7 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
                 .forbidden_fields
                 .clone()
                 .unwrap_or_else(|| plan.forbidden_fields.clone()),
+            guardrails,
             jwt_subjects: t.jwt_subjects,
             mtls_identities: t
                 .mtls_identities
@@ -372,6 +416,109 @@ pub fn load(path: &Path, previous: Option<&Tenants>) -> Result<Tenants, Vec<Diag
         Ok(out)
     } else {
         Err(errs)
+    }
+}
+
+/// Compiles guardrails during one load: the detectors once, and each
+/// distinct deny list once, however many plans and tenants share it.
+#[derive(Default)]
+struct GuardrailBuilder {
+    detectors: Option<Arc<Detectors>>,
+    /// `None`: the list did not compile, and that was reported.
+    deny: HashMap<Vec<String>, Option<Arc<DenyRules>>>,
+}
+
+impl GuardrailBuilder {
+    fn build(
+        &mut self,
+        src: &SourceFile,
+        what: &str,
+        raw: &RawGuardrails,
+        errs: &mut Vec<Diagnostic>,
+    ) -> Arc<Guardrails> {
+        let what = format!("{what}: guardrails");
+        let pii = raw.pii.unwrap_or_default();
+        let kinds = match &raw.pii_kinds {
+            None => KindSet::all(),
+            Some(list) => {
+                let mut kinds = KindSet::default();
+                for name in list {
+                    match Kind::parse(name.get_ref()) {
+                        Some(k) => kinds.insert(k),
+                        None => errs.push(src.at(
+                            Some(name.span()),
+                            format!(
+                                "{what}: unknown pii_kinds entry {:?} (one of {})",
+                                name.get_ref(),
+                                Kind::ALL.map(Kind::name).join(", ")
+                            ),
+                        )),
+                    }
+                }
+                if list.is_empty() && pii != PiiMode::Off {
+                    errs.push(src.at(
+                        None,
+                        format!("{what}: pii_kinds is empty; set pii = \"off\" instead"),
+                    ));
+                }
+                kinds
+            }
+        };
+        let detectors = if pii == PiiMode::Off {
+            None
+        } else {
+            self.detectors(src, errs)
+        };
+        let deny = match &raw.deny {
+            Some(list) if !list.is_empty() => self.deny(src, &what, list, errs),
+            _ => None,
+        };
+        Arc::new(Guardrails::new(
+            pii,
+            kinds,
+            detectors,
+            deny,
+            raw.deny_action.unwrap_or_default(),
+        ))
+    }
+
+    fn detectors(
+        &mut self,
+        src: &SourceFile,
+        errs: &mut Vec<Diagnostic>,
+    ) -> Option<Arc<Detectors>> {
+        if self.detectors.is_none() {
+            match Detectors::new() {
+                Ok(d) => self.detectors = Some(Arc::new(d)),
+                Err(e) => errs.push(src.at(None, format!("the built-in detectors: {e}"))),
+            }
+        }
+        self.detectors.clone()
+    }
+
+    fn deny(
+        &mut self,
+        src: &SourceFile,
+        what: &str,
+        list: &[Spanned<String>],
+        errs: &mut Vec<Diagnostic>,
+    ) -> Option<Arc<DenyRules>> {
+        let patterns: Vec<String> = list.iter().map(|p| p.get_ref().clone()).collect();
+        if let Some(done) = self.deny.get(&patterns) {
+            return done.clone();
+        }
+        let refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let compiled = match DenyRules::compile(&refs) {
+            Ok(rules) => Some(Arc::new(rules)),
+            Err((rule, why)) => {
+                let span = list.get(rule.unwrap_or(0)).map(Spanned::span);
+                let which = rule.map_or("the deny list".to_string(), |i| format!("deny rule {i}"));
+                errs.push(src.at(span, format!("{what}: {which} {why}")));
+                None
+            }
+        };
+        self.deny.insert(patterns, compiled.clone());
+        compiled
     }
 }
 
@@ -920,6 +1067,55 @@ budget_per_day = 1.5
         let errs = load_str(&format!("{PLAN}budget_per_day = nan\n")).unwrap_err();
         assert!(
             errs.iter().any(|d| d.message.contains("budget_per_day")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn guardrails_come_from_the_plan_and_overrides_replace_key_by_key() {
+        let t = load_str(&format!(
+            "{PLAN}[plans.free.guardrails]\npii = \"mask\"\ndeny = [\"(?i)forbidden\"]\n\
+             [[tenants]]\nid = \"a\"\norg = \"o\"\nplan = \"free\"\n\
+             [[tenants]]\nid = \"b\"\norg = \"o\"\nplan = \"free\"\n\
+             [[tenants]]\nid = \"c\"\norg = \"o\"\nplan = \"free\"\n\
+             [tenants.overrides.guardrails]\npii_kinds = [\"email\"]\ndeny_action = \"log\"\n"
+        ))
+        .unwrap();
+        let (a, b, c) = (
+            t.by_id("a").unwrap(),
+            t.by_id("b").unwrap(),
+            t.by_id("c").unwrap(),
+        );
+        assert!(
+            Arc::ptr_eq(&a.guardrails, &b.guardrails),
+            "one compiled copy per plan"
+        );
+        let run = |tenant: &Tenant, text: &str| {
+            let mut body = serde_json::json!({"messages": [{"role": "user", "content": text}]})
+                .as_object()
+                .cloned()
+                .unwrap();
+            let mut acted = crate::guardrails::Acted::default();
+            let r = tenant
+                .guardrails
+                .apply(crate::route::Api::OpenAiChat, &mut body, &mut acted);
+            r.map(|()| body["messages"][0]["content"].clone())
+                .map_err(|r| r.code.as_str())
+        };
+        let text = "bob@example.com 4111111111111111";
+        assert_eq!(run(a, text).unwrap(), "[EMAIL] [CREDIT_CARD]");
+        // c keeps the plan's mode and rules, with its own kinds and action.
+        assert_eq!(run(c, text).unwrap(), "[EMAIL] 4111111111111111");
+        assert_eq!(run(a, "FORBIDDEN").unwrap_err(), "prompt_blocked");
+        assert_eq!(run(c, "FORBIDDEN").unwrap(), "FORBIDDEN");
+
+        let errs = load_str(&format!(
+            "{PLAN}[plans.free.guardrails]\npii = \"reject\"\npii_kinds = []\n"
+        ))
+        .unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|d| d.message.contains("pii_kinds is empty")),
             "{errs:?}"
         );
     }

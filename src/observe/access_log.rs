@@ -1,7 +1,7 @@
 //! One JSON line per request under the target `access`, the request's
 //! usage record: time, request id, tenant, key, route, model, method,
-//! status, reject code, latencies, tokens, cost and trace id; never a
-//! prompt, a completion, a key or a token.
+//! status, reject code, latencies, tokens, cost, trace id and the
+//! guardrails that acted; never a prompt, a completion, a key or a token.
 //!
 //! The line is serialised straight into the non-blocking log writer rather
 //! than through `tracing`'s formatter, which costs several times more per
@@ -48,6 +48,8 @@ pub struct AccessRecord<'a> {
     pub ttft_ms: Option<f64>,
     /// The trace's id, when tracing is on.
     pub trace_id: Option<&'a str>,
+    /// The guardrail kinds acted on (`email`, `deny`…), never what matched.
+    pub guardrails: Vec<&'static str>,
 }
 
 #[derive(Serialize)]

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub time_to_first_token: HistogramVec,
     pub time_per_output_token: HistogramVec,
     pub spans_dropped: IntCounter,
+    pub guardrail_actions: IntCounterVec,
 }
 
 /// Registration fails only on a duplicate name, which is a programming error
@@ -168,6 +169,13 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Trace spans dropped on a full export queue or a failed export"
     )
     .expect("register portcullis_telemetry_spans_dropped_total"),
+    guardrail_actions: register_int_counter_vec!(
+        "portcullis_guardrail_actions_total",
+        "Requests a guardrail acted on, by tenant, kind (a detector, or deny) and action \
+         (masked, rejected, logged); one per request, kind and action",
+        &["tenant", "kind", "action"]
+    )
+    .expect("register portcullis_guardrail_actions_total"),
 }
 });
 

@@ -129,6 +129,34 @@ fn check_reports_a_malformed_key_hash_with_its_line() {
 }
 
 #[test]
+fn check_reports_guardrail_errors_with_their_lines() {
+    let dir = valid_dir();
+    let text = format!(
+        "{TENANTS}\n[plans.free.guardrails]\npii = \"mask\"\n\
+         deny = [\"ok\", \"(unclosed\"]\npii_kinds = [\"email\", \"ssn\"]\n"
+    );
+    std::fs::write(dir.path().join("tenants.toml"), text).unwrap();
+    let err = check_fails(dir.path());
+    assert!(
+        err.contains(
+            "tenants.toml:20: plan \"free\": guardrails: deny rule 1 does not compile: unclosed group"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("tenants.toml:21: plan \"free\": guardrails: unknown pii_kinds entry \"ssn\""),
+        "{err}"
+    );
+    let text = format!("{TENANTS}[tenants.overrides.guardrails]\npii = \"redact\"\n");
+    std::fs::write(dir.path().join("tenants.toml"), text).unwrap();
+    let err = check_fails(dir.path());
+    assert!(
+        err.contains("tenants.toml:18:") && err.contains("unknown variant `redact`"),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_reports_missing_files_and_bad_values() {
     let dir = valid_dir();
     std::fs::remove_file(dir.path().join("tenants.toml")).unwrap();

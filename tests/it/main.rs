@@ -13,6 +13,7 @@ mod cli;
 mod dashboards;
 mod edge;
 mod gateway;
+mod guardrails;
 mod jwks_url;
 mod keys;
 mod limits;

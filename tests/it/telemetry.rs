@@ -35,26 +35,6 @@ async fn chat_as(gw: &Gateway, tenant: &str) -> Response {
     .await
 }
 
-/// The access log's lines once `n` have been written.
-async fn access_lines(gw: &Gateway, n: usize) -> Vec<Value> {
-    let read = || {
-        std::fs::read_to_string(gw.dir.path().join("gateway.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["target"] == "access")
-            .collect::<Vec<_>>()
-    };
-    for _ in 0..100 {
-        let lines = read();
-        if lines.len() >= n {
-            return lines;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("fewer than {n} access lines: {:?}", read());
-}
-
 fn request_spans(spans: &[Exported]) -> Vec<&Exported> {
     spans
         .iter()
@@ -248,7 +228,7 @@ async fn a_trace_follows_the_request_through_every_stage_to_the_router() {
     assert!(!everything.contains(&token), "the token leaked into a span");
 
     // The usage record names the trace.
-    let lines = access_lines(&gw, 3).await;
+    let lines = log_lines(&gw, "access", 3).await;
     for (r, span) in [(&traced, root), (&garbled, fresh), (&refused, failed)] {
         let line = lines
             .iter()
@@ -402,7 +382,7 @@ async fn the_tenant_label_is_capped_or_replaced_and_logs_keep_the_real_id() {
         text.contains("portcullis_inflight_requests{tenant=\"other\"} 0"),
         "{text}"
     );
-    let logged: Vec<String> = access_lines(&gw, 4)
+    let logged: Vec<String> = log_lines(&gw, "access", 4)
         .await
         .iter()
         .map(|l| l["tenant"].as_str().unwrap_or_default().to_owned())
@@ -498,7 +478,7 @@ async fn streams_report_first_token_and_per_token_times_and_the_usage_record_add
     let per_token = metric_f64(&gw, &m("time_per_output_token_seconds_sum")).await;
     assert!(per_token >= interval.as_secs_f64(), "per token {per_token}");
 
-    let lines = access_lines(&gw, 4).await;
+    let lines = log_lines(&gw, "access", 4).await;
     let line = |r: &Response| {
         lines
             .iter()

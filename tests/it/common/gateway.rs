@@ -336,6 +336,27 @@ pub fn verify_signature(
     );
 }
 
+/// The JSON log lines of `target` (`access`, `guardrails`) once `n` have
+/// been written (the gateway must capture its logs).
+pub async fn log_lines(gw: &Gateway, target: &str, n: usize) -> Vec<serde_json::Value> {
+    let read = || {
+        std::fs::read_to_string(gw.dir.path().join("gateway.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == target)
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..100 {
+        let lines = read();
+        if lines.len() >= n {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {n} {target} lines: {:?}", read());
+}
+
 /// The value of the first metric line starting with `line_prefix` (0 when
 /// the series does not exist yet).
 pub async fn metric(gw: &Gateway, line_prefix: &str) -> u64 {
