@@ -8,7 +8,7 @@
 #   bench/compare.sh                         # every scenario, ~15 min
 #   SCENARIOS="1k fixed" REPS=1 bench/compare.sh
 #
-# Scenarios: 1k 32k sse tls redis rego threads dialects proxy tracing fixed rss (see
+# Scenarios: 1k 32k sse tls redis rego threads dialects proxy tracing guardrails fixed rss (see
 # bench/RESULTS.md). dialects: the 1 KiB full path as chat, Responses and
 # Anthropic Messages, in turn.
 # Env: DURATION=10 WARMUP=3 CONNS=50 REPS=3 FIXED_QPS=5000 IDLE_CONNS=10000
@@ -25,7 +25,7 @@ OUT=${OUT:-$WORK/results/$(date +%Y%m%d-%H%M%S)}
 DURATION=${DURATION:-10}; WARMUP=${WARMUP:-3}; CONNS=${CONNS:-50}; REPS=${REPS:-3}
 FIXED_QPS=${FIXED_QPS:-5000}; IDLE_CONNS=${IDLE_CONNS:-10000}
 PROXY_CPU=${PROXY_CPU:-0}; LOAD_CPU=${LOAD_CPU:-1}
-SCENARIOS=${SCENARIOS:-"1k 32k sse tls redis rego threads dialects proxy tracing fixed rss"}
+SCENARIOS=${SCENARIOS:-"1k 32k sse tls redis rego threads dialects proxy tracing guardrails fixed rss"}
 RUN=$WORK/run; LOGS=$WORK/logs; GEN=$WORK/gen; KEYS=$WORK/keys
 mkdir -p "$OUT" "$RUN" "$LOGS" "$GEN" "$WORK/nginx-prefix/logs"
 
@@ -58,6 +58,11 @@ def chat(size, stream=False):
     msg["messages"][1]["content"] = ("Why does the pipeline fail on Tuesdays? " * (size // 30 + 1))[:pad]
     return json.dumps(msg, separators=(",", ":"))
 open(f"{work}/body-1k.json", "w").write(chat(1024))
+# The 1 KiB prompt with one email and one card number in it, for masking.
+pii = json.loads(chat(1024))
+text = pii["messages"][1]["content"]
+pii["messages"][1]["content"] = "Mail bob@example.com, card 4111 1111 1111 1111. " + text[:len(text) - 49]
+open(f"{work}/body-pii-1k.json", "w").write(json.dumps(pii, separators=(",", ":")))
 open(f"{work}/body-32k.json", "w").write(chat(32 * 1024))
 open(f"{work}/body-sse.json", "w").write(chat(1024, stream=True))
 # The same prompt in the Responses and the Anthropic dialect, 1 KiB each.
@@ -104,8 +109,18 @@ TOML
     printf '\n[[tenants]]\nid = "%s"\norg = "%s-org"\nplan = "pro"\n' "$t" "$t"
   done
 } >"$GEN/tenants.toml"
+# The same tenants with every detector masking and two deny rules.
+{
+  cat "$GEN/tenants.toml"
+  cat <<'TOML'
 
-portcullis_config() {  # NAME THREADS BACKEND [EXTRA] [SERVER_EXTRA] [TABLES] -> path of gateway.toml
+[plans.pro.guardrails]
+pii = "mask"
+deny = ["(?i)ignore (all )?previous instructions", "BEGIN RSA PRIVATE KEY"]
+TOML
+} >"$GEN/tenants-guarded.toml"
+
+portcullis_config() {  # NAME THREADS BACKEND [EXTRA] [SERVER_EXTRA] [TABLES] [TENANTS] -> path of gateway.toml
   local d=$GEN/$1
   mkdir -p "$d"
   cat >"$d/gateway.toml" <<TOML
@@ -147,7 +162,7 @@ redis_url = "redis://127.0.0.1:16379"
 on_backend_error = "closed"
 
 [policy]
-tenants = "$GEN/tenants.toml"
+tenants = "${7:-$GEN/tenants.toml}"
 schemas = "$ROOT/policies/schemas"
 ${4:-}
 
@@ -209,7 +224,7 @@ setup_case() {
         --disable-hot-restart --log-level warn
       PORT=18000; DESC="Envoy gateway config (jwt_authn, strip, local rate limit, buffer, json_to_metadata, Lua), --concurrency 1";;
     portcullis*|tls-*)
-      local threads=1 backend=local extra="" server="" tables="" log=${PORTCULLIS_LOG:-info}
+      local threads=1 backend=local extra="" server="" tables="" tenants="" log=${PORTCULLIS_LOG:-info}
       case $c in
         portcullis-proxyv2) server=$'proxy_protocol = "required"\ntrusted_proxies = ["127.0.0.1"]';;
         portcullis-nolog) log=warn;;
@@ -219,9 +234,10 @@ setup_case() {
         # Traces into the mock router's OTLP sink, or into a closed port.
         portcullis-trace-on) tables=$'[telemetry]\notlp_endpoint = "http://127.0.0.1:18080"';;
         portcullis-trace-dead) tables=$'[telemetry]\notlp_endpoint = "http://127.0.0.1:18999"';;
+        portcullis-guarded*) tenants=$GEN/tenants-guarded.toml;;
       esac
-      start proxy "$cpus" env PORTCULLIS_LOG="$log" "$BIN" serve -c "$(portcullis_config "$c" "$threads" "$backend" "$extra" "$server" "$tables")"
-      PORT=18010; DESC="Portcullis, threads = $threads, limits $backend${extra:+, Rego}${tables:+, traced}, log level $log (info writes the access log)"
+      start proxy "$cpus" env PORTCULLIS_LOG="$log" "$BIN" serve -c "$(portcullis_config "$c" "$threads" "$backend" "$extra" "$server" "$tables" "$tenants")"
+      PORT=18010; DESC="Portcullis, threads = $threads, limits $backend${extra:+, Rego}${tables:+, traced}${tenants:+, guardrails on}, log level $log (info writes the access log)"
       if [[ $c == tls-* ]]; then PORT=18443; SCHEME=https; fi;;
     *) echo "unknown case $c" >&2; return 1;;
   esac
@@ -248,8 +264,9 @@ rss_kb() {  # NAME: resident KiB of the process and its children
   echo "$t"
 }
 
-# sanity CASE URL TOKEN BODY: one request must be 200, and where a gateway
-# is in the path the router must have seen the tenant and no credential.
+# sanity CASE URL TOKEN BODY: one request must be 200, where a gateway is
+# in the path the router must have seen the tenant and no credential, and
+# the guarded case must have masked its two findings.
 sanity() {
   local h proxied=()
   [[ $1 == portcullis-proxyv2 ]] && proxied=(--haproxy-protocol)
@@ -259,6 +276,10 @@ sanity() {
   if [[ $1 == envoy-gw || $1 == portcullis* || $1 == tls-* ]]; then
     grep -qi '^x-echo-tenant-id: [a-z0-9]' <<<"$h" && grep -qi '^x-echo-authorization: absent$' <<<"$h" ||
       { echo "sanity FAILED for $1: the router saw no tenant or saw the credential" >&2; return 1; }
+  fi
+  if [[ $1 == portcullis-guarded-pii ]]; then
+    grep -qi '^x-portcullis-pii-masked: 2$' <<<"$h" ||
+      { echo "sanity FAILED for $1: the email and the card were not masked" >&2; return 1; }
   fi
 }
 
@@ -382,6 +403,11 @@ for rep in $(seq "$REPS"); do
       tracing) for c in portcullis portcullis-trace-on portcullis-trace-dead; do
                  measure tracing "$c" "$WORK/body-1k.json" "$MIX"
                done;;
+      # Every detector masking plus two deny rules, on a clean prompt and
+      # on one with an email and a card number to mask, against none.
+      guardrails) measure guardrails portcullis "$WORK/body-1k.json" "$MIX"
+                  measure guardrails portcullis-guarded "$WORK/body-1k.json" "$MIX"
+                  measure guardrails portcullis-guarded-pii "$WORK/body-pii-1k.json" "$MIX";;
       dialects) measure dialects portcullis-chat "$WORK/body-1k.json" "$MIX"
                 ROUTE=/v1/responses measure dialects portcullis-responses "$WORK/body-responses-1k.json" "$MIX"
                 ROUTE=/v1/messages measure dialects portcullis-messages "$WORK/body-messages-1k.json" "$MIX";;

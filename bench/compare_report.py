@@ -134,6 +134,16 @@ for case, what in (("portcullis-trace-on", "on, ratio 1.0"), ("portcullis-trace-
         ratio = statistics.median(ratios)
         target(f"tracing {what}: CPU/req ≤ 1.15 × off (1 KiB)", ratio, ratio <= 1.15,
                f"{ratio:.2f}× (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
+# Guardrails on (a clean prompt, and one with findings to mask) against
+# off, paired per repetition.
+off = [r["cpu_us_per_req"] for r in groups.get(("guardrails", "portcullis"), [])]
+for case, what in (("portcullis-guarded", "clean prompt"), ("portcullis-guarded-pii", "email and card masked")):
+    runs = [r["cpu_us_per_req"] for r in groups.get(("guardrails", case), [])]
+    ratios = [g / o for g, o in zip(runs, off) if o]
+    if ratios:
+        ratio = statistics.median(ratios)
+        target(f"guardrails, every detector, {what}: CPU/req ≤ 1.25 × off (1 KiB)", ratio,
+               ratio <= 1.25, f"{ratio:.2f}× (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
 fl = med("1k", "pingora", "cpu_us_per_req")
 if pc and fl:
     out.append(f"\nBare Pingora (no policy) costs {fl:.1f} µs/req here: the policy path adds {pc - fl:.1f} µs.")

@@ -23,20 +23,25 @@ mod common;
 use common::tenant;
 
 /// A realistic chat body of about `size` bytes: a system prompt and a
-/// conversation of user and assistant turns.
+/// conversation of user and assistant turns (longer turns above 512 KiB,
+/// to stay under the schema's 4096 messages).
 fn chat_body(size: usize) -> Vec<u8> {
     let turn =
         "Our deployment pipeline fails intermittently when the integration tests run in parallel; \
-                the logs show connection resets from the staging database. ";
-    let mut messages = vec![json!({"role": "system", "content": "You are a concise assistant."})];
-    let mut body =
-        json!({"model": "m-small", "max_tokens": 256, "temperature": 0.2, "messages": []});
-    let mut i = 0;
-    while body.to_string().len() < size {
-        let role = if i % 2 == 0 { "user" } else { "assistant" };
-        messages.push(json!({"role": role, "content": turn}));
-        body["messages"] = Value::Array(messages.clone());
-        i += 1;
+                the logs show connection resets from the staging database. "
+            .repeat(size.div_ceil(512 * 1024).max(1));
+    let mut body = json!({"model": "m-small", "max_tokens": 256, "temperature": 0.2,
+        "messages": [{"role": "system", "content": "You are a concise assistant."}]});
+    let mut len = body.to_string().len();
+    let mut messages = Vec::new();
+    while len < size {
+        let role = if messages.len() % 2 == 0 { "user" } else { "assistant" };
+        let m = json!({"role": role, "content": turn});
+        len += m.to_string().len() + 1;
+        messages.push(m);
+    }
+    if let Some(list) = body["messages"].as_array_mut() {
+        list.extend(messages);
     }
     body.to_string().into_bytes()
 }
@@ -84,7 +89,9 @@ fn bench(c: &mut Criterion) {
     ];
     for (label, size) in sizes {
         let raw = chat_body(size);
-        assert!(judge(chat, &tenant, &gate, &raw, &mut Acted::default()).is_ok());
+        if let Err(e) = judge(chat, &tenant, &gate, &raw, &mut Acted::default()) {
+            panic!("{label}: {e:?}");
+        }
         let mut acted = Acted::default();
         assert!(judge(chat, &guarded, &gate, &raw, &mut acted).is_ok());
         assert_eq!(acted.masked, 0, "the bench prompt is clean");

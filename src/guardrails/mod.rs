@@ -14,7 +14,7 @@ pub mod prompt;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use regex::{RegexSet, RegexSetBuilder};
+use regex::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 use serde_json::{Map, Value};
 
 use crate::reject::{Reject, RejectCode};
@@ -44,15 +44,21 @@ pub enum DenyAction {
     Log,
 }
 
-/// A bound on each compiled deny rule set, so a tenants file cannot make
+/// A bound on each compiled form of a deny list, so a tenants file cannot make
 /// the gateway hold (or a reload build) an outsized automaton.
 pub const DENY_SIZE_LIMIT: usize = 1 << 20;
 /// At most this many deny rules in one list.
 pub const MAX_DENY_RULES: usize = 256;
 
-/// A list of deny rules compiled into one set.
+/// A list of deny rules, compiled twice: as one alternation, whose literal
+/// prefilter answers the usual "no rule matches" at memchr speed (a set's
+/// automaton has none, and costs 25 times more per KiB), and as a set,
+/// asked only after a match for which rule it was.
 #[derive(Debug)]
-pub struct DenyRules(RegexSet);
+pub struct DenyRules {
+    any: Regex,
+    which: RegexSet,
+}
 
 impl DenyRules {
     /// Compiles `patterns` within [`DENY_SIZE_LIMIT`]. An error names the
@@ -76,17 +82,27 @@ impl DenyRules {
                 return Err((Some(i), one_line(&e)));
             }
         }
-        build(patterns)
-            .map(DenyRules)
-            .map_err(|e| (None, one_line(&e)))
+        let alternation = patterns
+            .iter()
+            .map(|p| format!("(?:{p})"))
+            .collect::<Vec<_>>()
+            .join("|");
+        let any = RegexBuilder::new(&alternation)
+            .size_limit(DENY_SIZE_LIMIT)
+            .dfa_size_limit(DENY_SIZE_LIMIT)
+            .build();
+        match (any, build(patterns)) {
+            (Ok(any), Ok(which)) => Ok(DenyRules { any, which }),
+            (Err(e), _) | (_, Err(e)) => Err((None, one_line(&e))),
+        }
     }
 
     /// The first rule `text` matches.
     fn first_match(&self, text: &str) -> Option<usize> {
-        if !self.0.is_match(text) {
+        if !self.any.is_match(text) {
             return None;
         }
-        self.0.matches(text).iter().next()
+        self.which.matches(text).iter().next()
     }
 }
 
