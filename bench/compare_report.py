@@ -104,46 +104,28 @@ if pc and ng:
 ep = med("1k", "envoy-pass", "cpu_us_per_req")
 if pc and ep:
     target("stretch: CPU/req ≤ Envoy passthrough", pc / ep, pc <= ep, f"{pc:.1f} / {ep:.1f} µs = {pc / ep:.2f}×")
-# Each dialect against the chat run of the same repetition (they run back
-# to back), then the median of those ratios: the box's drift between
-# repetitions cancels out.
-chat_runs = [r["cpu_us_per_req"] for r in groups.get(("dialects", "portcullis-chat"), [])]
+def paired(scen, base, case, name, limit):
+    """`case` against `base` of the same scenario, paired per repetition
+    (they run back to back), then the median of those ratios: the box's
+    drift between repetitions cancels out."""
+    runs = {c: [r["cpu_us_per_req"] for r in groups.get((scen, c), [])] for c in (base, case)}
+    ratios = [x / b for x, b in zip(runs[case], runs[base]) if b]
+    if ratios:
+        ratio = statistics.median(ratios)
+        target(name, ratio, ratio <= limit, f"{ratio:.2f}× (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
 for dialect in ("responses", "messages"):
-    runs = [r["cpu_us_per_req"] for r in groups.get(("dialects", f"portcullis-{dialect}"), [])]
-    ratios = [d / c for d, c in zip(runs, chat_runs) if c]
-    if ratios:
-        ratio = statistics.median(ratios)
-        target(f"{dialect} CPU/req within 10 % of chat (1 KiB, paired per repetition)", ratio,
-               ratio <= 1.10, f"{ratio:.2f}× (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
-# PROXY v2 against the same new-connection load without a header, paired
-# per repetition like the dialects.
-plain = [r["cpu_us_per_req"] for r in groups.get(("proxy", "portcullis-newconn"), [])]
-v2 = [r["cpu_us_per_req"] for r in groups.get(("proxy", "portcullis-proxyv2"), [])]
-ratios = [p / c for p, c in zip(v2, plain) if c]
-if ratios:
-    ratio = statistics.median(ratios)
-    target("PROXY v2 CPU/req within noise (5 %) of none, one request per connection", ratio,
-           ratio <= 1.05, f"{ratio:.2f}× (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
-# Tracing on (a sink that accepts, and a closed port) against off, paired
-# per repetition.
-off = [r["cpu_us_per_req"] for r in groups.get(("tracing", "portcullis"), [])]
+    paired("dialects", "portcullis-chat", f"portcullis-{dialect}",
+           f"{dialect} CPU/req within 10 % of chat (1 KiB, paired per repetition)", 1.10)
+# PROXY v2 against the same new-connection load without a header.
+paired("proxy", "portcullis-newconn", "portcullis-proxyv2",
+       "PROXY v2 CPU/req within noise (5 %) of none, one request per connection", 1.05)
+# Tracing on (a sink that accepts, and a closed port) against off.
 for case, what in (("portcullis-trace-on", "on, ratio 1.0"), ("portcullis-trace-dead", "on, dead collector")):
-    runs = [r["cpu_us_per_req"] for r in groups.get(("tracing", case), [])]
-    ratios = [t / o for t, o in zip(runs, off) if o]
-    if ratios:
-        ratio = statistics.median(ratios)
-        target(f"tracing {what}: CPU/req ≤ 1.15 × off (1 KiB)", ratio, ratio <= 1.15,
-               f"{ratio:.2f}× (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
-# Guardrails on (a clean prompt, and one with findings to mask) against
-# off, paired per repetition.
-off = [r["cpu_us_per_req"] for r in groups.get(("guardrails", "portcullis"), [])]
+    paired("tracing", "portcullis", case, f"tracing {what}: CPU/req ≤ 1.15 × off (1 KiB)", 1.15)
+# Guardrails on (a clean prompt, and one with findings to mask) against off.
 for case, what in (("portcullis-guarded", "clean prompt"), ("portcullis-guarded-pii", "email and card masked")):
-    runs = [r["cpu_us_per_req"] for r in groups.get(("guardrails", case), [])]
-    ratios = [g / o for g, o in zip(runs, off) if o]
-    if ratios:
-        ratio = statistics.median(ratios)
-        target(f"guardrails, every detector, {what}: CPU/req ≤ 1.25 × off (1 KiB)", ratio,
-               ratio <= 1.25, f"{ratio:.2f}× (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
+    paired("guardrails", "portcullis", case,
+           f"guardrails, every detector, {what}: CPU/req ≤ 1.25 × off (1 KiB)", 1.25)
 fl = med("1k", "pingora", "cpu_us_per_req")
 if pc and fl:
     out.append(f"\nBare Pingora (no policy) costs {fl:.1f} µs/req here: the policy path adds {pc - fl:.1f} µs.")
