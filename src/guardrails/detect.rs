@@ -309,12 +309,25 @@ impl Detectors {
             if !kinds.contains(shape.kind()) {
                 continue;
             }
-            for m in re.find_iter(text) {
-                if let Some(span) = shape.validate(text, m.range()) {
-                    out.push(Finding {
-                        kind: shape.kind(),
-                        span,
-                    });
+            // After a candidate validated shorter than it matched, the
+            // search goes on from where the finding ends: the rest can
+            // hold another (`DE89 30 DE89 3704 …`).
+            let mut at = 0;
+            while let Some(m) = text.get(at..).and_then(|_| re.find_at(text, at)) {
+                let resume = match shape.validate(text, m.range()) {
+                    Some(span) => {
+                        let end = span.end;
+                        out.push(Finding {
+                            kind: shape.kind(),
+                            span,
+                        });
+                        end
+                    }
+                    None => m.end(),
+                };
+                at = resume.max(m.start() + 1);
+                while !text.is_char_boundary(at) {
+                    at += 1;
                 }
             }
         }
@@ -660,6 +673,18 @@ mod tests {
         for text in clean {
             assert_eq!(kinds_in(text), [], "in {text:?}");
         }
+    }
+
+    #[test]
+    fn the_search_goes_on_after_a_trimmed_finding() {
+        let text = "DE89 3704 0044 0532 0130 00 GB82 WEST 1234 5698 7654 32";
+        assert_eq!(
+            kinds_in(text),
+            [
+                ("iban", "DE89 3704 0044 0532 0130 00"),
+                ("iban", "GB82 WEST 1234 5698 7654 32")
+            ]
+        );
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub enum DenyAction {
 /// A bound on each compiled form of a deny list, so a tenants file cannot make
 /// the gateway hold (or a reload build) an outsized automaton.
 pub const DENY_SIZE_LIMIT: usize = 1 << 20;
+/// How many times a masked text is scanned again for findings the
+/// previous ones hid; a longer chain of glued findings is hostile input.
+const MASK_ROUNDS: usize = 4;
 /// At most this many deny rules in one list.
 pub const MAX_DENY_RULES: usize = 256;
 
@@ -212,12 +215,22 @@ impl Guardrails {
                     return ControlFlow::Break(());
                 }
             } else {
-                *text = detect::mask(text, &found);
-                acted.masked = acted
-                    .masked
-                    .saturating_add(u32::try_from(found.len()).unwrap_or(u32::MAX));
-                for f in &found {
-                    acted.masked_kinds.insert(f.kind);
+                // A finding can hide one glued to it (a phone number right
+                // after an email's last letter) until it is masked: the
+                // masked text is scanned again, a few rounds at most.
+                for _ in 0..MASK_ROUNDS {
+                    *text = detect::mask(text, &found);
+                    acted.masked = acted
+                        .masked
+                        .saturating_add(u32::try_from(found.len()).unwrap_or(u32::MAX));
+                    for f in &found {
+                        acted.masked_kinds.insert(f.kind);
+                    }
+                    found.clear();
+                    pii.detectors.scan(text, pii.kinds, &mut found);
+                    if found.is_empty() {
+                        break;
+                    }
                 }
             }
             ControlFlow::Continue(())
@@ -345,6 +358,16 @@ mod tests {
         assert_eq!(acted.masked, 3);
         assert_eq!(acted.kinds(), ["email", "us_ssn"]);
         assert!(acted.actions().all(|(_, a)| a == "masked"));
+    }
+
+    #[test]
+    fn a_finding_hidden_by_the_one_before_it_is_masked_too() {
+        let g = rails(PiiMode::Mask, &[], DenyAction::Reject);
+        // The phone number follows the email's last letter: a word
+        // character, until the email is masked.
+        let (r, acted) = run(&g, chat(&["bob@example.comr+44 20 7946 0958;"]));
+        assert_eq!(r.unwrap(), chat(&["[EMAIL][PHONE];"]));
+        assert_eq!(acted.masked, 2);
     }
 
     #[test]
