@@ -35,7 +35,11 @@ fn chat_body(size: usize) -> Vec<u8> {
     let mut len = body.to_string().len();
     let mut messages = Vec::new();
     while len < size {
-        let role = if messages.len() % 2 == 0 { "user" } else { "assistant" };
+        let role = if messages.len() % 2 == 0 {
+            "user"
+        } else {
+            "assistant"
+        };
         let m = json!({"role": role, "content": turn});
         len += m.to_string().len() + 1;
         messages.push(m);
