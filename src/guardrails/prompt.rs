@@ -90,19 +90,24 @@ fn item(
     path: &mut Vec<Step>,
     f: &mut impl FnMut(&At, &mut String) -> ControlFlow<()>,
 ) -> ControlFlow<()> {
-    let member = match o.get("type").and_then(Value::as_str) {
-        Some("text" | "input_text" | "output_text") => "text",
-        Some("tool_result") => "content",
-        Some("function_call_output") => "output",
-        // A chat or Anthropic message, or a Responses message item.
-        Some("message") | None => "content",
+    let members: &[&'static str] = match o.get("type").and_then(Value::as_str) {
+        Some("text" | "input_text" | "output_text") => &["text"],
+        Some("tool_result") => &["content"],
+        Some("function_call_output") => &["output"],
+        Some("message") => &["content"],
+        // A chat or Anthropic message, or a part without a type that a
+        // lenient router might still read as text (Responses' schema does
+        // not require one): both, so leaving `type` out hides nothing.
+        None => &["content", "text"],
         // Images, files, audio, tool calls, reasoning.
         Some(_) => return ControlFlow::Continue(()),
     };
-    if let Some(v) = o.get_mut(member) {
-        path.push(Step::Key(member));
-        content(v, path, f)?;
-        path.pop();
+    for member in members {
+        if let Some(v) = o.get_mut(*member) {
+            path.push(Step::Key(member));
+            content(v, path, f)?;
+            path.pop();
+        }
     }
     ControlFlow::Continue(())
 }
@@ -167,7 +172,8 @@ mod tests {
             {"type": "message", "role": "assistant", "content": [
                 {"type": "output_text", "text": "ot"}]},
             {"type": "function_call", "arguments": "{}"},
-            {"type": "function_call_output", "call_id": "c", "output": "fo"}]});
+            {"type": "function_call_output", "call_id": "c", "output": "fo"},
+            {"role": "user", "content": [{"text": "untyped"}]}]});
         assert_eq!(
             texts(Api::OpenAiResponses, responses),
             pairs(&[
@@ -176,6 +182,7 @@ mod tests {
                 ("/input/1/content/0/text", "it"),
                 ("/input/2/content/0/text", "ot"),
                 ("/input/4/output", "fo"),
+                ("/input/5/content/0/text", "untyped"),
             ])
         );
         let messages = json!({"system": [{"type": "text", "text": "s"}], "messages": [
