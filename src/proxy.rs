@@ -8,7 +8,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -18,6 +17,7 @@ use rand::RngCore;
 use crate::body::Judged;
 use crate::config::{SharedSnapshot, Snapshot};
 use crate::forward::exchange::{self, Answer};
+use crate::forward::pool::RouterPool;
 use crate::forward::upstream::Upstream;
 use crate::guardrails::Acted;
 use crate::identity::Identity;
@@ -37,8 +37,8 @@ use crate::route::Route;
 pub struct Gateway {
     pub snapshot: SharedSnapshot,
     pub upstream: Upstream,
-    /// Pooled connections to the router.
-    pub connector: Connector,
+    /// Idle connections to the router, per worker thread.
+    pub pool: RouterPool,
     pub auth_failures: AuthFailures,
     pub overload: Overload,
     pub bodies: BodyBudget,
@@ -145,7 +145,7 @@ impl Gateway {
             t.start_upstream();
         }
         let sent = match self.upstream.peer() {
-            Ok(peer) => exchange::run(&self.connector, &peer, session, body, ctx).await,
+            Ok(peer) => exchange::run(&self.pool, &peer, session, body, ctx).await,
             Err(e) => Err(e),
         };
         let Err(e) = sent else {

@@ -8,7 +8,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
-use pingora::connectors::http::Connector;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::protocols::http::v2::server::H2Options;
 use pingora::proxy::http_proxy;
@@ -26,6 +25,7 @@ use crate::admin::Admin;
 use crate::config::reload::{ReloadService, Reloader};
 use crate::config::{SharedSnapshot, Snapshot};
 use crate::connection::{Edge, Guarded, Handshake};
+use crate::forward::pool::RouterPool;
 use crate::forward::upstream::{self, RouterPeers, Upstream, UpstreamConfig};
 use crate::identity::jwks_fetch::JwksRefreshService;
 use crate::identity::mtls::{
@@ -179,7 +179,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
             telemetry,
             snapshot: shared,
             upstream,
-            connector: Connector::new(None),
+            pool: RouterPool::new(gw.upstream.idle_timeout, gw.upstream.max_idle),
             auth_failures: AuthFailures::new(gw.limits.auth_failures_per_ip_per_minute),
             overload: Overload::new(gw.limits.max_inflight),
             bodies: BodyBudget::default(),

@@ -208,6 +208,10 @@ struct RawUpstream {
     connect_timeout_ms: u64,
     #[serde(default = "default_read_timeout")]
     read_timeout_ms: u64,
+    #[serde(default = "default_pool_idle_timeout")]
+    idle_timeout_ms: u64,
+    #[serde(default = "default_max_idle")]
+    max_idle_connections: usize,
     #[serde(default = "default_health_check_ms")]
     health_check_interval_ms: u64,
     health_check_path: Option<Spanned<String>>,
@@ -218,6 +222,14 @@ fn default_connect_timeout() -> u64 {
 }
 fn default_read_timeout() -> u64 {
     300_000
+}
+/// nginx's upstream `keepalive_timeout`.
+fn default_pool_idle_timeout() -> u64 {
+    60_000
+}
+/// Per worker thread, like nginx's `keepalive 128` per worker process.
+fn default_max_idle() -> usize {
+    128
 }
 fn default_health_check_ms() -> u64 {
     1000
@@ -534,6 +546,8 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Vec<Diagnostic>> {
         verify: up.verify.as_ref().is_none_or(|v| *v.get_ref()),
         connect_timeout: Duration::from_millis(up.connect_timeout_ms.max(1)),
         read_timeout: Duration::from_millis(up.read_timeout_ms.max(1)),
+        idle_timeout: Duration::from_millis(up.idle_timeout_ms),
+        max_idle: up.max_idle_connections,
         health_check_interval: Duration::from_millis(up.health_check_interval_ms.max(100)),
         health_check_path: up.health_check_path.as_ref().and_then(|p| {
             let path = p.get_ref();

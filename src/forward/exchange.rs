@@ -3,21 +3,25 @@
 //! The gateway does this itself rather than through Pingora's proxy loop:
 //! the whole judged body is already in hand, so nothing is left to stream
 //! upstream, and the loop's per-request machinery costs more than it does
-//! here (bench/RESULTS.md). The exchange takes a connection from Pingora's
-//! pool, writes one clean head and the body, skips interim answers, passes
-//! the answer through the caller's [`Answer`], and gives the connection
-//! back before the client's last write.
+//! here (bench/RESULTS.md). The exchange takes a connection from the
+//! worker's [`RouterPool`], writes one clean head and the body in one write,
+//! reads the answer with Pingora's HTTP/1 client, skips interim answers,
+//! passes the answer through the caller's [`Answer`], and gives the
+//! connection back before the client's last write.
+
+use std::io::IoSlice;
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
-use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
-use pingora::protocols::http::client::HttpSession as ClientSession;
+use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession as RouterSession};
+use pingora::protocols::Stream;
 use pingora::proxy::Session;
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
+use tokio::io::AsyncWriteExt;
 
-use super::upstream;
+use super::pool::RouterPool;
 use crate::reject::{Reject, RejectCode};
 
 /// Attempts at sending one request when pooled connections turn out closed.
@@ -52,16 +56,16 @@ pub trait Answer {
 /// the client. An error's source says who failed: the router (`Upstream`)
 /// or the client (`Downstream`).
 pub async fn run(
-    connector: &Connector,
+    pool: &RouterPool,
     peer: &HttpPeer,
     session: &mut Session,
     body: Bytes,
     answer: &mut impl Answer,
 ) -> Result<()> {
-    let mut up = send(connector, peer, session, body, answer).await?;
+    let mut up = send(pool, peer, session, body, answer).await?;
     answer.sent();
     let mut resp = up
-        .response_header()
+        .resp_header()
         .cloned()
         .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "no response header"))
         .map_err(|e| e.into_up())?;
@@ -77,7 +81,7 @@ pub async fn run(
     while !done {
         let chunk = tokio::select! {
             biased;
-            chunk = up.read_response_body() => chunk.map_err(|e| e.into_up())?,
+            chunk = up.read_body_bytes() => chunk.map_err(|e| e.into_up())?,
             gone = session.read_body_or_idle(true) => return Err(client_gone(gone)),
         };
         let Some(chunk) = chunk else { break };
@@ -88,7 +92,7 @@ pub async fn run(
         // cancel-safe, so a read that would wait is simply dropped.
         let mut batch = BytesMut::new();
         while out.len() + batch.len() < COALESCE_BYTES {
-            match up.read_response_body().now_or_never() {
+            match up.read_body_bytes().now_or_never() {
                 Some(Ok(Some(more))) => {
                     if batch.is_empty() {
                         batch.extend_from_slice(&out);
@@ -119,9 +123,10 @@ pub async fn run(
     }
     // The router's part is done: its connection goes back to the pool
     // before the client's last write.
-    connector
-        .release_http_session(up, peer, peer.options.idle_timeout)
-        .await;
+    up.respect_keepalive();
+    if let Some(stream) = up.reuse().await {
+        pool.put(peer, stream);
+    }
     let tail = answer.end().filter(|t| !t.is_empty());
     if let Some(mut head) = held_head {
         let len = tail.as_ref().map_or(0, Bytes::len);
@@ -164,28 +169,23 @@ fn frame_for_client(session: &Session, resp: &mut ResponseHeader) -> Result<()> 
 /// connection, while a new connection's failure is final. A client that
 /// leaves meanwhile ends the exchange.
 async fn send(
-    connector: &Connector,
+    pool: &RouterPool,
     peer: &HttpPeer,
     session: &mut Session,
     body: Bytes,
     answer: &impl Answer,
-) -> Result<ClientSession> {
+) -> Result<RouterSession> {
     let mut attempt = 1;
     loop {
         let head = answer.request_head(session)?;
-        let (mut up, reused) = connector
-            .get_http_session(peer)
-            .await
-            .map_err(|e| e.into_up())?;
-        up.set_read_timeout(peer.options.read_timeout);
-        up.set_write_timeout(peer.options.write_timeout);
+        let (stream, reused) = pool.get(peer).await.map_err(|e| e.into_up())?;
         let sent = tokio::select! {
             biased;
-            sent = send_on(&mut up, head, body.clone()) => sent,
+            sent = send_on(stream, peer, &head, &body) => sent,
             gone = session.read_body_or_idle(true) => return Err(client_gone(gone)),
         };
         match sent {
-            Ok(()) => return Ok(up),
+            Ok(up) => return Ok(up),
             Err(mut e) => {
                 e.retry.decide_reuse(reused);
                 if !e.retry() || attempt == SEND_ATTEMPTS {
@@ -198,25 +198,78 @@ async fn send(
     }
 }
 
-/// Writes the request and reads the head of the final answer (an interim
-/// 100 or 103 is not the answer).
-async fn send_on(up: &mut ClientSession, head: RequestHeader, body: Bytes) -> Result<()> {
-    // Pingora flushes the head on its own; corked, it leaves with the body.
-    upstream::cork(up, true);
-    up.write_request_header(Box::new(head)).await?;
-    up.write_request_body(body, true).await?;
-    up.finish_request_body().await?;
-    upstream::cork(up, false);
+/// Writes the request, head and body together, and reads the head of the
+/// final answer (an interim 100 or 103 is not the answer).
+///
+/// The head is Pingora's own serialisation of it. Pingora's client would
+/// write (and flush) the head on its own, then the body: two sends per
+/// request, or a `TCP_CORK` pair around them. The session that reads the
+/// answer never saw the request, so it frames the answer by its own head
+/// alone: right for every routed method (a `HEAD`, whose answer has no
+/// body whatever its length says, is never routed).
+async fn send_on(
+    mut stream: Stream,
+    peer: &HttpPeer,
+    head: &RequestHeader,
+    body: &[u8],
+) -> Result<RouterSession> {
+    let wire = http_req_header_to_wire(head).ok_or_else(|| {
+        Error::explain(
+            ErrorType::InvalidHTTPHeader,
+            "the request head cannot be written",
+        )
+    })?;
+    let write = write_all(&mut stream, &wire, body);
+    let written = match peer.options.write_timeout {
+        Some(t) => tokio::time::timeout(t, write)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+        None => write.await,
+    };
+    if let Err(e) = written {
+        let etype = match e.kind() {
+            std::io::ErrorKind::TimedOut => ErrorType::WriteTimedout,
+            _ => ErrorType::WriteError,
+        };
+        let os_error = e.raw_os_error().is_some();
+        let mut e = Error::because(etype, "while writing the request", e);
+        // A reused connection the router had closed (a reset or a broken
+        // pipe), not a TLS failure: worth another connection.
+        if os_error {
+            e.retry = RetryType::ReusedOnly;
+        }
+        return Err(e);
+    }
+    let mut up = RouterSession::new_with_options(stream, peer);
+    up.read_timeout = peer.options.read_timeout;
+    up.write_timeout = peer.options.write_timeout;
     for _ in 0..MAX_INTERIM_ANSWERS {
-        up.read_response_header().await?;
+        up.read_response().await?;
         if !up
-            .response_header()
+            .resp_header()
             .is_some_and(|r| r.status.is_informational())
         {
-            return Ok(());
+            return Ok(up);
         }
     }
     Error::e_explain(ErrorType::InvalidHTTPHeader, "too many interim answers")
+}
+
+/// Writes `head` then `body` in as few writes as the stream takes: one
+/// `writev` on TCP.
+async fn write_all(stream: &mut Stream, mut head: &[u8], mut body: &[u8]) -> std::io::Result<()> {
+    while !head.is_empty() || !body.is_empty() {
+        let n = stream
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        body = &body[n - from_head..];
+    }
+    stream.flush().await
 }
 
 /// The downstream ended (or broke its framing) while the router worked.

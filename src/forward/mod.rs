@@ -6,6 +6,7 @@
 
 pub mod context;
 pub mod exchange;
+pub mod pool;
 pub mod upstream;
 
 use http::HeaderName;

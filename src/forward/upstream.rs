@@ -1,7 +1,6 @@
 //! The router replicas: load-balanced, health-checked, and reached over
 //! (m)TLS when configured.
 
-use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,15 +10,12 @@ use pingora::connectors::TransportConnector;
 use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::{Backend, LoadBalancer};
-use pingora::protocols::http::client::HttpSession as ClientSession;
 use pingora::protocols::l4::socket::SocketAddr;
-use pingora::protocols::UniqueID;
 use pingora::tls::pkey::PKey;
 use pingora::tls::x509::X509;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::utils::tls::CertKey;
 use pingora::{Error, ErrorType, Result};
-use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use std::path::PathBuf;
@@ -36,6 +32,10 @@ pub struct UpstreamConfig {
     pub verify: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// How long a router connection may sit idle in a worker's pool.
+    pub idle_timeout: Duration,
+    /// Idle router connections each worker keeps (0: none).
+    pub max_idle: usize,
     pub health_check_interval: Duration,
     /// `GET` this path as the health check (200 passes) instead of
     /// connecting (and, for TLS, handshaking).
@@ -223,22 +223,5 @@ impl Upstream {
             // Replicas are configured as IP addresses only.
             SocketAddr::Unix(_) => Error::e_explain(ErrorType::ConnectNoRoute, "no IP router"),
         }
-    }
-}
-
-/// Holds a router connection's writes in the kernel (`on`) until released
-/// (`off`), so a request head and its body leave as one segment: one trip
-/// through the network stack instead of two (what it buys: bench/RESULTS.md).
-/// Best effort: a socket that refuses the option just
-/// sends as before.
-pub fn cork(up: &ClientSession, on: bool) {
-    let Some(fd) = up.as_http1().map(UniqueID::id).filter(|fd| *fd >= 0) else {
-        return;
-    };
-    // SAFETY: `fd` is the socket `up` owns (Pingora's id of an HTTP/1 session
-    // is its socket's descriptor) and `up` outlives this borrow.
-    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    if let Err(e) = SockRef::from(&fd).set_tcp_cork(on) {
-        tracing::debug!(error = %e, "TCP_CORK not applied");
     }
 }

@@ -578,6 +578,148 @@ async fn a_pooled_connection_the_router_dropped_is_retried_on_a_new_one() {
     assert_eq!(gw.router_count(), 5);
 }
 
+/// A router that writes on a connection after its answer ended (a late
+/// duplicate, a desynchronised backend) must not have those bytes read as
+/// the next request's answer, which could be another tenant's: the idle
+/// connection is closed and the next request goes on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_a_router_sends_on_an_idle_connection_are_never_an_answer() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let router = listener.local_addr().unwrap();
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = Vec::new();
+                loop {
+                    // One request: its head, then its Content-Length body.
+                    let (head_end, len) = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                            let len = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break (end + 4, len);
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    while buf.len() < head_end + len {
+                        let mut chunk = [0u8; 4096];
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..head_end + len);
+                    let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = format!(
+                        r#"{{"id":"answer-{n}","object":"chat.completion","choices":[],"usage":{{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}}}"#
+                    );
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if n == 0 {
+                        // After the first answer, a second nobody asked for.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let stray = r#"{"id":"smuggled","object":"chat.completion","choices":[]}"#;
+                        let stray = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{stray}",
+                            stray.len()
+                        );
+                        let _ = conn.write_all(stray.as_bytes()).await;
+                    }
+                }
+            });
+        }
+    });
+    let gw = Gateway::start_with(Options {
+        router: RouterMode::Down,
+        config: set(toml::Table::new(), "upstream.address", router.to_string()),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.keys.token("acme");
+    let first = gw
+        .send(&post(CHAT, &chat_body()).bearer(&token).build())
+        .await;
+    assert_eq!(
+        first.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    assert_eq!(first.json()["id"], "answer-0");
+    // The stray answer has arrived while the connection sat in the pool.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = gw
+        .send(&post(CHAT, &chat_body()).bearer(&token).build())
+        .await;
+    assert_eq!(
+        second.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&second.body)
+    );
+    assert_eq!(
+        second.json()["id"],
+        "answer-1",
+        "the second request got the router's stray bytes as its answer"
+    );
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// Router connections are kept per worker and reused, but not past
+/// `[upstream] idle_timeout_ms`, and not at all with
+/// `max_idle_connections = 0`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_connections_are_reused_until_their_idle_timeout() {
+    let gw = Gateway::start_with(Options {
+        config: set(toml::Table::new(), "upstream.idle_timeout_ms", 400),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.keys.token("acme");
+    let chat = || post(CHAT, &chat_body()).bearer(&token).build();
+    for _ in 0..3 {
+        assert_eq!(gw.send(&chat()).await.status, 200);
+    }
+    assert_eq!(gw.router().connections(), 1, "back to back: one connection");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(gw.send(&chat()).await.status, 200);
+    assert_eq!(
+        gw.router().connections(),
+        2,
+        "idle past the timeout: a new connection"
+    );
+
+    let unpooled = Gateway::start_with(Options {
+        config: set(toml::Table::new(), "upstream.max_idle_connections", 0),
+        ..Options::default()
+    })
+    .await;
+    let token = unpooled.keys.token("acme");
+    for _ in 0..3 {
+        let r = unpooled
+            .send(&post(CHAT, &chat_body()).bearer(&token).build())
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(unpooled.router().connections(), 3);
+}
+
 /// A client that leaves while the router works frees its place at once:
 /// the gateway stops waiting for an answer nobody will read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
