@@ -221,10 +221,16 @@ signing_key_file = "context.key"
         gw
     }
 
+    /// Ready: both listeners accept (Pingora starts the plaintext and the
+    /// TLS service separately, in either order) and the admin port answers.
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if TcpStream::connect(self.addr).await.is_ok() {
+            let tls_up = match self.tls_addr {
+                Some(a) => TcpStream::connect(a).await.is_ok(),
+                None => true,
+            };
+            if tls_up && TcpStream::connect(self.addr).await.is_ok() {
                 if let Ok(r) = send(self.admin, &get("/healthz").build()).await {
                     if r.status == 200 {
                         return;
