@@ -195,6 +195,7 @@ pub fn serve(path: &Path, flags: ProcessFlags) -> Result<(), String> {
         gw.server.max_connections_per_ip,
         gw.server.trusted_proxies.clone(),
         gw.server.request_header_timeout,
+        gw.server.idle_timeout,
     );
     let mut proxy = Service::new(
         "portcullis proxy".into(),

@@ -1,7 +1,7 @@
 //! The connection stage, before Pingora parses a byte: the PROXY header
 //! from a balancer, the cap on open connections per client address, the
-//! TLS handshake under its own deadline, and the deadline for each HTTP/1
-//! request head.
+//! TLS handshake under its own deadline, the deadline for each HTTP/1
+//! request head, and the wait between keep-alive requests.
 //!
 //! Each listener group (plain, TLS) is its own service wrapped in this
 //! stage; Pingora accepts plain TCP on both, and the handshake is done
@@ -12,21 +12,24 @@ mod head_deadline;
 mod per_ip;
 pub mod proxy_header;
 
+use std::future::poll_fn;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::listeners::TlsAccept;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::tls::server::handshake_with_callback;
 use pingora::protocols::{GetSocketDigest, SocketDigest, Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use pingora::tls::ssl::SslAcceptor;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::observe::metrics::METRICS;
@@ -72,14 +75,22 @@ pub struct Edge {
     per_ip: PerIp,
     trusted: TrustedProxies,
     header_timeout: Duration,
+    /// How long a plaintext HTTP/1 connection may wait for its next request.
+    idle_timeout: Duration,
 }
 
 impl Edge {
-    pub fn new(max_per_ip: u32, trusted: TrustedProxies, header_timeout: Duration) -> Arc<Self> {
+    pub fn new(
+        max_per_ip: u32,
+        trusted: TrustedProxies,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Arc<Self> {
         Arc::new(Edge {
             per_ip: PerIp::new(max_per_ip),
             trusted,
             header_timeout,
+            idle_timeout,
         })
     }
 }
@@ -178,8 +189,70 @@ async fn read_proxy_header(
     }
 }
 
+impl<A: HttpServerApp + Send + Sync + 'static> Guarded<A> {
+    /// HTTP/1 on a plaintext connection, request after request, as
+    /// Pingora's own loop does, except for the wait between requests.
+    /// Pingora waits for the next request inside the proxy's future, with
+    /// its session and a 4 KiB head buffer allocated; here an idle
+    /// connection holds only its stream until a byte arrives.
+    async fn keep_alive(&self, mut stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let options = self.inner.server_options();
+        if options.is_some_and(|o| o.h2c) {
+            let mut preface = [0u8; H2_PREFACE.len()];
+            if stream.try_peek(&mut preface).await.ok()? && preface == H2_PREFACE {
+                return self.inner.process_new(stream, shutdown).await;
+            }
+        }
+        let mut settings: Option<HttpPersistentSettings> = None;
+        loop {
+            let mut session = ServerSession::new_http1(stream);
+            match settings {
+                Some(settings) => settings.apply_to_session(&mut session),
+                None => {
+                    // The proxy sets the configured idle timeout per request.
+                    let keepalive = (!*shutdown.borrow()).then_some(60);
+                    session.set_keepalive(keepalive);
+                    session.set_keepalive_reuses_remaining(
+                        options.and_then(|o| o.keepalive_request_limit),
+                    );
+                }
+            }
+            (stream, settings) = self
+                .inner
+                .process_new_http(session, shutdown)
+                .await?
+                .consume();
+            if !next_request(&mut stream, self.edge.idle_timeout, shutdown).await {
+                return None;
+            }
+        }
+    }
+}
+
+/// The HTTP/2 connection preface's first line, as Pingora peeks for it.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits until a kept-alive plaintext connection has something to read (a
+/// request, or its close), and says whether to serve it: not once the
+/// idle timeout passes or the server begins to shut down.
+///
+/// The wait is a read into an empty buffer: tokio waits for the socket's
+/// readiness and then reads nothing, so no byte is taken from Pingora's
+/// parser and no buffer is held. (A TLS stream would answer such a read at
+/// once, which is why TLS connections keep Pingora's loop.)
+async fn next_request(stream: &mut Stream, idle: Duration, shutdown: &ShutdownWatch) -> bool {
+    let mut shutdown = shutdown.clone();
+    let readable = poll_fn(|cx| Pin::new(&mut *stream).poll_read(cx, &mut ReadBuf::new(&mut [])));
+    tokio::select! {
+        biased;
+        ready = readable => ready.is_ok(),
+        _ = shutdown.wait_for(|closing| *closing) => false,
+        _ = tokio::time::sleep(idle) => false,
+    }
+}
+
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -228,16 +301,18 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
                 }
             }
         };
-        let stream: Stream = if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            stream
-        } else {
-            Box::new(HeadDeadline::new(
-                stream,
-                self.edge.header_timeout,
-                head_since,
-            ))
-        };
-        self.inner.process_new(stream, shutdown).await
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return self.inner.process_new(stream, shutdown).await;
+        }
+        let stream = Box::new(HeadDeadline::new(
+            stream,
+            self.edge.header_timeout,
+            head_since,
+        ));
+        match self.tls {
+            None => self.keep_alive(stream, shutdown).await,
+            Some(_) => self.inner.process_new(stream, shutdown).await,
+        }
     }
 
     async fn cleanup(&self) {

@@ -12,7 +12,7 @@ use crate::common::*;
 use portcullis::limits::state;
 use portcullis::mock_router::{MockOptions, MockRouter};
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const CHAT: &str = "/v1/chat/completions";
@@ -481,4 +481,34 @@ async fn sigterm_drains_requests_in_flight() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// An idle kept-alive connection does not hold a terminating gateway for
+/// its grace period: it is closed as soon as SIGTERM arrives, while a
+/// request in flight would still be served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    let mut gw = Gateway::start_with(Options {
+        config: toml::toml! {
+            [server]
+            grace_period_seconds = 10
+        },
+        ..Options::default()
+    })
+    .await;
+    let models = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: gw\r\nx-api-key: {}\r\n\r\n",
+        gw.keys.acme_key
+    );
+    let mut idle = TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(models.as_bytes()).await.unwrap();
+    assert_eq!(read_keep_alive(&mut idle).await, Some((200, false)));
+    signal(gw.pid() as i32, "-TERM");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the idle connection outlived SIGTERM: {closed:?}"
+    );
+    assert!(!gw.exited(), "closed by the gateway, not by its exit");
 }
