@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 
 use crate::authz;
 use crate::body::{self, intake, multipart, response_not_found, Gate, Judged};
 use crate::config::Snapshot;
-use crate::forward::{self, TrustedContext};
+use crate::forward::{self, RouterHead, TrustedContext};
 use crate::guardrails::Acted;
 use crate::identity;
 use crate::identity::mtls::CertIdentity;
@@ -318,7 +317,7 @@ fn open_path_id(route: &RouteSpec, uri: &http::Uri, ids: &Binding) -> Result<Str
 
 /// The head the router gets: HTTP/1.1 without the client's hop-by-hop and
 /// trusted headers, with the signed context, framing the judged body.
-pub fn router_head(session: &Session, ctx: &RequestCtx) -> pingora::Result<RequestHeader> {
+pub fn router_head(session: &Session, ctx: &RequestCtx) -> pingora::Result<RouterHead> {
     let Some(who) = &ctx.identity else {
         return pingora::Error::e_explain(pingora::ErrorType::InternalError, "no identity");
     };
@@ -331,6 +330,7 @@ pub fn router_head(session: &Session, ctx: &RequestCtx) -> pingora::Result<Reque
         .digest()
         .and_then(|d| d.ssl_digest.as_ref())
         .is_some();
+    let trace = ctx.trace.as_ref().map(RequestTrace::propagation);
     let trusted = TrustedContext {
         tenant: &who.tenant,
         request_id: &ctx.request_id,
@@ -350,22 +350,17 @@ pub fn router_head(session: &Session, ctx: &RequestCtx) -> pingora::Result<Reque
             .ext_authz
             .as_ref()
             .map_or(&[], |e| e.allowed_upstream_headers.as_slice()),
+        trace: trace.as_deref(),
     };
-    let mut head = session.req_header().clone();
-    forward::for_h1_router(&mut head)?;
-    if let Some(path) = &ctx.router_path {
-        let uri = path.parse::<http::Uri>().map_err(|e| {
-            pingora::Error::because(pingora::ErrorType::InternalError, "router path", e)
-        })?;
-        head.set_uri(uri);
-    }
-    forward::apply(&mut head, &trusted, &ctx.snapshot.signer, unix_now())?;
-    if let Some(trace) = &ctx.trace {
-        trace.inject(&mut head);
-    }
     let body_len = ctx.judged.as_ref().map_or(0, |j| j.body.len());
-    head.insert_header("content-length", body_len.to_string())?;
-    Ok(head)
+    forward::router_head(
+        session.req_header(),
+        ctx.router_path.as_deref(),
+        &trusted,
+        &ctx.snapshot.signer,
+        unix_now(),
+        body_len,
+    )
 }
 
 /// When a stage began, read only when the request is traced.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
@@ -19,6 +19,7 @@ use crate::config::{SharedSnapshot, Snapshot};
 use crate::forward::exchange::{self, Answer};
 use crate::forward::pool::RouterPool;
 use crate::forward::upstream::Upstream;
+use crate::forward::RouterHead;
 use crate::guardrails::Acted;
 use crate::identity::Identity;
 use crate::ids::Binding;
@@ -408,7 +409,7 @@ impl Streamed {
 
 /// What the request does to the router's answer on its way back.
 impl Answer for RequestCtx {
-    fn request_head(&self, session: &Session) -> Result<RequestHeader> {
+    fn request_head(&self, session: &Session) -> Result<RouterHead> {
         pipeline::router_head(session, self)
     }
 

@@ -13,15 +13,16 @@ use std::io::IoSlice;
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
-use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession as RouterSession};
+use pingora::protocols::http::v1::client::HttpSession as RouterSession;
 use pingora::protocols::Stream;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 use tokio::io::AsyncWriteExt;
 
 use super::pool::RouterPool;
+use super::RouterHead;
 use crate::reject::{Reject, RejectCode};
 
 /// Attempts at sending one request when pooled connections turn out closed.
@@ -36,7 +37,7 @@ const MAX_INTERIM_ANSWERS: usize = 8;
 pub trait Answer {
     /// The head the router gets, built for each attempt (a retry on a
     /// pooled connection the router closed needs a new one).
-    fn request_head(&self, session: &Session) -> Result<RequestHeader>;
+    fn request_head(&self, session: &Session) -> Result<RouterHead>;
     /// The request is with the router: the body it held can go (a long
     /// stream must not keep its prompt's bytes in the body budget).
     fn sent(&mut self);
@@ -201,25 +202,18 @@ async fn send(
 /// Writes the request, head and body together, and reads the head of the
 /// final answer (an interim 100 or 103 is not the answer).
 ///
-/// The head is Pingora's own serialisation of it. Pingora's client would
-/// write (and flush) the head on its own, then the body: two sends per
-/// request, or a `TCP_CORK` pair around them. The session that reads the
+/// Pingora's client would write (and flush) the head on its own, then the
+/// body: two sends per request, or a `TCP_CORK` pair around them. The session that reads the
 /// answer never saw the request, so it frames the answer by its own head
 /// alone: right for every routed method (a `HEAD`, whose answer has no
 /// body whatever its length says, is never routed).
 async fn send_on(
     mut stream: Stream,
     peer: &HttpPeer,
-    head: &RequestHeader,
+    head: &RouterHead,
     body: &[u8],
 ) -> Result<RouterSession> {
-    let wire = http_req_header_to_wire(head).ok_or_else(|| {
-        Error::explain(
-            ErrorType::InvalidHTTPHeader,
-            "the request head cannot be written",
-        )
-    })?;
-    let write = write_all(&mut stream, &wire, body);
+    let write = write_all(&mut stream, head.as_bytes(), body);
     let written = match peer.options.write_timeout {
         Some(t) => tokio::time::timeout(t, write)
             .await

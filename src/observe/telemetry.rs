@@ -182,15 +182,13 @@ impl RequestTrace {
     }
 
     /// The router's `traceparent` (and `tracestate`), whose parent is the
-    /// `upstream` span; the client's own are removed first.
-    pub fn inject(&self, head: &mut pingora::http::RequestHeader) {
-        head.remove_header("traceparent");
-        head.remove_header("tracestate");
+    /// `upstream` span: nothing before that span starts.
+    pub fn propagation(&self) -> Vec<(String, String)> {
+        let mut headers = Propagated(Vec::with_capacity(2));
         if let Some(up) = &self.upstream {
-            self.telemetry
-                .propagator
-                .inject_context(up, &mut Head(head));
+            self.telemetry.propagator.inject_context(up, &mut headers);
         }
+        headers.0
     }
 
     /// The trace's id, for the access log.
@@ -376,14 +374,11 @@ impl Extractor for Headers<'_> {
     }
 }
 
-/// The router's head as the propagator writes it.
-struct Head<'a>(&'a mut pingora::http::RequestHeader);
+/// The router's trace headers as the propagator writes them.
+struct Propagated(Vec<(String, String)>);
 
-impl Injector for Head<'_> {
+impl Injector for Propagated {
     fn set(&mut self, key: &str, value: String) {
-        // The propagator writes only valid names and values.
-        if let Ok(name) = http::HeaderName::from_bytes(key.as_bytes()) {
-            let _ = self.0.insert_header(name, value);
-        }
+        self.0.push((key.to_owned(), value));
     }
 }
