@@ -203,10 +203,10 @@ async fn send(
 /// final answer (an interim 100 or 103 is not the answer).
 ///
 /// Pingora's client would write (and flush) the head on its own, then the
-/// body: two sends per request, or a `TCP_CORK` pair around them. The session that reads the
-/// answer never saw the request, so it frames the answer by its own head
-/// alone: right for every routed method (a `HEAD`, whose answer has no
-/// body whatever its length says, is never routed).
+/// body: two sends per request, or a `TCP_CORK` pair around them. The
+/// session that reads the answer never saw the request, so it frames the
+/// answer by its own head alone: right for every routed method (a `HEAD`,
+/// whose answer has no body whatever its length says, is never routed).
 async fn send_on(
     mut stream: Stream,
     peer: &HttpPeer,
