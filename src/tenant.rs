@@ -102,6 +102,22 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// Every limit `n` (the rate `n` per second): a fixture for tests that
+    /// need a tenant but not its numbers.
+    #[cfg(test)]
+    pub fn each(n: u32) -> Limits {
+        Limits {
+            requests_per_second: f64::from(n),
+            burst: n,
+            tokens_per_minute: n.into(),
+            tokens_per_day: n.into(),
+            max_concurrency: n,
+            max_body_bytes: n.into(),
+            max_prompt_tokens: n.into(),
+            max_output_tokens: n.into(),
+        }
+    }
+
     /// The `x-tenant-limits` encoding: `key=value` pairs joined by `;`, in
     /// this fixed order, numbers in decimal (`rps` may carry a fraction).
     pub fn header_value(&self) -> String {

@@ -104,22 +104,12 @@ mod tests {
     fn tenant(features: &[Feature], regions: Option<Vec<String>>, suspended: bool) -> Tenant {
         let mut set = FeatureSet::default();
         features.iter().for_each(|f| set.insert(*f));
-        let limits = Limits {
-            requests_per_second: 1.0,
-            burst: 1,
-            tokens_per_minute: 1,
-            tokens_per_day: 1,
-            max_concurrency: 1,
-            max_body_bytes: 1,
-            max_prompt_tokens: 1,
-            max_output_tokens: 1,
-        };
         Tenant {
             suspended,
             models: vec!["m-1".into(), "m-*".into()],
             features: set,
             regions,
-            ..Tenant::new("t", "o", "p", limits, None)
+            ..Tenant::new("t", "o", "p", Limits::each(1), None)
         }
     }
 

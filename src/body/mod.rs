@@ -272,14 +272,8 @@ mod tests {
     #[test]
     fn a_json_route_checks_only_json_and_a_model_when_there_is_one() {
         let limits = Limits {
-            requests_per_second: 1.0,
-            burst: 1,
-            tokens_per_minute: 1,
-            tokens_per_day: 1,
-            max_concurrency: 1,
             max_body_bytes: 1 << 20,
-            max_prompt_tokens: 1,
-            max_output_tokens: 1,
+            ..Limits::each(1)
         };
         let tenant = Tenant {
             models: vec!["m-small".into()],

@@ -417,17 +417,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn tenant() -> Tenant {
-        let limits = Limits {
-            requests_per_second: 1.0,
-            burst: 1,
-            tokens_per_minute: 1,
-            tokens_per_day: 1,
-            max_concurrency: 1,
-            max_body_bytes: 1,
-            max_prompt_tokens: 1,
-            max_output_tokens: 1,
-        };
-        Tenant::new("acme", "acme-corp", "free", limits, None)
+        Tenant::new("acme", "acme-corp", "free", Limits::each(1), None)
     }
 
     /// Header names a client might try: trusted ones in any case and with
