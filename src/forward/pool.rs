@@ -59,7 +59,9 @@ impl RouterPool {
         if let Some(stream) = self.take(peer.address()) {
             return Ok((stream, true));
         }
-        Ok((self.connector.new_stream(peer).await?, false))
+        // Boxed: the connector's state (a TLS handshake's, too) would
+        // otherwise sit inside every request's future, pooled or not.
+        Ok((Box::pin(self.connector.new_stream(peer)).await?, false))
     }
 
     fn take(&self, addr: &SocketAddr) -> Option<Stream> {
@@ -116,5 +118,25 @@ fn quiet(stream: &mut Stream) -> bool {
             tracing::debug!(error = %e, "idle router connection broken");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every request's future holds this one and is moved whole, so a new
+    /// connection's state (Pingora's connector, a TLS handshake's) stays
+    /// boxed out of it. The size is the compiler's, not a timing.
+    #[test]
+    fn taking_a_connection_keeps_the_connectors_state_out_of_the_requests_future() {
+        let pool = RouterPool::new(Duration::from_secs(1), 1);
+        let peer = HttpPeer::new("127.0.0.1:9", false, String::new());
+        let get = pool.get(&peer);
+        assert!(
+            std::mem::size_of_val(&get) <= 256,
+            "get: {} bytes",
+            std::mem::size_of_val(&get)
+        );
     }
 }

@@ -58,22 +58,19 @@ impl Limiter {
             standings: Vec::new(),
         };
         let asks: Vec<_> = held.scopes.iter().map(|s| (s, ask)).collect();
-        match self {
-            Limiter::Fleet(redis) => match redis.take(tenant_id, request_id, &asks, read).await {
-                Decision::Shared(granted) => {
-                    held.fleet_cells = Some(granted.cells);
-                    held.fleet = Some(granted.hold);
-                    held.standings = granted.standings;
-                }
-                Decision::Refused(refusal, cells) => {
-                    held.fleet_cells = Some(cells);
-                    return Err(held.refuse(&refusal));
-                }
-                Decision::Closed(r) => return Err(r),
-                Decision::Local => held.slots = take_local(&asks).map_err(|r| held.refuse(&r))?,
-                Decision::Unlimited => {}
-            },
-            Limiter::Local => held.slots = take_local(&asks).map_err(|r| held.refuse(&r))?,
+        match self.decide(tenant_id, request_id, &asks, read).await {
+            Decision::Shared(granted) => {
+                held.fleet_cells = Some(granted.cells);
+                held.fleet = Some(granted.hold);
+                held.standings = granted.standings;
+            }
+            Decision::Refused(refusal, cells) => {
+                held.fleet_cells = Some(cells);
+                return Err(held.refuse(&refusal));
+            }
+            Decision::Closed(r) => return Err(r),
+            Decision::Local => held.slots = take_local(&asks).map_err(|r| held.refuse(&r))?,
+            Decision::Unlimited => {}
         }
         if held.fleet_cells.is_none() {
             held.standings = read.iter().map(Standing::local).collect();
@@ -112,31 +109,43 @@ impl Limiter {
                 (s, ask)
             })
             .collect();
-        match self {
-            Limiter::Fleet(redis) => match redis.take(tenant_id, request_id, &asks, &[]).await {
-                Decision::Shared(granted) => {
-                    held.absorb_cells(granted.cells);
-                    match &mut held.fleet {
-                        Some(f) => f.absorb(granted.hold),
-                        None => held.fleet = Some(granted.hold),
-                    }
+        match self.decide(tenant_id, request_id, &asks, &[]).await {
+            Decision::Shared(granted) => {
+                held.absorb_cells(granted.cells);
+                match &mut held.fleet {
+                    Some(f) => f.absorb(granted.hold),
+                    None => held.fleet = Some(granted.hold),
                 }
-                Decision::Refused(refusal, cells) => {
-                    held.absorb_cells(cells);
-                    return Err(held.refuse(&refusal));
-                }
-                Decision::Closed(r) => return Err(r),
-                Decision::Local => {
-                    held.reservation = take_local(&asks).map_err(|r| held.refuse(&r))?;
-                }
-                Decision::Unlimited => return Ok(()),
-            },
-            Limiter::Local => {
+            }
+            Decision::Refused(refusal, cells) => {
+                held.absorb_cells(cells);
+                return Err(held.refuse(&refusal));
+            }
+            Decision::Closed(r) => return Err(r),
+            Decision::Local => {
                 held.reservation = take_local(&asks).map_err(|r| held.refuse(&r))?;
             }
+            Decision::Unlimited => return Ok(()),
         }
         held.reserved = Some(reserve);
         Ok(())
+    }
+
+    /// Redis's answer for the fleet; in this process, `Local`: take the
+    /// cells here. Boxed: a Redis round trip's state (about 1 KiB) would
+    /// otherwise sit inside every request's future, moved with it, fleet
+    /// or local.
+    async fn decide(
+        &self,
+        tenant_id: &str,
+        request_id: &str,
+        asks: &[(&Arc<ScopeLimiter>, Ask)],
+        read: &[Arc<ScopeLimiter>],
+    ) -> Decision {
+        match self {
+            Limiter::Fleet(redis) => Box::pin(redis.take(tenant_id, request_id, asks, read)).await,
+            Limiter::Local => Decision::Local,
+        }
     }
 }
 
@@ -234,5 +243,44 @@ impl Drop for Held {
         if let Some(fleet) = self.fleet.take() {
             fleet.settle_and_release(None, (0, 0));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of_val;
+
+    use super::*;
+    use crate::tenant::Limits;
+
+    /// A request's future holds these stages' futures and is copied whole
+    /// when Pingora boxes it, so a Redis round trip's state (about 1 KiB)
+    /// stays boxed out of them. Sizes are the compiler's, not timings.
+    #[test]
+    fn the_limit_stages_keep_redis_state_out_of_the_requests_future() {
+        let tenant = Tenant::new("acme", "acme-corp", "pro", Limits::each(100), None);
+        let scopes = vec![tenant.limiter.clone()];
+        let admit = Limiter::Local.admit(&tenant, scopes, "req-1", true, &[]);
+        assert!(
+            size_of_val(&admit) <= 768,
+            "admit: {} bytes",
+            size_of_val(&admit)
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let mut held = rt.block_on(admit).expect("admitted");
+        let reserve = Reserve {
+            tokens: 10,
+            cost: 0,
+            price: None,
+        };
+        let reserving = Limiter::Local.reserve(&mut held, "acme", "req-1", None, reserve);
+        assert!(
+            size_of_val(&reserving) <= 512,
+            "reserve: {} bytes",
+            size_of_val(&reserving)
+        );
+        rt.block_on(reserving).expect("reserved");
     }
 }
