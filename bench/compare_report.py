@@ -137,6 +137,12 @@ def paired(scen, base, case, name, limit):
     if ratios:
         ratio = statistics.median(ratios)
         target(name, ratio, ratio <= limit, f"{ratio:.2f}× (runs: {', '.join(f'{x:.2f}' for x in ratios)})")
+# The ratio targets again, paired per repetition: within a repetition the
+# cases run back to back, so drift between repetitions cancels out.
+for base, name, limit in (("nginx", "1.6 × nginx plain proxy", 1.6),
+                          ("envoy-gw", "0.4 × Envoy gateway", 0.4),
+                          ("envoy-pass", "0.8 × Envoy passthrough", 0.8)):
+    paired("1k", base, "portcullis", f"CPU/req ≤ {name} (1 KiB, paired per repetition)", limit)
 for dialect in ("responses", "messages"):
     paired("dialects", "portcullis-chat", f"portcullis-{dialect}",
            f"{dialect} CPU/req within 10 % of chat (1 KiB, paired per repetition)", 1.10)
