@@ -17,30 +17,37 @@ const MESSAGE_OVERHEAD: u64 = 4;
 const REPLY_PRIMING: u64 = 3;
 
 /// Estimates the tokens of `text`, in quarter tokens internally.
+///
+/// The text is taken a run of one character class at a time: the loop
+/// finds where each run ends and charges it whole, which costs a table
+/// lookup per byte rather than per-byte bookkeeping.
 pub fn estimate_text(text: &str) -> u64 {
-    let mut est = Runs::default();
     let bytes = text.as_bytes();
+    let mut quarters = 0;
     let mut i = 0;
-    // ASCII, nearly all of most prompts, is classed by table, byte by byte;
-    // only other characters are decoded.
-    while let Some(&b) = bytes.get(i) {
-        if b.is_ascii() {
-            est.push(ASCII_CLASS[usize::from(b)], char::from(b));
-            i += 1;
-        } else {
-            let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) else {
-                break;
-            };
-            est.push(Class::Other, c);
-            i += c.len_utf8();
+    while let Some(&lead) = bytes.get(i) {
+        let class = CLASS[usize::from(lead)];
+        if class == Class::Other {
+            // A non-ASCII character: in a `str`, its lead byte gives its length.
+            let len = utf8_len(lead);
+            quarters += non_ascii_quarters(len);
+            i += len;
+            continue;
         }
+        let rest = bytes.get(i..).unwrap_or_default();
+        let n = rest
+            .iter()
+            .position(|&b| CLASS[usize::from(b)] != class)
+            .unwrap_or(rest.len());
+        quarters += 4 * run_tokens(class, rest.get(..n).unwrap_or_default());
+        i += n;
     }
-    est.flush();
-    est.quarters.div_ceil(4)
+    quarters.div_ceil(4)
 }
 
-const ASCII_CLASS: [Class; 128] = {
-    let mut t = [Class::Symbol; 128];
+/// Each byte's class; every byte of a non-ASCII character is `Other`.
+const CLASS: [Class; 256] = {
+    let mut t = [Class::Other; 256];
     let mut b = 0;
     while b < 128 {
         let c = b as u8;
@@ -70,69 +77,50 @@ enum Class {
     Other,
 }
 
-/// Accumulates runs of one character class and charges each run as BPE
-/// vocabularies tend to split it.
-#[derive(Default)]
-struct Runs {
-    quarters: u64,
-    class: Option<Class>,
-    len: u64,
-    /// Upper-case letters in the run, and those after its first letter.
-    uppers: u64,
-    inner_uppers: u64,
-}
-
-impl Runs {
-    fn push(&mut self, class: Class, c: char) {
-        if class == Class::Other {
-            self.flush();
-            self.quarters += non_ascii_quarters(c);
-            return;
-        }
-        if self.class != Some(class) {
-            self.flush();
-            self.class = Some(class);
-        }
-        if c.is_ascii_uppercase() {
-            self.uppers += 1;
-            if self.len > 0 {
-                self.inner_uppers += 1;
+/// Tokens for one run of ASCII bytes of one class, as BPE vocabularies
+/// tend to split it.
+fn run_tokens(class: Class, run: &[u8]) -> u64 {
+    let n = run.len() as u64;
+    match class {
+        // Common words (lower-case or Capitalised) are one token and long
+        // ones split; acronyms split sooner; mixed case (camelCase, base64)
+        // finds almost none.
+        Class::Letter => {
+            let uppers = run.iter().filter(|b| b.is_ascii_uppercase()).count() as u64;
+            let first_upper = run.first().is_some_and(u8::is_ascii_uppercase);
+            if uppers == u64::from(first_upper) {
+                1 + n.saturating_sub(1) / 5
+            } else if uppers == n {
+                1 + n.saturating_sub(1) / 3
+            } else {
+                n
             }
         }
-        self.len += 1;
+        // Numbers split into groups of at most three digits.
+        Class::Digit => n.div_ceil(3),
+        // One space joins the next word; longer runs (indentation) are a token.
+        Class::Space => u64::from(n > 1),
+        Class::Newline => 1,
+        // Punctuation merges in pairs at best: `()`, `->`, `::`.
+        Class::Symbol => n.div_ceil(2),
+        Class::Other => 0,
     }
+}
 
-    fn flush(&mut self) {
-        let n = self.len;
-        self.quarters += 4 * match self.class {
-            _ if n == 0 => 0,
-            // Common words (lower-case or Capitalised) are one token and
-            // long ones split; acronyms split sooner; mixed case (camelCase,
-            // base64) finds almost none.
-            Some(Class::Letter) if self.inner_uppers == 0 => 1 + (n - 1) / 5,
-            Some(Class::Letter) if self.uppers == n => 1 + (n - 1) / 3,
-            Some(Class::Letter) => n,
-            // Numbers split into groups of at most three digits.
-            Some(Class::Digit) => n.div_ceil(3),
-            // One space joins the next word; longer runs (indentation) are a token.
-            Some(Class::Space) => u64::from(n > 1),
-            Some(Class::Newline) => 1,
-            // Punctuation merges in pairs at best: `()`, `->`, `::`.
-            Some(Class::Symbol) => n.div_ceil(2),
-            Some(Class::Other) | None => 0,
-        };
-        self.class = None;
-        self.len = 0;
-        self.uppers = 0;
-        self.inner_uppers = 0;
+/// The length of the UTF-8 character that `lead` starts.
+fn utf8_len(lead: u8) -> usize {
+    match lead {
+        0xF0.. => 4,
+        0xE0.. => 3,
+        _ => 2,
     }
 }
 
 /// Quarter tokens for one non-ASCII character, by its UTF-8 length: BPE
 /// vocabularies cover common two- and three-byte characters with about one
 /// token each and fall back to bytes for rarer ones and for emoji.
-fn non_ascii_quarters(c: char) -> u64 {
-    match c.len_utf8() {
+fn non_ascii_quarters(len: usize) -> u64 {
+    match len {
         2 => 4,
         3 => 6,
         _ => 12,
@@ -235,6 +223,20 @@ mod tests {
         assert_eq!(estimate_text("c2VjcmV0"), 8, "mixed case counts per letter");
         assert_eq!(estimate_text("1234567"), 3);
         assert_eq!(estimate_text(""), 0);
+    }
+
+    #[test]
+    fn non_ascii_characters_are_charged_by_their_utf8_length_and_end_runs() {
+        // 2-, 3- and 4-byte characters: 4 + 6 + 12 quarters.
+        assert_eq!(estimate_text("é日🎉"), 6);
+        // "caf" is one word, the `é` ends it, and "ABCDEF" after it is an
+        // acronym run of its own (two tokens): 4 + 4 + 8 quarters.
+        assert_eq!(estimate_text("caféABCDEF"), 4);
+        assert_eq!(
+            estimate_text("  \n\n  x"),
+            4,
+            "indent, newlines, indent, word"
+        );
     }
 
     #[test]
