@@ -34,7 +34,8 @@ fn tenants() -> Tenants {
         tokens_per_minute: Some(50),
         ..ScopeLimits::default()
     };
-    t.model_scopes = ModelPatterns::new(vec![("m-*".into(), scope(ScopeName::model("m-*"), model))]);
+    t.model_scopes =
+        ModelPatterns::new(vec![("m-*".into(), scope(ScopeName::model("m-*"), model))]);
     let key = ScopeLimits {
         rate: Some((0.5, 1)),
         budget_per_day: Some(0.5),

@@ -25,10 +25,16 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert!(bound.len() <= portcullis::ids::MAX_BOUND_LEN);
-    assert!(bound.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_'));
+    assert!(bound
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || c == b'_'));
     assert_eq!(KEYS.open(a, &bound).as_deref(), Some(id));
     if a != b {
-        assert_eq!(KEYS.open(b, &bound), None, "a bound id opened for another tenant");
+        assert_eq!(
+            KEYS.open(b, &bound),
+            None,
+            "a bound id opened for another tenant"
+        );
     }
     let at = parts.next().map_or(0, str::len) % bound.len();
     let mut altered = bound.clone().into_bytes();

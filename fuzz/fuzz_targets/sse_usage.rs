@@ -33,7 +33,11 @@ fuzz_target!(|data: &[u8]| {
     };
     for dialect in [Dialect::OpenAi, Dialect::Anthropic] {
         let mut keep = StreamTap::new(dialect, false);
-        assert_eq!(run(&mut keep), rest, "a tap that rewrites nothing changed the stream");
+        assert_eq!(
+            run(&mut keep),
+            rest,
+            "a tap that rewrites nothing changed the stream"
+        );
     }
     let _ = run(&mut StreamTap::new(Dialect::OpenAi, true));
     let mut responses = StreamTap::new(Dialect::Responses, false);
