@@ -6,6 +6,7 @@
 //! on the way out ([`crate::ids`]); only then is a JSON body held whole.
 
 pub mod sse;
+mod usage;
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -13,74 +14,21 @@ use serde_json::Value;
 use crate::ids::Binding;
 use crate::route::Dialect;
 pub use sse::StreamTap;
+pub use usage::Usage;
+use usage::UsageMember;
 
 /// The largest JSON response copied aside to read its usage (or held to
 /// bind its ids); a larger one settles at its reservation and passes
 /// unchanged.
 const MAX_JSON_COPY: usize = 4 * 1024 * 1024;
 
-/// Token usage as the router reported it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    /// Of the prompt tokens, those read from a cache (priced apart).
-    pub cached_tokens: u64,
-    /// Of the completion tokens, those spent reasoning.
-    pub reasoning_tokens: u64,
-}
-
-impl Usage {
-    pub fn total(&self) -> u64 {
-        self.prompt_tokens.saturating_add(self.completion_tokens)
-    }
-
-    /// A `usage` object in any dialect:
-    /// - OpenAI's `prompt_tokens` and `completion_tokens`;
-    /// - Responses' and Anthropic's `input_tokens` and `output_tokens`,
-    ///   plus Anthropic's cache tokens, which its `input_tokens` leaves out
-    ///   (Responses counts cached tokens inside `input_tokens`);
-    /// - only `total_tokens` (rerank, a tokenizer), counted as prompt;
-    /// - cached prompt tokens from OpenAI's `prompt_tokens_details`,
-    ///   Responses' `input_tokens_details` or Anthropic's cache reads;
-    /// - reasoning tokens from OpenAI's `completion_tokens_details` or
-    ///   Responses' `output_tokens_details`.
-    pub fn from_member(u: &Value) -> Option<Usage> {
-        if !u.is_object() {
-            return None;
-        }
-        let field = |k: &str| u.get(k).and_then(Value::as_u64);
-        let input = field("input_tokens").map(|n| {
-            n.saturating_add(field("cache_creation_input_tokens").unwrap_or(0))
-                .saturating_add(field("cache_read_input_tokens").unwrap_or(0))
-        });
-        let completion = field("completion_tokens").or(field("output_tokens"));
-        Some(Usage {
-            prompt_tokens: field("prompt_tokens")
-                .or(input)
-                .or(completion.map(|_| 0))
-                .or(field("total_tokens"))
-                .unwrap_or(0),
-            completion_tokens: completion.unwrap_or(0),
-            cached_tokens: ["prompt_tokens_details", "input_tokens_details"]
-                .iter()
-                .find_map(|d| u.get(*d)?.get("cached_tokens")?.as_u64())
-                .or(field("cache_read_input_tokens"))
-                .unwrap_or(0),
-            reasoning_tokens: ["completion_tokens_details", "output_tokens_details"]
-                .iter()
-                .find_map(|d| u.get(*d)?.get("reasoning_tokens")?.as_u64())
-                .unwrap_or(0),
-        })
-    }
-}
-
 /// The members of a JSON answer the gateway reads, parsed once when the
 /// body is complete: the others (the choices, the output, often most of
 /// the body) are skipped, never built.
 #[derive(serde::Deserialize)]
 struct AnswerMembers {
-    usage: Option<Value>,
+    #[serde(default)]
+    usage: UsageMember,
     model: Option<Value>,
     id: Option<Value>,
     previous_response_id: Option<Value>,
@@ -88,8 +36,9 @@ struct AnswerMembers {
 
 /// The same for an answer whose ids are not bound: its usage alone.
 #[derive(serde::Deserialize)]
-struct UsageMember {
-    usage: Option<Value>,
+struct UsageMembers {
+    #[serde(default)]
+    usage: UsageMember,
     model: Option<Value>,
 }
 
@@ -231,8 +180,8 @@ impl JsonTap {
             return out;
         }
         if !self.bind_ids {
-            if let Ok(m) = serde_json::from_slice::<UsageMember>(&self.copy) {
-                self.usage = m.usage.as_ref().and_then(Usage::from_member);
+            if let Ok(m) = serde_json::from_slice::<UsageMembers>(&self.copy) {
+                self.usage = m.usage.usage();
                 self.model = model_name(m.model.as_ref());
             }
             return out;
@@ -241,7 +190,7 @@ impl JsonTap {
             // Not JSON (an error page): nothing to read, nothing to bind.
             return std::mem::take(&mut self.copy).into();
         };
-        self.usage = members.usage.as_ref().and_then(Usage::from_member);
+        self.usage = members.usage.usage();
         self.model = model_name(members.model.as_ref());
         bind_in_place(&self.copy, &members, ids)
             .unwrap_or_else(|| rebuild_bound(&self.copy, ids))
@@ -295,24 +244,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cached_and_reasoning_tokens_come_from_every_dialects_details() {
-        let of = |v: serde_json::Value| {
-            Usage::from_member(&v).map(|u| (u.cached_tokens, u.reasoning_tokens))
-        };
-        let openai = serde_json::json!({"prompt_tokens": 10, "completion_tokens": 7,
-            "prompt_tokens_details": {"cached_tokens": 4},
-            "completion_tokens_details": {"reasoning_tokens": 5}});
-        assert_eq!(of(openai), Some((4, 5)));
-        let responses = serde_json::json!({"input_tokens": 10, "output_tokens": 7,
-            "input_tokens_details": {"cached_tokens": 3},
-            "output_tokens_details": {"reasoning_tokens": 2}});
-        assert_eq!(of(responses), Some((3, 2)));
-        let anthropic = serde_json::json!({"input_tokens": 10, "output_tokens": 7,
-            "cache_read_input_tokens": 6});
-        assert_eq!(of(anthropic), Some((6, 0)));
-    }
-
-    #[test]
     fn the_answer_names_its_model_only_when_short_and_a_string() {
         let name = |v: serde_json::Value| model_name(v.get("model"));
         assert_eq!(
@@ -354,6 +285,21 @@ mod tests {
             usage(br#"{"type":"message","usage":{"input_tokens":5,"cache_creation_input_tokens":2,"cache_read_input_tokens":1,"output_tokens":4}}"#),
             Some((8, 4))
         );
+    }
+
+    #[test]
+    fn a_usage_of_another_type_costs_nothing_else_in_the_answer() {
+        let keys = ResponseIds::from_key(&[1; 32]).unwrap();
+        let ids = Binding::new(&keys, "acme");
+        let body = br#"{"id":"resp_1","model":"m-1","usage":[{"input_tokens":2}]}"#;
+        let mut tap = UsageTap::json(true);
+        let out = tap.push(Bytes::from_static(body), true, &ids);
+        assert_eq!(tap.usage(), None);
+        assert_eq!(tap.model(), Some("m-1"));
+        let out: Value = serde_json::from_slice(&out).unwrap();
+        let bound = out["id"].as_str().unwrap();
+        assert_ne!(bound, "resp_1", "the id is still bound");
+        assert_eq!(ids.open(bound).as_deref(), Some("resp_1"));
     }
 
     #[test]
