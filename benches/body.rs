@@ -2,7 +2,8 @@
 //! re-serialise) against a plain `serde_json::from_slice::<Value>` of the
 //! same bytes (target: at most 3x the plain parse), and the same stage with
 //! every guardrail detector masking and two deny rules, from 1 KiB to
-//! 1 MiB (its cost per KiB shows whether it stays linear).
+//! 1 MiB (its cost per KiB shows whether it stays linear); and the token
+//! estimate alone on 1 KiB of English, code, CJK with emoji, and base64.
 //!
 //!   cargo bench --bench body
 
@@ -11,6 +12,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use portcullis::body::schema::Schemas;
+use portcullis::body::tokens::estimate_text;
 use portcullis::body::{judge, BodyConfig, Gate};
 use portcullis::guardrails::detect::{Detectors, KindSet};
 use portcullis::guardrails::{Acted, DenyAction, DenyRules, Guardrails, PiiMode};
@@ -115,5 +117,35 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+fn token_estimate(c: &mut Criterion) {
+    let texts = [
+        (
+            "english",
+            "Why does the pipeline fail on Tuesdays? ".repeat(26),
+        ),
+        (
+            "code",
+            "fn main() {\n    let x = vec![1, 2, 3];\n    println!(\"{:?}\", x.len());\n}\n"
+                .repeat(14),
+        ),
+        (
+            "cjk_emoji",
+            "日本語のテキストと emoji 🎉 mixed with café ".repeat(20),
+        ),
+        (
+            "base64",
+            "c2VjcmV0IGtleSBBQkNERUZHSElKS0xNTk9QUVJTVFVWV1hZWjAx".repeat(20),
+        ),
+    ];
+    let mut group = c.benchmark_group("token_estimate");
+    for (label, text) in &texts {
+        group.throughput(Throughput::Bytes(text.len() as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(label), text, |b, text| {
+            b.iter(|| estimate_text(black_box(text)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, token_estimate);
 criterion_main!(benches);
