@@ -32,14 +32,14 @@ impl Usage {
     /// A `usage` object in any dialect (see [`Counts::usage`]); `None`
     /// when it is not an object.
     pub fn from_member(u: &Value) -> Option<Usage> {
-        UsageMember::deserialize(u).ok()?.0.map(|c| c.usage())
+        UsageMember::deserialize(u).ok()?.usage()
     }
 }
 
 /// A `usage` member: its counts when it is an object, `None` for any other
 /// JSON value.
 #[derive(Debug, Default)]
-pub struct UsageMember(pub Option<Counts>);
+pub struct UsageMember(Option<Counts>);
 
 impl UsageMember {
     pub fn usage(&self) -> Option<Usage> {
@@ -49,7 +49,7 @@ impl UsageMember {
 
 /// The counts a `usage` object carries, whichever dialect named them.
 #[derive(Debug, Default)]
-pub struct Counts {
+struct Counts {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
     total_tokens: Option<u64>,
