@@ -8,10 +8,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, OrErr, Result};
 use rand::RngCore;
 
 use crate::body::Judged;
@@ -103,19 +104,27 @@ impl Gateway {
         status: u16,
         content_type: &str,
         body: Bytes,
-        extra: &[(&'static str, String)],
+        extra: &[(HeaderName, String)],
     ) -> Result<()> {
-        let mut resp = ResponseHeader::build(status, Some(10 + extra.len()))?;
-        resp.insert_header("content-type", content_type)?;
-        resp.insert_header("content-length", body.len().to_string())?;
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-        rate_limit_headers(ctx, &mut resp)?;
+        // These three, the rate-limit headers, `WWW-Authenticate`, the
+        // extras, and Pingora's `Date` and `Connection`: no map growth.
+        let mut headers = HeaderMap::with_capacity(18 + extra.len());
+        headers.insert(CONTENT_TYPE, header_value(content_type.to_owned())?);
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        headers.insert(X_REQUEST_ID, header_value(ctx.request_id.clone())?);
+        rate_limit_headers(ctx, &mut headers)?;
         if status == 401 {
-            resp.insert_header("www-authenticate", "Bearer error=\"invalid_token\"")?;
+            headers.insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
         }
         for (name, value) in extra {
-            resp.insert_header(*name, value.as_str())?;
+            headers.insert(name, header_value(value.clone())?);
         }
+        let status = StatusCode::from_u16(status)
+            .or_err(ErrorType::InternalError, "gateway answer status")?;
+        let resp = exchange::response_head(status, Version::HTTP_11, headers);
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await
     }
@@ -420,11 +429,10 @@ impl Answer for RequestCtx {
         self.body_lease = None;
     }
 
-    fn head(&mut self, resp: &mut ResponseHeader) -> Result<()> {
+    fn head(&mut self, headers: &mut HeaderMap) -> Result<()> {
         self.upstream_elapsed = self.upstream_started.map(|t| t.elapsed());
-        let is_sse = resp
-            .headers
-            .get("content-type")
+        let is_sse = headers
+            .get(CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         self.stream = is_sse;
         if let Some(other) = self.usage_tap.as_ref().and_then(|t| t.for_answer(is_sse)) {
@@ -432,16 +440,13 @@ impl Answer for RequestCtx {
         }
         if self.usage_tap.as_ref().is_some_and(UsageTap::rewrites) {
             // The body may change length: let it be re-framed.
-            resp.remove_header("content-length");
+            headers.remove(CONTENT_LENGTH);
         }
-        resp.insert_header("x-request-id", self.request_id.as_str())?;
+        headers.insert(X_REQUEST_ID, header_value(self.request_id.clone())?);
         if self.guardrails.masked > 0 {
-            resp.insert_header(
-                "x-portcullis-pii-masked",
-                self.guardrails.masked.to_string(),
-            )?;
+            headers.insert(PII_MASKED, HeaderValue::from(self.guardrails.masked));
         }
-        rate_limit_headers(self, resp)
+        rate_limit_headers(self, headers)
     }
 
     fn holds_body(&self) -> bool {
@@ -499,7 +504,7 @@ async fn keep_alive_past_unread_body(session: &mut Session, status: u16) {
 
 /// OpenAI's `x-ratelimit-*` headers on every authenticated response, and
 /// Anthropic's `anthropic-ratelimit-*` beside them on its routes.
-fn rate_limit_headers(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()> {
+fn rate_limit_headers(ctx: &RequestCtx, headers: &mut HeaderMap) -> Result<()> {
     let state = match (&ctx.limits, &ctx.identity) {
         (Some(held), _) => held.rate_state(),
         (None, Some(who)) => local_rate_state(
@@ -511,14 +516,23 @@ fn rate_limit_headers(ctx: &RequestCtx, resp: &mut ResponseHeader) -> Result<()>
         (None, None) => return Ok(()),
     };
     for (name, value) in state.openai_headers() {
-        resp.insert_header(name, value)?;
+        headers.insert(name, header_value(value)?);
     }
     if ctx.route.as_ref().is_some_and(|r| r.api.anthropic()) {
         for (name, value) in state.anthropic_headers(SystemTime::now()) {
-            resp.insert_header(name, value)?;
+            headers.insert(name, header_value(value)?);
         }
     }
     Ok(())
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const PII_MASKED: HeaderName = HeaderName::from_static("x-portcullis-pii-masked");
+
+/// A header value the gateway made; it takes the string's bytes as they
+/// are, so one that could break the head is an error, never sent.
+fn header_value(value: String) -> Result<HeaderValue> {
+    HeaderValue::try_from(value).or_err(ErrorType::InvalidHTTPHeader, "gateway header value")
 }
 
 /// The error shape of the request's route: known once identity has run,

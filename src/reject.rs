@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
+use http::HeaderName;
 
 /// Declares the stable codes in one table: the variant and the string
 /// clients, dashboards and tests outside the project key on.
@@ -102,7 +103,7 @@ pub struct Reject {
     /// The request field at fault, as OpenAI's `param`.
     pub param: Option<String>,
     /// Extra response headers, such as `Allow` on a 405.
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(HeaderName, String)>,
     /// A body relayed as is (an external authorizer's denial) instead of
     /// the OpenAI shape, with its content type.
     /// Boxed: it is rare, and `Reject` travels in every stage's `Result`.
@@ -126,7 +127,7 @@ impl Reject {
         self
     }
 
-    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+    pub fn with_header(mut self, name: HeaderName, value: impl Into<String>) -> Self {
         self.headers.push((name, value.into()));
         self
     }

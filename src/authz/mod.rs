@@ -34,7 +34,7 @@ pub fn admit(
             RejectCode::MethodNotAllowed,
             format!("{} requires {}", route.path, route.allow_header()),
         )
-        .with_header("allow", route.allow_header()));
+        .with_header(http::header::ALLOW, route.allow_header()));
     }
     if !tenant.allows_region(region) {
         return Err(Reject::forbidden(

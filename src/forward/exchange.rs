@@ -13,6 +13,7 @@ use std::io::IoSlice;
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
+use http::{HeaderMap, StatusCode, Version};
 use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
 use pingora::protocols::http::v1::client::HttpSession as RouterSession;
@@ -42,8 +43,8 @@ pub trait Answer {
     /// stream must not keep its prompt's bytes in the body budget).
     fn sent(&mut self);
     /// The gateway's part of the answer's head (request id, rate-limit
-    /// headers, re-framing).
-    fn head(&mut self, resp: &mut ResponseHeader) -> Result<()>;
+    /// headers, re-framing), put into the router's headers.
+    fn head(&mut self, headers: &mut HeaderMap) -> Result<()>;
     /// Whether the answer is held whole until it ends (after `head`): its
     /// head then leaves with the exact length, together with the body.
     fn holds_body(&self) -> bool;
@@ -65,12 +66,11 @@ pub async fn run(
 ) -> Result<()> {
     let mut up = send(pool, peer, session, body, answer).await?;
     answer.sent();
-    let mut resp = up
+    let router = up
         .resp_header()
-        .cloned()
         .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "no response header"))
         .map_err(|e| e.into_up())?;
-    answer.head(&mut resp)?;
+    let resp = client_head(router, answer)?;
     // A held answer's head waits for its body, and its length.
     let mut held_head = None;
     if answer.holds_body() {
@@ -138,6 +138,38 @@ pub async fn run(
         .write_response_body(tail, true)
         .await
         .map_err(|e| e.into_down())
+}
+
+/// Room for the headers an answer gains on its way to the client: the
+/// request id, a PII count, both dialects' rate-limit headers, the framing,
+/// and Pingora's `Date` and `Connection`.
+const GATEWAY_HEADERS: usize = 17;
+
+/// The client's head for the router's answer: the router's status, reason
+/// and headers, and then the gateway's own. It is built anew rather than
+/// cloned, with room for what the gateway adds, so no map grows.
+fn client_head(router: &ResponseHeader, answer: &mut impl Answer) -> Result<ResponseHeader> {
+    let mut headers = HeaderMap::with_capacity(router.headers.len() + GATEWAY_HEADERS);
+    for (name, value) in &router.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    answer.head(&mut headers)?;
+    let mut head = response_head(router.status, router.version, headers);
+    head.set_reason_phrase(router.get_reason_phrase())?;
+    Ok(head)
+}
+
+/// A head for the client. It keeps no second map of the names' spellings,
+/// as Pingora's case-preserving one does: every name leaves in lower case
+/// (Pingora titles a few common ones, such as `Content-Type`), as Envoy and
+/// hyper send them, and the gateway's headers go straight into the map,
+/// where each insert into Pingora's head would parse its name again.
+pub fn response_head(status: StatusCode, version: Version, headers: HeaderMap) -> ResponseHeader {
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    ResponseHeader::from(parts)
 }
 
 /// Writes the answer's head, framed for the client.

@@ -41,7 +41,7 @@ impl AuthFailures {
                 RejectCode::AuthRateLimited,
                 "too many failed authentications from this address",
             )
-            .with_header("retry-after", "60"));
+            .with_header(http::header::RETRY_AFTER, "60"));
         }
         Ok(())
     }
@@ -85,7 +85,8 @@ impl Overload {
 
 /// 503 `gateway_overloaded`: the gateway as a whole is full, whoever asks.
 fn overloaded(message: &'static str) -> Reject {
-    Reject::new(503, RejectCode::GatewayOverloaded, message).with_header("retry-after", "1")
+    Reject::new(503, RejectCode::GatewayOverloaded, message)
+        .with_header(http::header::RETRY_AFTER, "1")
 }
 
 /// Request-body bytes held in memory across every in-flight request,

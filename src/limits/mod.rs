@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cell::{now_ns, Cell, Rate};
 pub use held::{Held, Limiter, Reserve};
+use http::HeaderName;
 pub use scope::{Refusal, Refused, ScopeKind, ScopeLimiter, ScopeLimits, ScopeName};
 
 use crate::reject::{Reject, RejectCode};
@@ -367,7 +368,7 @@ pub fn too_many(refusal: &Refusal, state: RateState) -> Reject {
         .div_ceil(1_000_000_000)
         .max(1);
     let mut r = Reject::new(429, code, refusal.scope.refusal(refusal.what))
-        .with_header("retry-after", secs.to_string());
+        .with_header(http::header::RETRY_AFTER, secs.to_string());
     r.headers.extend(state.openai_headers());
     r
 }
@@ -408,35 +409,21 @@ impl RateState {
     }
 
     /// OpenAI's `x-ratelimit-*`, resets as durations (`6m0s`).
-    pub fn openai_headers(&self) -> [(&'static str, String); 6] {
+    pub fn openai_headers(&self) -> [(HeaderName, String); 6] {
+        let [limit_r, remaining_r, reset_r, limit_t, remaining_t, reset_t] = OPENAI_HEADERS;
         [
-            (
-                "x-ratelimit-limit-requests",
-                self.requests_limit.to_string(),
-            ),
-            (
-                "x-ratelimit-remaining-requests",
-                self.requests_remaining.to_string(),
-            ),
-            (
-                "x-ratelimit-reset-requests",
-                openai_duration(self.requests_reset),
-            ),
-            ("x-ratelimit-limit-tokens", self.tokens_limit.to_string()),
-            (
-                "x-ratelimit-remaining-tokens",
-                self.tokens_remaining.to_string(),
-            ),
-            (
-                "x-ratelimit-reset-tokens",
-                openai_duration(self.tokens_reset),
-            ),
+            (limit_r, self.requests_limit.to_string()),
+            (remaining_r, self.requests_remaining.to_string()),
+            (reset_r, openai_duration(self.requests_reset)),
+            (limit_t, self.tokens_limit.to_string()),
+            (remaining_t, self.tokens_remaining.to_string()),
+            (reset_t, openai_duration(self.tokens_reset)),
         ]
     }
 
     /// Anthropic's `anthropic-ratelimit-*`, resets as RFC 3339 times
     /// (rounded up to the second, so "full again" is never early).
-    pub fn anthropic_headers(&self, now: SystemTime) -> [(&'static str, String); 6] {
+    pub fn anthropic_headers(&self, now: SystemTime) -> [(HeaderName, String); 6] {
         let at = |d: Duration| {
             let t = now + d;
             let up = t.duration_since(UNIX_EPOCH).map_or(Duration::ZERO, |u| {
@@ -444,31 +431,36 @@ impl RateState {
             });
             humantime::format_rfc3339_seconds(UNIX_EPOCH + up).to_string()
         };
+        let [limit_r, remaining_r, reset_r, limit_t, remaining_t, reset_t] = ANTHROPIC_HEADERS;
         [
-            (
-                "anthropic-ratelimit-requests-limit",
-                self.requests_limit.to_string(),
-            ),
-            (
-                "anthropic-ratelimit-requests-remaining",
-                self.requests_remaining.to_string(),
-            ),
-            (
-                "anthropic-ratelimit-requests-reset",
-                at(self.requests_reset),
-            ),
-            (
-                "anthropic-ratelimit-tokens-limit",
-                self.tokens_limit.to_string(),
-            ),
-            (
-                "anthropic-ratelimit-tokens-remaining",
-                self.tokens_remaining.to_string(),
-            ),
-            ("anthropic-ratelimit-tokens-reset", at(self.tokens_reset)),
+            (limit_r, self.requests_limit.to_string()),
+            (remaining_r, self.requests_remaining.to_string()),
+            (reset_r, at(self.requests_reset)),
+            (limit_t, self.tokens_limit.to_string()),
+            (remaining_t, self.tokens_remaining.to_string()),
+            (reset_t, at(self.tokens_reset)),
         ]
     }
 }
+
+/// The dialects' header names, built at compile time: an answer carries
+/// them all, and a name parsed per insert was a measurable cost.
+const OPENAI_HEADERS: [HeaderName; 6] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+const ANTHROPIC_HEADERS: [HeaderName; 6] = [
+    HeaderName::from_static("anthropic-ratelimit-requests-limit"),
+    HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+    HeaderName::from_static("anthropic-ratelimit-requests-reset"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-limit"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-reset"),
+];
 
 pub fn openai_duration(d: Duration) -> String {
     if d.is_zero() {
@@ -489,6 +481,7 @@ pub fn openai_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn scope(
         name: ScopeName,
@@ -539,11 +532,16 @@ mod tests {
         )])
     }
 
-    fn headers(s: &Arc<ScopeLimiter>) -> std::collections::HashMap<&'static str, String> {
-        local_rate_state([&**s].into_iter())
-            .openai_headers()
+    /// Header pairs keyed by name, as a client reads them.
+    fn by_name(pairs: impl IntoIterator<Item = (HeaderName, String)>) -> HashMap<String, String> {
+        pairs
             .into_iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v))
             .collect()
+    }
+
+    fn headers(s: &Arc<ScopeLimiter>) -> HashMap<String, String> {
+        by_name(local_rate_state([&**s].into_iter()).openai_headers())
     }
 
     #[test]
@@ -581,7 +579,7 @@ mod tests {
         let r = too_many(&refusal, local_rate_state([&*l].into_iter()));
         assert_eq!(r.code, "rate_limit_exceeded");
         assert_eq!(r.message, "the tenant's request rate limit is reached");
-        let h: std::collections::HashMap<_, _> = r.headers.iter().cloned().collect();
+        let h = by_name(r.headers.iter().cloned());
         assert_eq!(h["retry-after"], "1");
         assert_eq!(h["x-ratelimit-limit-requests"], "2");
         assert_eq!(h["x-ratelimit-remaining-requests"], "0");
@@ -599,7 +597,7 @@ mod tests {
             tokens_reset: Duration::ZERO,
         };
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let h: std::collections::HashMap<_, _> = state.anthropic_headers(now).into_iter().collect();
+        let h = by_name(state.anthropic_headers(now));
         assert_eq!(h["anthropic-ratelimit-requests-limit"], "5");
         assert_eq!(h["anthropic-ratelimit-requests-remaining"], "2");
         assert_eq!(

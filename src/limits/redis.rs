@@ -445,7 +445,7 @@ impl RedisLimits {
                     RejectCode::GatewayOverloaded,
                     "the limits backend is unavailable; retry shortly",
                 )
-                .with_header("retry-after", "1"),
+                .with_header(http::header::RETRY_AFTER, "1"),
             ),
         }
     }

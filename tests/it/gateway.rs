@@ -863,3 +863,92 @@ async fn metrics_count_requests_and_rejections_by_reason() {
     let ready = send(gw.admin, &get("/readyz").build()).await.unwrap();
     assert_eq!(ready.status, 200);
 }
+
+/// The router's answer reaches the client whole: its reason phrase, every
+/// value of a repeated header in order, and its own headers beside the
+/// gateway's, whose rate-limit headers replace any the router set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routers_answer_head_reaches_the_client_whole() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let router = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = Vec::new();
+                // One request (its head and Content-Length body), then close.
+                loop {
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body = r#"{"id":"a","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 Fine Thanks\r\nContent-Type: application/json\r\n\
+                     Set-Cookie: a=1\r\nX-Router-Trace: t-1\r\nSet-Cookie: b=2\r\n\
+                     X-RateLimit-Limit-Requests: 999999\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let gw = Gateway::start_with(Options {
+        router: RouterMode::Down,
+        config: set(toml::Table::new(), "upstream.address", router.to_string()),
+        ..Options::default()
+    })
+    .await;
+    let token = gw.keys.token("acme");
+    let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    conn.write_all(&post(CHAT, &chat_body()).bearer(&token).build())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        use tokio::io::AsyncReadExt;
+        conn.read_to_end(&mut raw).await
+    })
+    .await
+    .expect("an answer in 15 s")
+    .unwrap();
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200 Fine Thanks\r\n"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    let r = parse_response(&raw).unwrap();
+    assert_eq!(r.json()["id"], "a");
+    let values = |name: &str| -> Vec<&str> {
+        r.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(values("set-cookie"), ["a=1", "b=2"]);
+    assert_eq!(values("x-router-trace"), ["t-1"]);
+    assert_eq!(values("x-request-id").len(), 1);
+    let limit = values("x-ratelimit-limit-requests");
+    assert_eq!(limit.len(), 1, "one rate-limit header, the gateway's");
+    assert_ne!(
+        limit[0], "999999",
+        "the router's rate-limit header went through"
+    );
+    assert!(limit[0].parse::<u64>().is_ok());
+    assert_eq!(values("x-ratelimit-remaining-tokens").len(), 1);
+}
