@@ -13,7 +13,7 @@ pub mod mtls;
 use std::sync::Arc;
 
 use http::header::AUTHORIZATION;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::limits::ScopeLimiter;
 use crate::reject::{Reject, RejectCode};
@@ -64,7 +64,7 @@ pub enum Credential<'a> {
 /// credential header, are refused: which one wins would be a guess.
 pub fn credential(headers: &HeaderMap) -> Result<Credential<'_>, Reject> {
     let mut auth = headers.get_all(AUTHORIZATION).iter();
-    let mut api = headers.get_all("x-api-key").iter();
+    let mut api = headers.get_all(X_API_KEY).iter();
     let (auth, auth_dup) = (auth.next(), auth.next().is_some());
     let (api, api_dup) = (api.next(), api.next().is_some());
     if auth_dup || api_dup {
@@ -82,9 +82,7 @@ pub fn credential(headers: &HeaderMap) -> Result<Credential<'_>, Reject> {
             "no credentials: send Authorization: Bearer <token or key>",
         )),
         (None, Some(v)) => {
-            let key = v
-                .to_str()
-                .ok()
+            let key = text(v)
                 .map(str::trim)
                 .filter(|k| !k.is_empty())
                 .ok_or_else(|| {
@@ -93,9 +91,7 @@ pub fn credential(headers: &HeaderMap) -> Result<Credential<'_>, Reject> {
             Ok(Credential::ApiKey(key))
         }
         (Some(v), None) => {
-            let v = v
-                .to_str()
-                .map_err(|_| missing("Authorization header is malformed"))?;
+            let v = text(v).ok_or_else(|| missing("Authorization header is malformed"))?;
             let value = match v.split_once(' ') {
                 Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
                 _ => return Err(missing("Authorization must use the Bearer scheme")),
@@ -103,13 +99,28 @@ pub fn credential(headers: &HeaderMap) -> Result<Credential<'_>, Reject> {
             if value.is_empty() {
                 return Err(missing("empty Bearer credential"));
             }
-            if value.bytes().filter(|&b| b == b'.').count() == 2 {
+            // Two dots make a JWT (counted with memchr: a token is long).
+            if memchr::memchr_iter(b'.', value.as_bytes()).count() == 2 {
                 Ok(Credential::Jwt(value))
             } else {
                 Ok(Credential::ApiKey(value))
             }
         }
     }
+}
+
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// The value as text, if it is visible ASCII (or tabs), as
+/// `HeaderValue::to_str` takes it. Checked with a fold that has no early
+/// exit, so it is vectorised: a bearer JWT is most of a request's head,
+/// and `to_str` looks at it one byte at a time.
+fn text(v: &HeaderValue) -> Option<&str> {
+    let b = v.as_bytes();
+    let visible = b.iter().fold(true, |ok, &c| {
+        ok & ((c == b'\t') | (0x20..0x7f).contains(&c))
+    });
+    visible.then(|| std::str::from_utf8(b).ok()).flatten()
 }
 
 fn missing(msg: &'static str) -> Reject {
@@ -260,7 +271,6 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -271,6 +281,22 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn credential_text_is_taken_exactly_as_to_str_takes_it() {
+        // Every byte, alone and inside a token-like value.
+        for b in 0..=255u8 {
+            for bytes in [vec![b], [b"Bearer a.b".as_slice(), &[b], b".c"].concat()] {
+                let Ok(v) = HeaderValue::from_bytes(&bytes) else {
+                    continue;
+                };
+                assert_eq!(text(&v), v.to_str().ok(), "byte {b:#04x}");
+            }
+        }
+        // Valid UTF-8 is still not visible ASCII.
+        let v = HeaderValue::from_str("Bearer \u{e9}.b.c").unwrap();
+        assert_eq!((text(&v), v.to_str().ok()), (None, None));
     }
 
     #[test]
