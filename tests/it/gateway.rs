@@ -592,34 +592,8 @@ async fn bytes_a_router_sends_on_an_idle_connection_are_never_an_answer() {
         while let Ok((mut conn, _)) = listener.accept().await {
             let seen = seen.clone();
             tokio::spawn(async move {
-                use tokio::io::AsyncReadExt;
                 let mut buf = Vec::new();
-                loop {
-                    // One request: its head, then its Content-Length body.
-                    let (head_end, len) = loop {
-                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                            let len = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .and_then(|v| v.trim().parse::<usize>().ok())
-                                .unwrap_or(0);
-                            break (end + 4, len);
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    while buf.len() < head_end + len {
-                        let mut chunk = [0u8; 4096];
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.drain(..head_end + len);
+                while read_request(&mut conn, &mut buf).await {
                     let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let body = format!(
                         r#"{{"id":"answer-{n}","object":"chat.completion","choices":[],"usage":{{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}}}"#
@@ -874,26 +848,9 @@ async fn the_routers_answer_head_reaches_the_client_whole() {
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             tokio::spawn(async move {
-                use tokio::io::AsyncReadExt;
-                let mut buf = Vec::new();
-                // One request (its head and Content-Length body), then close.
-                loop {
-                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        let len = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if buf.len() >= end + 4 + len {
-                            break;
-                        }
-                    }
-                    let mut chunk = [0u8; 4096];
-                    match conn.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+                // One request, then close.
+                if !read_request(&mut conn, &mut Vec::new()).await {
+                    return;
                 }
                 let body = r#"{"id":"a","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
                 let answer = format!(

@@ -64,6 +64,34 @@ where
     parse_response(&buf)
 }
 
+/// Reads one request (its head, then its Content-Length body) from a
+/// connection, for a test's hand-written router; what follows it stays in
+/// `buf`. `false` once the connection ends or fails.
+pub async fn read_request<S: tokio::io::AsyncRead + Unpin>(
+    conn: &mut S,
+    buf: &mut Vec<u8>,
+) -> bool {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                buf.drain(..end + 4 + len);
+                return true;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// Parses one whole response (its body de-chunked or cut to its length).
 pub fn parse_response(buf: &[u8]) -> std::io::Result<Response> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
